@@ -1,0 +1,212 @@
+"""Task sequences built from any labelled ``datasets.Dataset``.
+
+A :class:`TaskSequence` is an ordered tuple of :class:`ContinualTask` (train split, test split, the label ids the task
+owns) plus the scenario it was built for. The scenario decides how the trainer masks logits and which accuracy
+matrix is the headline one:
+
+- ``class_incremental``: disjoint class sets; no task id at test time (logits of every seen class compete).
+- ``task_incremental``: the same splits; the task id is given at test time (logits restricted to the task's classes).
+- ``domain_incremental``: one task per value of a domain column; every task shares the full label space.
+- ``online``: class-incremental splits seen in a single pass (one epoch per task).
+
+Labels keep their dataset ids: the model's head covers every label id, and the trainer masks the ones a task does
+not own, so no relabelling is needed and a checkpoint's head means the same thing in every task.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset
+
+__all__ = [
+    "SCENARIOS",
+    "ContinualTask",
+    "TaskSequence",
+    "class_incremental_tasks",
+    "task_incremental_tasks",
+    "online_tasks",
+    "domain_incremental_tasks",
+]
+
+SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental", "online")
+_DISJOINT_SCENARIOS = ("class_incremental", "task_incremental", "online")
+
+
+@dataclass(frozen=True)
+class ContinualTask:
+    """One task: its splits and the label ids it owns (sorted)."""
+
+    name: str
+    train: Dataset
+    test: Dataset
+    classes: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TaskSequence(Sequence):
+    """An ordered sequence of tasks for one scenario (see the module docstring)."""
+
+    tasks: tuple[ContinualTask, ...]
+    scenario: str
+    label_column: str = "label"
+
+    def __post_init__(self) -> None:
+        if self.scenario not in SCENARIOS:
+            raise ValueError(f"unknown scenario {self.scenario!r}; choose one of {SCENARIOS}")
+        object.__setattr__(self, "tasks", tuple(self.tasks))
+
+    def __len__(self) -> int:
+        return len(self.tasks)
+
+    def __getitem__(self, index):
+        return self.tasks[index]
+
+    @property
+    def task_classes(self) -> list[list[int]]:
+        """The label ids of every task, in order (what a checkpoint records to recognise its sequence)."""
+        return [list(task.classes) for task in self.tasks]
+
+    def validate(self, num_labels: int) -> None:
+        """Raise ``ValueError`` naming the problem if a task is empty, lacks the label column, uses a label outside
+        ``[0, num_labels)`` or outside its own classes, or (class- / task-incremental, online) shares a class with
+        another task."""
+        if not self.tasks:
+            raise ValueError("the task sequence is empty")
+        owner: dict[int, str] = {}
+        for task in self.tasks:
+            if not task.classes:
+                raise ValueError(f"task {task.name!r} owns no classes")
+            bad = [c for c in task.classes if not 0 <= c < num_labels]
+            if bad:
+                raise ValueError(
+                    f"task {task.name!r} has labels {bad} outside [0, {num_labels}) (the model's num_labels)"
+                )
+            for split_name, split in (("train", task.train), ("test", task.test)):
+                labels = _labels(split, self.label_column, f"task {task.name!r} {split_name} split")
+                if len(labels) == 0:
+                    raise ValueError(f"task {task.name!r} has an empty {split_name} split")
+                stray = sorted(set(np.unique(labels).tolist()) - set(task.classes))
+                if stray:
+                    raise ValueError(
+                        f"task {task.name!r} {split_name} split has labels {stray} the task does not own "
+                        f"(its classes are {list(task.classes)}; the model has {num_labels} labels)"
+                    )
+            if self.scenario in _DISJOINT_SCENARIOS:
+                for c in task.classes:
+                    if c in owner:
+                        raise ValueError(
+                            f"class {c} is in both task {owner[c]!r} and task {task.name!r}: a {self.scenario} "
+                            "sequence needs disjoint classes"
+                        )
+                    owner[c] = task.name
+
+
+def _labels(split: Dataset, label_column: str, what: str) -> np.ndarray:
+    if label_column not in split.column_names:
+        raise ValueError(f"{what} has no label column {label_column!r} (columns: {split.column_names})")
+    return np.asarray(split.with_format("numpy")[label_column]).astype(np.int64)
+
+
+def _select(split: Dataset, labels: np.ndarray, classes: Sequence[int]) -> Dataset:
+    return split.select(np.flatnonzero(np.isin(labels, classes)).tolist())
+
+
+def class_incremental_tasks(
+    train: Dataset,
+    test: Dataset,
+    num_tasks: int,
+    label_column: str = "label",
+    seed: int = 0,
+    class_order: Sequence[int] | None = None,
+    scenario: str = "class_incremental",
+) -> TaskSequence:
+    """Split ``train`` / ``test`` into ``num_tasks`` tasks of disjoint classes.
+
+    The classes present in ``train`` are permuted by ``seed`` (or taken in ``class_order``, which must list each of
+    them once) and cut into ``num_tasks`` contiguous groups of near-equal size (``numpy.array_split``).
+    """
+    if scenario not in _DISJOINT_SCENARIOS:
+        raise ValueError(f"class splits serve {_DISJOINT_SCENARIOS}, not {scenario!r}")
+    train_labels = _labels(train, label_column, "train dataset")
+    test_labels = _labels(test, label_column, "test dataset")
+    classes = np.unique(train_labels)
+    if class_order is None:
+        order = np.random.default_rng(seed).permutation(classes)
+    else:
+        order = np.asarray(list(class_order), dtype=np.int64)
+        if sorted(order.tolist()) != classes.tolist():
+            raise ValueError(
+                f"class_order {order.tolist()} must list each class of the train dataset once: {classes.tolist()}"
+            )
+    if not 1 <= num_tasks <= len(classes):
+        raise ValueError(f"num_tasks must be between 1 and the number of classes ({len(classes)}), got {num_tasks}")
+    tasks = []
+    for index, group in enumerate(np.array_split(order, num_tasks)):
+        group = sorted(int(c) for c in group)
+        tasks.append(
+            ContinualTask(
+                name=f"task-{index + 1}",
+                train=_select(train, train_labels, group),
+                test=_select(test, test_labels, group),
+                classes=tuple(group),
+            )
+        )
+    return TaskSequence(tuple(tasks), scenario=scenario, label_column=label_column)
+
+
+def task_incremental_tasks(
+    train: Dataset,
+    test: Dataset,
+    num_tasks: int,
+    label_column: str = "label",
+    seed: int = 0,
+    class_order: Sequence[int] | None = None,
+) -> TaskSequence:
+    """The class splits of :func:`class_incremental_tasks`, evaluated with the task id given."""
+    return class_incremental_tasks(train, test, num_tasks, label_column, seed, class_order, "task_incremental")
+
+
+def online_tasks(
+    train: Dataset,
+    test: Dataset,
+    num_tasks: int,
+    label_column: str = "label",
+    seed: int = 0,
+    class_order: Sequence[int] | None = None,
+) -> TaskSequence:
+    """The class splits of :func:`class_incremental_tasks`, each streamed once (the trainer requires one epoch)."""
+    return class_incremental_tasks(train, test, num_tasks, label_column, seed, class_order, "online")
+
+
+def domain_incremental_tasks(
+    train: Dataset,
+    test: Dataset,
+    domain_column: str,
+    label_column: str = "label",
+    domain_order: Sequence | None = None,
+) -> TaskSequence:
+    """One task per value of ``domain_column`` (in ``domain_order``, default sorted), all sharing the label space."""
+    train_labels = _labels(train, label_column, "train dataset")
+    _labels(test, label_column, "test dataset")
+    for split_name, split in (("train", train), ("test", test)):
+        if domain_column not in split.column_names:
+            raise ValueError(
+                f"{split_name} dataset has no domain column {domain_column!r} (columns: {split.column_names})"
+            )
+    train_domains = np.asarray(train[domain_column])
+    test_domains = np.asarray(test[domain_column])
+    order = list(domain_order) if domain_order is not None else sorted(np.unique(train_domains).tolist())
+    classes = tuple(int(c) for c in np.unique(train_labels))
+    tasks = [
+        ContinualTask(
+            name=str(domain),
+            train=train.select(np.flatnonzero(train_domains == domain).tolist()),
+            test=test.select(np.flatnonzero(test_domains == domain).tolist()),
+            classes=classes,
+        )
+        for domain in order
+    ]
+    return TaskSequence(tuple(tasks), scenario="domain_incremental", label_column=label_column)
