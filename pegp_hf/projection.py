@@ -1,0 +1,120 @@
+"""PEGP applied to live parameters: the bases of all protected tensors, gradient projection, update re-projection."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+import torch
+
+from pegp_hf._keys import key_mismatch
+from pegp_hf.subspace import empty_basis, grow_basis, max_overlap, project_out
+from pegp_hf.tuners.base import ProtectedTensor
+
+logger = logging.getLogger(__name__)
+
+
+class GradientProjector:
+    """The old-feature bases of a model's protected tensors, and the projections that keep old outputs fixed.
+
+    Invariant: ``bases[name]`` is ``(d, k)`` float32 with orthonormal columns, on the parameter's device, ``d`` the
+    tensor's feature dim. A tensor whose basis is empty (``k = 0``) trains freely.
+
+    Per optimizer step, in order:
+      1. :meth:`project_gradients` once the gradients are final (after accumulation / all-reduce, before clipping);
+      2. :meth:`snapshot` just before ``optimizer.step()``;
+      3. :meth:`finish_update` right after it: optionally re-projects ``delta W`` (for Adam-like optimizers or weight
+         decay, whose update is not a combination of projected gradients) and measures ``max |delta W U|``.
+    """
+
+    def __init__(self, tensors: list[ProtectedTensor]) -> None:
+        self.tensors = {t.name: t for t in tensors}
+        if len(self.tensors) != len(tensors):
+            raise ValueError("protected tensors must have distinct names")
+        self.bases: dict[str, torch.Tensor] = {
+            t.name: empty_basis(t.feature_dim).to(t.parameter.device) for t in tensors
+        }
+        self._before: dict[str, torch.Tensor] = {}
+
+    @property
+    def active(self) -> bool:
+        """True once any tensor has a non-empty basis."""
+        return any(basis.shape[1] > 0 for basis in self.bases.values())
+
+    def dims(self) -> dict[str, int]:
+        """Protected dimensions ``k`` per tensor."""
+        return {name: basis.shape[1] for name, basis in self.bases.items()}
+
+    def grow(self, covariances: Mapping[str, torch.Tensor], threshold: float) -> list[str]:
+        """Grow every basis with the feature covariance of the task just finished (GPM rule, ``threshold`` = eps).
+
+        Returns the names of tensors whose basis became full this time (``k = d``: the tensor is frozen from now on).
+        """
+        missing = sorted(set(self.tensors) - set(covariances))
+        if missing:
+            raise RuntimeError(
+                f"no features were captured for {len(missing)} protected tensors (e.g. {missing[0]}): "
+                "the feature pass never ran through them"
+            )
+        newly_full = []
+        for name, tensor in self.tensors.items():
+            old = self.bases[name]
+            new = grow_basis(covariances[name], threshold, old.cpu()).to(tensor.parameter.device)
+            if new.shape[1] == tensor.feature_dim and old.shape[1] < tensor.feature_dim:
+                newly_full.append(name)
+            self.bases[name] = new
+        return newly_full
+
+    def load_bases(self, bases: Mapping[str, torch.Tensor]) -> None:
+        """Replace every basis; ``bases`` must name exactly the protected tensors with ``(d, k <= d)`` shapes."""
+        mismatch = key_mismatch(self.tensors, bases)
+        if mismatch:
+            raise ValueError(f"subspace bases do not match the model's protected tensors: {mismatch}")
+        for name, basis in bases.items():
+            dim = self.tensors[name].feature_dim
+            if basis.ndim != 2 or basis.shape[0] != dim or basis.shape[1] > dim:
+                raise ValueError(
+                    f"subspace basis {name} has shape {tuple(basis.shape)}; the model needs ({dim}, k<={dim})"
+                )
+        self.bases = {
+            name: bases[name].to(device=t.parameter.device, dtype=torch.float32) for name, t in self.tensors.items()
+        }
+
+    def _with_basis(self):
+        for name, tensor in self.tensors.items():
+            basis = self.bases[name]
+            if basis.shape[1] > 0:
+                yield name, tensor.parameter, basis
+
+    @torch.no_grad()
+    def project_gradients(self) -> None:
+        """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math; inf / NaN pass through)."""
+        for _, parameter, basis in self._with_basis():
+            if parameter.grad is not None:
+                parameter.grad.copy_(project_out(parameter.grad, basis))
+
+    @torch.no_grad()
+    def snapshot(self) -> None:
+        """Remember the protected parameters before the optimizer step."""
+        self._before = {name: parameter.detach().clone() for name, parameter, _ in self._with_basis()}
+
+    @torch.no_grad()
+    def finish_update(self, reproject: bool) -> tuple[float, float]:
+        """After the step: ``delta W = W - W_before``; if ``reproject``, ``W = W_before + delta W - (delta W U) U^T``.
+
+        Returns ``(max |delta W U|, max |delta W|)`` over all protected tensors, measured on the final parameters:
+        the first is ~0 when the guarantee holds, the second gives its scale.
+        """
+        overlap = scale = 0.0
+        for name, parameter, basis in self._with_basis():
+            before = self._before.get(name)
+            if before is None:
+                continue
+            delta = parameter - before
+            if reproject:
+                parameter.copy_(before + project_out(delta, basis))
+                delta = parameter - before
+            overlap = max(overlap, max_overlap(delta, basis))
+            scale = max(scale, float(delta.abs().max()) if delta.numel() else 0.0)
+        self._before = {}
+        return overlap, scale

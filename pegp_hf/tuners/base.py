@@ -1,0 +1,45 @@
+"""The one interface between PET modules and PEGP: a weight, and where its input features come from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+FeatureFn = Callable[[tuple[Any, ...], Any], torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class ProtectedTensor:
+    """A PET weight ``W`` (``(out, d)``, acting as ``W x``) and the activation that spans its old subspace.
+
+    Attributes:
+        name: the parameter's name in ``model.named_parameters()`` (PEFT naming, adapter name included).
+        kind: the role of the weight in its PET module (``"lora_A"``, ``"lora_B"``, ...), for reports.
+        parameter: the weight itself; its gradient is projected on its last axis (size ``d``).
+        module: where to hook: a forward hook on it sees the features.
+        features: ``(args, output) -> (..., d)``: the feature vectors ``W`` multiplies in that forward call.
+    """
+
+    name: str
+    kind: str
+    parameter: nn.Parameter
+    module: nn.Module
+    features: FeatureFn
+
+    @property
+    def feature_dim(self) -> int:
+        return self.parameter.shape[-1]
+
+
+def module_input(args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    """Features = the first positional input of the hooked module."""
+    return args[0]
+
+
+def module_output(args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    """Features = the output of the hooked module."""
+    return output
