@@ -1,0 +1,86 @@
+"""``PEGPTrainingArguments``: ``TrainingArguments`` plus the few knobs of continual PEGP training."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+METHODS = ("pegp", "sequential")
+REPROJECTION = ("auto", "on", "off")
+
+
+@dataclass
+class PEGPTrainingArguments(TrainingArguments):
+    """Arguments of :class:`~pegp_hf.ContinualPEGPTrainer`. Epochs, batch size, learning rate, optimizer ... apply
+    to every task; a fresh optimizer and scheduler are made for each one."""
+
+    method: str = field(
+        default="pegp",
+        metadata={
+            "help": "pegp: project PET gradients against old tasks' feature subspaces. sequential: the same PET "
+            "trained task after task with no projection (the paper's naive baseline).",
+            "choices": list(METHODS),
+        },
+    )
+    threshold: float = field(
+        default=0.97,
+        metadata={
+            "help": "Energy threshold eps in (0, 1] of the GPM rule: each basis keeps the leading feature directions "
+            "until they hold this share of the task's feature energy. Higher protects more, leaves less room to learn."
+        },
+    )
+    feature_samples: int = field(
+        default=768,
+        metadata={
+            "help": "Training samples of a finished task run through the model to capture features (paper: 768)."
+        },
+    )
+    protect: str = field(
+        default=".*",
+        metadata={
+            "help": "Regular expression (re.search) on parameter names: the protectable PET tensors it matches are "
+            "projected; e.g. 'lora_A' protects only LoRA A. Protecting one LoRA factor alone guarantees nothing."
+        },
+    )
+    update_reprojection: str = field(
+        default="auto",
+        metadata={
+            "help": "Project the parameter update W_after - W_before after each optimizer step. auto: on unless the "
+            "optimizer is plain torch SGD (momentum / Nesterov allowed) with weight decay 0 on protected tensors, "
+            "the one case where the update is a combination of projected gradients.",
+            "choices": list(REPROJECTION),
+        },
+    )
+    save_strategy: str = field(
+        default="no",
+        metadata={
+            "help": "Must stay 'no': pegp_hf writes one checkpoint per finished task under output_dir/task-<k>, and "
+            "resumes from those."
+        },
+    )
+    remove_unused_columns: bool = field(
+        default=False,
+        metadata={"help": "Kept False so image columns reach the collator; the collator picks what the model takes."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.update_reprojection not in REPROJECTION:
+            raise ValueError(f"update_reprojection must be one of {REPROJECTION}, got {self.update_reprojection!r}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if self.feature_samples < 1:
+            raise ValueError(f"feature_samples must be at least 1, got {self.feature_samples}")
+        try:
+            re.compile(self.protect)
+        except re.error as error:
+            raise ValueError(f"protect is not a valid regular expression: {error}") from error
+        if self.save_strategy != "no":
+            raise ValueError(
+                "save_strategy must be 'no': ContinualPEGPTrainer checkpoints after every task under "
+                "output_dir/task-<k> (mid-task Trainer checkpoints would be overwritten by the next task)"
+            )

@@ -1,0 +1,397 @@
+"""``ContinualPEGPTrainer``: a ``transformers.Trainer`` that learns a task sequence with one shared PET adapter.
+
+Per task ``t`` (Qiao et al., PEGP, arXiv 2405.13383, section 4 of ``docs/method.md``):
+
+1. fresh optimizer and scheduler, then ``Trainer.train`` on the task's data. Logits of classes outside the task are
+   masked in the loss (class- / task-incremental, online), so the head's old rows get no gradient; the head itself is
+   trained but **not projected**. Every protected PET gradient is projected once per optimizer step, in
+   ``training_step`` of the micro-batch where ``accelerator.sync_gradients`` is True: after gradient accumulation
+   and the all-reduce, before clipping. The update is re-projected after the step when the optimizer needs it.
+2. ``feature_samples`` training samples run through the model (eval mode, no grad); the feature covariance of every
+   protected tensor grows its basis by the GPM rule.
+3. every seen task's test set is predicted: the class-incremental accuracy (logits of all seen classes compete) and
+   the task-incremental one (logits restricted to the task's classes) fill ``A[i, t]``.
+4. ``output_dir/task-<t>/`` is written atomically; ``train(resume_from_checkpoint=...)`` continues after it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import time
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from peft import PeftModel
+from transformers import Trainer, TrainerCallback
+from transformers.trainer_utils import TrainOutput
+
+from pegp_hf.checkpoint import (
+    SUBSPACES_NAME,
+    CheckpointError,
+    atomic_directory,
+    latest_task_checkpoint,
+    library_versions,
+    load_adapter_weights,
+    load_subspaces,
+    read_state,
+    save_subspaces,
+    task_dir_name,
+    write_state,
+)
+from pegp_hf.config import PEGPTrainingArguments
+from pegp_hf.data import TaskSequence
+from pegp_hf.features import FeatureCovariances
+from pegp_hf.metrics import summarize
+from pegp_hf.projection import GradientProjector
+from pegp_hf.tuners import find_protected_tensors
+
+logger = logging.getLogger(__name__)
+
+MATRICES = ("class_incremental", "task_incremental")
+
+
+class _ProjectedUpdateCallback(TrainerCallback):
+    """Brackets ``optimizer.step()``: snapshot before, re-project and measure ``max |delta W U|`` after."""
+
+    def __init__(self, trainer: ContinualPEGPTrainer) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
+        if self.trainer.projector.active:
+            self.trainer.projector.snapshot()
+
+    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
+        if self.trainer.projector.active:
+            self.trainer._record_update(self.trainer.projector.finish_update(self.trainer._reprojects_updates()))
+
+
+class ContinualPEGPTrainer(Trainer):
+    """Train one PEFT adapter through a :class:`~pegp_hf.data.TaskSequence` with PEGP gradient projection.
+
+    Args:
+        model: a ``peft.PeftModel`` for classification (``outputs.logits`` of shape ``(batch, num_labels)``) whose
+            head covers every label id of the sequence; keep the head trainable with ``modules_to_save``.
+        args: :class:`~pegp_hf.config.PEGPTrainingArguments`.
+        tasks: the task sequence (its scenario decides the loss masks and the headline accuracy matrix).
+        **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks``, ...), except
+            ``train_dataset`` / ``eval_dataset`` (set per task) and ``compute_loss_func`` (the masked loss).
+
+    After :meth:`train`, ``accuracy[name]`` holds the ``T x T`` matrices (percent; NaN where not yet measured) for
+    ``name`` in ``("class_incremental", "task_incremental")`` and :meth:`continual_results` sums them up.
+    """
+
+    def __init__(self, model: torch.nn.Module, args: PEGPTrainingArguments, tasks: TaskSequence, **kwargs: Any):
+        if not isinstance(args, PEGPTrainingArguments):
+            raise TypeError(f"args must be PEGPTrainingArguments, got {type(args).__name__}")
+        for key in ("train_dataset", "eval_dataset", "compute_loss_func", "model_init"):
+            if kwargs.get(key) is not None:
+                raise ValueError(f"ContinualPEGPTrainer sets {key} itself (per task); pass tasks=... instead")
+        if not isinstance(model, PeftModel):
+            raise TypeError("model must be a PEFT model (peft.get_peft_model(model, LoraConfig(...)))")
+        super().__init__(model=model, args=args, compute_loss_func=self._masked_cross_entropy, **kwargs)
+        self.tasks = tasks
+        self.adapter_name: str = self.model.active_adapter
+        pattern = re.compile(args.protect)
+        protected = [tensor for tensor in find_protected_tensors(self.model) if pattern.search(tensor.name)]
+        if args.method == "pegp" and not protected:
+            raise ValueError(f"no trainable PET tensor matches protect={args.protect!r}: nothing would be protected")
+        self.projector = GradientProjector(protected)
+        size = len(tasks)
+        self.accuracy: dict[str, np.ndarray] = {name: np.full((size, size), np.nan) for name in MATRICES}
+        self.task_timings: list[dict[str, float]] = []
+        self._train_classes: torch.Tensor | None = None
+        self._reproject: bool | None = None
+        self._update_record: tuple[float, float] | None = None
+        self.add_callback(_ProjectedUpdateCallback(self))
+        unprotected = [
+            name for name, p in self.model.named_parameters() if p.requires_grad and name not in self.projector.tensors
+        ]
+        if unprotected:
+            logger.info("trained without projection (heads, unmatched tensors): %s", ", ".join(unprotected))
+
+    # ---- loss and projection -------------------------------------------------------------------------------------
+
+    @property
+    def num_labels(self) -> int:
+        return int(self.model.config.num_labels)
+
+    def _class_mask(self, classes: Sequence[int]) -> torch.Tensor:
+        mask = torch.zeros(self.num_labels, dtype=torch.bool)
+        mask[list(classes)] = True
+        return mask
+
+    def _masked_cross_entropy(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """Cross-entropy over the current task's classes while training (all classes at evaluation), summed and
+        divided by the items of the whole accumulated batch, so accumulation is exact."""
+        logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+        if self._train_classes is not None and self.model.training:
+            logits = logits.masked_fill(~self._train_classes.to(logits.device), torch.finfo(logits.dtype).min)
+        loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
+        count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum().clamp_min(1)
+        return loss / count
+
+    def training_step(
+        self, model: torch.nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """``Trainer.training_step``, then, on the micro-batch that ends an accumulation window, the projection of
+        every protected gradient against the old-task bases (before the Trainer clips and steps)."""
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if self.accelerator.sync_gradients and self.projector.active:
+            self.projector.project_gradients()
+        return loss
+
+    def _reprojects_updates(self) -> bool:
+        """Whether ``W_after - W_before`` must be projected after the step (decided once per task's optimizer)."""
+        if self._reproject is None:
+            if self.args.update_reprojection != "auto":
+                self._reproject = self.args.update_reprojection == "on"
+            else:
+                optimizer = getattr(self.optimizer, "optimizer", self.optimizer)  # unwrap AcceleratedOptimizer
+                protected = {id(t.parameter) for t in self.projector.tensors.values()}
+                decays = any(
+                    group.get("weight_decay", 0.0) != 0.0 and any(id(p) in protected for p in group["params"])
+                    for group in optimizer.param_groups
+                )
+                self._reproject = type(optimizer) is not torch.optim.SGD or decays
+            logger.info("update re-projection %s", "on" if self._reproject else "off")
+        return self._reproject
+
+    def _record_update(self, measured: tuple[float, float]) -> None:
+        """Keep the largest ``(max |delta W U|, max |delta W|)`` since the last log line."""
+        if self._update_record is None:
+            self._update_record = measured
+        else:
+            self._update_record = tuple(max(a, b) for a, b in zip(self._update_record, measured, strict=True))
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
+        log (~0 when old outputs are protected) and ``pegp_update_max`` = max ``|delta W|`` for scale."""
+        if "loss" in logs and self._update_record is not None:
+            logs["pegp_update_overlap"], logs["pegp_update_max"] = self._update_record
+            self._update_record = None
+        super().log(logs, start_time)
+
+    # ---- the continual loop --------------------------------------------------------------------------------------
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any) -> TrainOutput:
+        """Train every task of the sequence in order.
+
+        Args:
+            resume_from_checkpoint: ``True`` for the newest ``output_dir/task-<k>``, or the path of one; training
+                continues at task ``k + 1`` with the stored adapter, head, bases and accuracy matrices.
+            **kwargs: passed to ``Trainer.train`` for each task (``trial``, ``ignore_keys_for_eval``).
+
+        Returns:
+            ``TrainOutput`` whose metrics hold ``acc``, ``forgetting``, ``bwt`` of the headline accuracy matrix.
+        """
+        self.tasks.validate(self.num_labels)
+        if self.tasks.scenario == "online" and (self.args.num_train_epochs != 1 or self.args.max_steps > 0):
+            raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
+        first = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
+        steps, losses = 0, []
+        for index in range(first, len(self.tasks)):
+            output = self._train_task(index, **kwargs)
+            steps += output.global_step
+            losses.append(output.training_loss)
+        results = self.continual_results()
+        metrics = {key: results[key] for key in ("acc", "forgetting", "bwt")}
+        return TrainOutput(steps, float(np.mean(losses)) if losses else math.nan, metrics)
+
+    def _train_task(self, index: int, **kwargs: Any) -> TrainOutput:
+        task = self.tasks[index]
+        self.train_dataset, self.eval_dataset = task.train, task.test
+        self.optimizer = self.lr_scheduler = None
+        self._reproject = None
+        disjoint = self.tasks.scenario != "domain_incremental"
+        self._train_classes = self._class_mask(task.classes) if disjoint else None
+        logger.info(
+            "task %d/%d (%s): %d train samples, classes %s",
+            index + 1,
+            len(self.tasks),
+            task.name,
+            len(task.train),
+            list(task.classes),
+        )
+        start = time.perf_counter()
+        output = super().train(**kwargs)
+        trained = time.perf_counter()
+        if self.args.method == "pegp":
+            self._grow_bases(task.train)
+        grown = time.perf_counter()
+        self._evaluate_seen(index)
+        evaluated = time.perf_counter()
+        self.task_timings.append(
+            {"train_seconds": trained - start, "basis_seconds": grown - trained, "eval_seconds": evaluated - grown}
+        )
+        self._log_task(index)
+        self._save_task_checkpoint(index)
+        return output
+
+    @torch.no_grad()
+    def _grow_bases(self, train_split: Any) -> None:
+        """Capture ``x x^T`` of every protected tensor over ``feature_samples`` training samples (summed over
+        processes), and grow the bases."""
+        count = min(self.args.feature_samples, len(train_split))
+        sample = train_split.shuffle(seed=self.args.seed).select(range(count))
+        model = self.model
+        model.eval()
+        with FeatureCovariances(self.projector.tensors.values()) as capture:
+            for inputs in self.get_eval_dataloader(sample):
+                inputs = self._prepare_inputs(inputs)
+                inputs.pop("labels", None)
+                with self.autocast_smart_context_manager():
+                    model(**inputs)
+        covariances = {name: self.accelerator.reduce(cov, "sum") for name, cov in capture.covariances.items()}
+        for name in self.projector.grow(covariances, self.args.threshold):
+            logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
+
+    def _evaluate_seen(self, index: int) -> None:
+        seen = sorted(set().union(*(task.classes for task in self.tasks[: index + 1])))
+        for i, task in enumerate(self.tasks[: index + 1]):
+            prediction = self.predict(task.test, metric_key_prefix=f"test_{task.name}")
+            logits = prediction.predictions
+            logits = logits[0] if isinstance(logits, tuple) else logits
+            self.accuracy["class_incremental"][i, index] = _restricted_accuracy(logits, prediction.label_ids, seen)
+            self.accuracy["task_incremental"][i, index] = _restricted_accuracy(
+                logits, prediction.label_ids, task.classes
+            )
+
+    @property
+    def headline_matrix(self) -> str:
+        """The accuracy matrix the scenario is judged by."""
+        return "task_incremental" if self.tasks.scenario == "task_incremental" else "class_incremental"
+
+    def _finished(self) -> int:
+        return len(self.task_timings)
+
+    def continual_results(self) -> dict[str, Any]:
+        """Accuracy matrices (lists, ``None`` where not measured) and their ACC / Forgetting / BWT over the tasks
+        finished so far; ``acc`` / ``forgetting`` / ``bwt`` are those of the headline matrix."""
+        done = self._finished()
+        results: dict[str, Any] = {"scenario": self.tasks.scenario, "finished_tasks": done}
+        for name, matrix in self.accuracy.items():
+            results[name] = {
+                "accuracy_matrix": _to_json_matrix(matrix),
+                **(summarize(matrix[:done, :done]) if done else {}),
+            }
+        results["accuracy_matrix"] = results[self.headline_matrix]["accuracy_matrix"]
+        for key in ("acc", "forgetting", "bwt"):
+            results[key] = results[self.headline_matrix].get(key, math.nan)
+        results["subspace_dims"] = self.projector.dims()
+        results["timings"] = self.task_timings
+        return results
+
+    def _dims_summary(self) -> str:
+        """``kind k/d`` summed over the tensors of each kind, e.g. ``lora_A 410/1536 (x16)``."""
+        if self.args.method != "pegp":
+            return "none (sequential)"
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for name, k in self.projector.dims().items():
+            tensor = self.projector.tensors[name]
+            totals[tensor.kind][0] += k
+            totals[tensor.kind][1] += tensor.feature_dim
+            totals[tensor.kind][2] += 1
+        return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in sorted(totals.items()))
+
+    def _log_task(self, index: int) -> None:
+        results = self.continual_results()
+        til = results["task_incremental"]
+        self.log(
+            {
+                "task": index + 1,
+                "continual_acc": results["acc"],
+                "continual_forgetting": results["forgetting"],
+                "continual_bwt": results["bwt"],
+                "task_incremental_acc": til["acc"],
+                "task_incremental_forgetting": til["forgetting"],
+            }
+        )
+        logger.info(
+            "after task %d/%d: %s ACC %.2f, Forgetting %.2f, BWT %.2f | task-incremental ACC %.2f | protected dims %s",
+            index + 1,
+            len(self.tasks),
+            self.headline_matrix,
+            results["acc"],
+            results["forgetting"],
+            results["bwt"],
+            til["acc"],
+            self._dims_summary(),
+        )
+
+    # ---- checkpoints ---------------------------------------------------------------------------------------------
+
+    def _save_task_checkpoint(self, index: int) -> None:
+        if not self.args.should_save:
+            return
+        target = Path(self.args.output_dir) / task_dir_name(index + 1)
+        with atomic_directory(target) as staging:
+            self.model.save_pretrained(staging)
+            save_subspaces(staging / SUBSPACES_NAME, self.projector.bases, self.adapter_name, self.args.threshold)
+            write_state(staging, self._checkpoint_state())
+
+    def _checkpoint_state(self) -> dict[str, Any]:
+        results = self.continual_results()
+        return {
+            "finished_tasks": self._finished(),
+            "scenario": self.tasks.scenario,
+            "label_column": self.tasks.label_column,
+            "task_names": [task.name for task in self.tasks],
+            "task_classes": self.tasks.task_classes,
+            "results": results,
+            "config": {
+                key: getattr(self.args, key)
+                for key in ("method", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
+            },
+            "versions": library_versions(),
+        }
+
+    def _resume(self, checkpoint: str | bool) -> int:
+        """Load a task checkpoint; return how many tasks it finished."""
+        path = latest_task_checkpoint(self.args.output_dir) if checkpoint is True else Path(checkpoint)
+        if path is None:
+            raise CheckpointError(
+                f"resume_from_checkpoint=True but {self.args.output_dir} holds no task-<k> checkpoint"
+            )
+        state = read_state(path)
+        done = int(state["finished_tasks"])
+        finished_classes = state["task_classes"][:done]
+        if state["scenario"] != self.tasks.scenario or finished_classes != self.tasks.task_classes[:done]:
+            raise CheckpointError(
+                f"{path} was made for a different task sequence: its {done} finished {state['scenario']} tasks have "
+                f"classes {finished_classes}, this {self.tasks.scenario} sequence starts with "
+                f"{self.tasks.task_classes[:done]}"
+            )
+        if state["config"]["method"] != self.args.method:
+            raise CheckpointError(
+                f"{path} was trained with method={state['config']['method']!r}, not {self.args.method!r}"
+            )
+        if self.args.method == "pegp":
+            names = list(self.projector.tensors)
+            self.projector.load_bases(load_subspaces(path / SUBSPACES_NAME, names, self.adapter_name))
+        load_adapter_weights(self.model, path, self.adapter_name)
+        for name in MATRICES:
+            stored = np.array(state["results"][name]["accuracy_matrix"], dtype=np.float64)
+            self.accuracy[name][:done, :done] = stored[:done, :done]
+        self.task_timings = list(state["results"]["timings"])[:done]
+        logger.info("resumed from %s after %d finished tasks", path, done)
+        return done
+
+
+def _restricted_accuracy(logits: np.ndarray, labels: np.ndarray, classes: Sequence[int]) -> float:
+    """Percent of samples whose arg-max over the logits of ``classes`` is their label."""
+    classes = np.asarray(sorted(classes))
+    predicted = classes[np.argmax(logits[:, classes], axis=1)]
+    return float(100.0 * np.mean(predicted == labels))
+
+
+def _to_json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
+    return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
