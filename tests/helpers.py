@@ -1,0 +1,97 @@
+"""Tiny models and synthetic data shared by the tests (CPU, seconds)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from datasets import Dataset
+from peft import LoraConfig, get_peft_model
+from transformers import TrainerCallback, ViTConfig, ViTForImageClassification
+
+from pegp_hf import PEGPTrainingArguments
+
+IMAGE = 8
+
+
+def tiny_vit(num_labels: int = 4, seed: int = 0, rank: int = 4, hidden: int = 32, targets=("q_proj", "v_proj")):
+    """A 2-layer ViT (8x8 one-channel images, 4x4 patches: 5 tokens) with LoRA on ``targets`` and a trainable head."""
+    torch.manual_seed(seed)
+    config = ViTConfig(
+        hidden_size=hidden,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        image_size=IMAGE,
+        patch_size=4,
+        num_channels=1,
+        num_labels=num_labels,
+    )
+    model = ViTForImageClassification(config)
+    lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), modules_to_save=["classifier"])
+    return get_peft_model(model, lora)
+
+
+def synthetic_images(num_labels: int = 4, per_class: int = 24, seed: int = 0) -> Dataset:
+    """Fixed class patterns plus ``seed``-dependent noise: ``pixel_values`` (1, 8, 8) float32 and ``label``."""
+    prototypes = np.random.default_rng(1234).normal(size=(num_labels, 1, IMAGE, IMAGE)).astype(np.float32)
+    rng = np.random.default_rng(seed)
+    labels = np.repeat(np.arange(num_labels), per_class)
+    pixels = prototypes[labels] + 0.5 * rng.normal(size=(len(labels), 1, IMAGE, IMAGE)).astype(np.float32)
+    return Dataset.from_dict({"pixel_values": pixels, "label": labels}).with_format("torch")
+
+
+def training_args(output_dir, **overrides) -> PEGPTrainingArguments:
+    defaults = dict(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=64,
+        num_train_epochs=2,
+        learning_rate=0.05,
+        optim="sgd",
+        lr_scheduler_type="constant",
+        logging_steps=1,
+        report_to="none",
+        threshold=0.999,
+        feature_samples=64,
+        seed=0,
+        disable_tqdm=True,
+        use_cpu=True,
+    )
+    defaults.update(overrides)
+    return PEGPTrainingArguments(**defaults)
+
+
+def lora_layer_outputs(model, pixel_values: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Output of every LoRA-adapted linear layer (base + LoRA) on ``pixel_values``, eval mode, no grad."""
+    from peft.tuners.lora import LoraLayer
+
+    outputs, handles = {}, []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            handles.append(
+                module.register_forward_hook(lambda m, a, o, n=name: outputs.__setitem__(n, o.detach().clone()))
+            )
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        model(pixel_values=pixel_values)
+    model.train(was_training)
+    for handle in handles:
+        handle.remove()
+    return outputs
+
+
+def lora_weights(model) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+
+
+class AtTaskStart(TrainerCallback):
+    """Calls ``fn(model)`` when task ``index`` (0-based) starts training and keeps the result in ``.result``."""
+
+    def __init__(self, index: int, fn) -> None:
+        self.index, self.fn, self.calls, self.result = index, fn, 0, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.calls == self.index:
+            self.result = self.fn(model)
+        self.calls += 1

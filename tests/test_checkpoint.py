@@ -1,0 +1,149 @@
+"""Task checkpoints: atomic writes, exact resume, and clear errors for files that do not fit."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from helpers import AtTaskStart, synthetic_images, tiny_vit, training_args
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf.checkpoint import SUBSPACES_NAME, CheckpointError, load_adapter_weights
+
+TASKS = class_incremental_tasks(synthetic_images(num_labels=6), synthetic_images(num_labels=6, seed=1), 3, seed=0)
+
+
+def make_trainer(output_dir, model=None, tasks=TASKS, **overrides):
+    model = model or tiny_vit(num_labels=6)
+    args = training_args(output_dir, optim="sgd", optim_args="momentum=0.9", threshold=0.95, **overrides)
+    return ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+
+
+class CrashError(Exception):
+    pass
+
+
+def crash_at_task(index):
+    def boom(model):
+        raise CrashError(f"simulated crash at task {index + 1}")
+
+    return AtTaskStart(index, boom)
+
+
+def trainable(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    trainer = make_trainer(tmp_path_factory.mktemp("full"))
+    trainer.train()
+    return trainer
+
+
+def test_every_task_leaves_a_complete_checkpoint(uninterrupted):
+    root = uninterrupted.args.output_dir
+    for k in (1, 2, 3):
+        folder = f"{root}/task-{k}"
+        names = {"adapter_model.safetensors", "adapter_config.json", SUBSPACES_NAME, "pegp_state.json"}
+        assert names <= {p.name for p in Path(folder).iterdir()}
+        state = json.loads(Path(f"{folder}/pegp_state.json").read_text())
+        assert state["finished_tasks"] == k
+        assert state["task_classes"] == TASKS.task_classes
+        matrix = state["results"]["class_incremental"]["accuracy_matrix"]
+        assert all(matrix[i][t] is not None for t in range(k) for i in range(t + 1))
+        bases = load_file(f"{folder}/{SUBSPACES_NAME}")
+        assert all(".default." not in key for key in bases)  # named like the keys of adapter_model.safetensors
+        adapter_keys = set(load_file(f"{folder}/adapter_model.safetensors"))
+        assert set(bases) <= adapter_keys
+        meta = json.loads(safe_open(f"{folder}/{SUBSPACES_NAME}", "pt").metadata()["pegp_hf"])
+        assert meta["threshold"] == 0.95 and set(meta["ranks"]) == set(bases) and "torch" in meta["versions"]
+
+
+def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
+    trainer = make_trainer(tmp_path)
+    trainer.add_callback(crash_at_task(2))
+    with pytest.raises(CrashError):
+        trainer.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task-1", "task-2"]
+
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    for name, matrix in uninterrupted.accuracy.items():
+        np.testing.assert_array_equal(resumed.accuracy[name], matrix)
+    expected = trainable(uninterrupted.model)
+    for name, value in trainable(resumed.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
+    assert resumed.projector.dims() == uninterrupted.projector.dims()
+
+
+def test_resume_from_an_explicit_task_folder(tmp_path, uninterrupted):
+    shutil.copytree(f"{uninterrupted.args.output_dir}/task-1", tmp_path / "task-1")
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "task-1"))
+    np.testing.assert_array_equal(resumed.accuracy["class_incremental"], uninterrupted.accuracy["class_incremental"])
+
+
+def test_a_crash_while_writing_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
+    import pegp_hf.trainer
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    trainer = make_trainer(tmp_path)
+    monkeypatch.setattr(pegp_hf.trainer, "save_subspaces", broken)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.train()
+    assert list(tmp_path.iterdir()) == []  # neither task-1 nor a hidden staging folder
+
+
+@pytest.fixture()
+def task_1(tmp_path, uninterrupted):
+    folder = tmp_path / "ckpt" / "task-1"
+    shutil.copytree(f"{uninterrupted.args.output_dir}/task-1", folder)
+    return folder
+
+
+def test_truncated_subspace_file_is_named(tmp_path, task_1):
+    path = task_1 / SUBSPACES_NAME
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(CheckpointError, match=r"pegp_subspaces\.safetensors is not a readable safetensors file"):
+        make_trainer(tmp_path / "out").train(resume_from_checkpoint=str(task_1))
+
+
+def test_subspace_file_with_wrong_shapes_is_named(tmp_path, task_1):
+    path = task_1 / SUBSPACES_NAME
+    bases = load_file(path)
+    key = next(k for k in bases if "lora_A" in k)
+    q, _ = torch.linalg.qr(torch.randn(40, 3))
+    bases[key] = q.contiguous()  # orthonormal but for a 40-dim feature space
+    save_file(bases, path)
+    with pytest.raises(ValueError, match=r"has shape \(40, 3\); the model needs \(32, k<=32\)"):
+        make_trainer(tmp_path / "out").train(resume_from_checkpoint=str(task_1))
+
+
+def test_subspace_file_for_other_tensors_is_named(tmp_path, task_1):
+    other = tiny_vit(num_labels=6, targets=("q_proj", "k_proj", "v_proj"))
+    with pytest.raises(CheckpointError, match="does not match the model's protected tensors: missing"):
+        make_trainer(tmp_path / "out", model=other).train(resume_from_checkpoint=str(task_1))
+
+
+def test_adapter_with_wrong_shapes_is_named(task_1):
+    wider = tiny_vit(num_labels=6, rank=8)
+    with pytest.raises(CheckpointError, match=r"lora_A.weight has shape \(4, 32\) but the model's is \(8, 32\)"):
+        load_adapter_weights(wider, task_1, "default")
+
+
+def test_checkpoint_of_another_task_sequence_is_refused(tmp_path, task_1):
+    other = class_incremental_tasks(synthetic_images(num_labels=6), synthetic_images(num_labels=6, seed=1), 3, seed=9)
+    with pytest.raises(CheckpointError, match="different task sequence"):
+        make_trainer(tmp_path / "out", tasks=other).train(resume_from_checkpoint=str(task_1))
+
+
+def test_resume_with_nothing_to_resume_is_named(tmp_path):
+    with pytest.raises(CheckpointError, match="holds no task-<k> checkpoint"):
+        make_trainer(tmp_path).train(resume_from_checkpoint=True)

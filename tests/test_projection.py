@@ -1,0 +1,118 @@
+"""PEGP's guarantee measured on tensors: after task 2, old inputs give the same LoRA layer outputs."""
+
+import copy
+
+import pytest
+import torch
+from helpers import AtTaskStart, lora_layer_outputs, lora_weights, synthetic_images, tiny_vit, training_args
+
+from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+
+
+def small_tasks(per_class=6):
+    # 12 task-1 training images x 5 tokens = 60 feature vectors in 64 dims: the task-1 basis of every lora_A stays
+    # below full rank, so task 2 still has room to learn while old inputs must keep their outputs.
+    return class_incremental_tasks(
+        synthetic_images(per_class=per_class), synthetic_images(per_class=4, seed=1), num_tasks=2, seed=0
+    )
+
+
+def run_two_tasks(tmp_path, method="pegp", **overrides):
+    tasks = small_tasks()
+    old_inputs = torch.stack([row["pixel_values"] for row in tasks[0].train])
+    model = tiny_vit(hidden=64)
+    settings = dict(threshold=1.0, per_device_train_batch_size=4, num_train_epochs=3, learning_rate=0.1)
+    settings.update(overrides)
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path, method=method, **settings), tasks=tasks)
+    record = AtTaskStart(
+        1, lambda m: (lora_layer_outputs(m, old_inputs), lora_weights(m), copy.deepcopy(trainer.projector.bases))
+    )
+    trainer.add_callback(record)
+    trainer.train()
+    outputs_before, weights_before, bases_after_task_1 = record.result
+    return trainer, outputs_before, weights_before, lora_layer_outputs(model, old_inputs), bases_after_task_1
+
+
+def max_relative_change(before, after):
+    return max(float((after[n] - before[n]).abs().max() / before[n].abs().max()) for n in before)
+
+
+OPTIMIZERS = {
+    "sgd_momentum": dict(optim="sgd", optim_args="momentum=0.9"),
+    "adamw_reprojected": dict(optim="adamw_torch", learning_rate=0.01, weight_decay=0.05),
+}
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_old_inputs_keep_their_lora_outputs_under_pegp(tmp_path, optimizer):
+    trainer, before, weights_before, after, bases = run_two_tasks(tmp_path, **OPTIMIZERS[optimizer])
+    assert max_relative_change(before, after) < 1e-4
+    # ... while task 2 really trained the adapter (lora_A has free directions left)
+    weights_after = lora_weights(trainer.model)
+    moved = max(float((weights_after[n] - weights_before[n]).abs().max()) for n in weights_before if "lora_A" in n)
+    assert moved > 1e-4  # float noise is ~1e-9
+    assert all(0 < bases[n].shape[1] < 64 for n in bases if "lora_A" in n)  # task-1 bases left room
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_without_projection_old_outputs_move(tmp_path, optimizer):
+    _, before, _, after, _ = run_two_tasks(tmp_path, method="sequential", **OPTIMIZERS[optimizer])
+    assert max_relative_change(before, after) > 1e-2
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_every_step_update_is_orthogonal_to_the_old_bases(tmp_path, optimizer):
+    trainer, _, weights_before, _, bases = run_two_tasks(tmp_path, **OPTIMIZERS[optimizer])
+    steps = [log for log in trainer.state.log_history if "pegp_update_overlap" in log]
+    assert len(steps) == trainer.state.global_step > 0  # logging_steps=1: one diagnostic per optimizer step
+    assert all(log["pegp_update_overlap"] <= 1e-6 < log["pegp_update_max"] for log in steps)
+    weights_after = lora_weights(trainer.model)
+    for name in trainer.projector.tensors:  # delta A . U_A and delta B . U_B, on the tensors
+        key = name.removeprefix("base_model.model.")
+        delta = weights_after[name] - weights_before[name]
+        assert bases[name].shape[1] > 0, key
+        assert float((delta @ bases[name]).abs().max()) < 1e-5, key
+
+
+def test_adamw_without_update_reprojection_breaks_the_guarantee(tmp_path):
+    trainer, before, _, after, _ = run_two_tasks(tmp_path, update_reprojection="off", **OPTIMIZERS["adamw_reprojected"])
+    overlaps = [log["pegp_update_overlap"] for log in trainer.state.log_history if "pegp_update_overlap" in log]
+    assert max(overlaps) > 1e-4
+    assert max_relative_change(before, after) > 1e-3
+
+
+def test_update_reprojection_auto_is_off_only_for_plain_sgd_without_weight_decay(tmp_path):
+    def decision(**overrides):
+        trainer = ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, **overrides), tasks=small_tasks())
+        trainer.create_optimizer()
+        return trainer._reprojects_updates()
+
+    assert decision(optim="sgd", optim_args="momentum=0.9,nesterov=true") is False
+    assert decision(optim="sgd", weight_decay=0.01) is True
+    assert decision(optim="adamw_torch") is True
+    assert decision(optim="adamw_torch", update_reprojection="off") is False
+
+
+def test_gradient_accumulation_gives_the_same_projected_updates(tmp_path):
+    tasks = small_tasks(per_class=8)  # 16 images per task: one step of 16 == two accumulated steps of 8
+
+    def final_weights(batch, accumulation):
+        model = tiny_vit(hidden=64)
+        args = training_args(
+            tmp_path / f"b{batch}",
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            optim_args="momentum=0.9",
+            threshold=0.99,
+            max_grad_norm=1.0,
+        )
+        trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+        trainer.train()
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, trainer
+
+    one, trainer = final_weights(16, 1)
+    two, _ = final_weights(8, 2)
+    assert trainer.projector.active
+    for name in one:
+        torch.testing.assert_close(one[name], two[name], atol=2e-6, rtol=1e-5)
