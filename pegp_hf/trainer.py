@@ -123,7 +123,8 @@ class ContinualPEGPTrainer(Trainer):
         return int(self.model.config.num_labels)
 
     def _class_mask(self, classes: Sequence[int]) -> torch.Tensor:
-        mask = torch.zeros(self.num_labels, dtype=torch.bool)
+        """``(num_labels,)`` bool on the training device, True for ``classes``."""
+        mask = torch.zeros(self.num_labels, dtype=torch.bool, device=self.args.device)
         mask[list(classes)] = True
         return mask
 
@@ -134,7 +135,7 @@ class ContinualPEGPTrainer(Trainer):
         divided by the items of the whole accumulated batch, so accumulation is exact."""
         logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
         if self._train_classes is not None and self.model.training:
-            logits = logits.masked_fill(~self._train_classes.to(logits.device), torch.finfo(logits.dtype).min)
+            logits = logits.masked_fill(~self._train_classes, torch.finfo(logits.dtype).min)
         loss = F.cross_entropy(logits.float(), labels, ignore_index=-100, reduction="sum")
         count = num_items_in_batch if num_items_in_batch is not None else (labels != -100).sum().clamp_min(1)
         return loss / count
