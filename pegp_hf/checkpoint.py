@@ -6,6 +6,8 @@
 - ``pegp_subspaces.safetensors``: one ``(d, k)`` float32 basis per protected tensor, keyed by the tensor's name in
   ``adapter_model.safetensors`` (PEFT naming without the adapter name); metadata ``pegp_hf`` is a JSON string with
   the threshold, feature dims, ranks and library versions;
+- ``pegp_head.safetensors`` (prototype / aligned heads): per-class ``counts``, ``means`` and, for the aligned head,
+  ``covariances`` of the classifier's input features;
 - ``pegp_state.json``: finished task count, scenario, task names and classes, accuracy matrices, config, timings.
 
 A checkpoint is built in a hidden temporary folder next to its target and renamed into place, so a crash leaves
@@ -21,7 +23,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Iterator, Mapping
-from importlib.metadata import version
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +32,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from pegp_hf._keys import key_mismatch
+from pegp_hf.heads import ClassStatistics
 
 SUBSPACES_NAME = "pegp_subspaces.safetensors"
+HEAD_NAME = "pegp_head.safetensors"
 STATE_NAME = "pegp_state.json"
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 _TASK_DIR = re.compile(r"^task-(\d+)$")
@@ -47,7 +51,14 @@ def task_dir_name(finished_tasks: int) -> str:
 
 
 def library_versions() -> dict[str, str]:
-    return {name: version(name) for name in ("pegp_hf", "torch", "transformers", "peft")}
+    """Installed versions of the libraries a checkpoint depends on (``"unknown"`` when not installed as a package)."""
+    found = {}
+    for name in ("pegp_hf", "torch", "transformers", "peft"):
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = "unknown"
+    return found
 
 
 def latest_task_checkpoint(output_dir: str | os.PathLike) -> Path | None:
@@ -63,9 +74,25 @@ def latest_task_checkpoint(output_dir: str | os.PathLike) -> Path | None:
     return max(found)[1] if found else None
 
 
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for path in [*folder.iterdir(), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
 @contextlib.contextmanager
 def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty temporary folder beside ``target``; on success it replaces ``target``, on error it is removed."""
+    """Yield an empty staging folder beside ``target``; on success it replaces ``target``, on error it is removed
+    and ``target`` is left as it was.
+
+    The staging folder is flushed to disk before it is renamed. When ``target`` exists it is first renamed aside
+    and put back if the final rename fails, so some complete version of ``target`` always exists on disk except
+    between those two renames.
+    """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -74,13 +101,20 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
     staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint folder gets the usual permissions
     try:
         yield staging
+        _fsync_tree(staging)
         if target.exists():
             retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
             os.replace(target, retired / target.name)
-            os.replace(staging, target)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired / target.name, target)
+                retired.rmdir()
+                raise
             shutil.rmtree(retired)
         else:
             os.replace(staging, target)
+        _fsync_tree(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -98,7 +132,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def _strip_adapter(name: str, adapter_name: str) -> str:
-    return name.replace(f".{adapter_name}.", ".")
+    """PEFT's parameter name -> its key in ``adapter_model.safetensors``: ``...lora_A.<adapter>.weight`` ->
+    ``...lora_A.weight`` (only the component just before the last one is removed)."""
+    return re.sub(rf"\.{re.escape(adapter_name)}(\.[^.]+)$", r"\1", name)
 
 
 def save_subspaces(
@@ -135,10 +171,13 @@ def load_subspaces(path: str | os.PathLike, names: list[str], adapter_name: str)
     return bases
 
 
-def load_adapter_weights(model: torch.nn.Module, directory: str | os.PathLike, adapter_name: str) -> None:
-    """Load ``directory/adapter_model.safetensors`` into the PEFT ``model``'s adapter after checking every key and
-    shape against it (PEFT itself would skip unknown keys silently)."""
-    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+def read_adapter_weights(
+    model: torch.nn.Module, directory: str | os.PathLike, adapter_name: str
+) -> dict[str, torch.Tensor]:
+    """Read ``directory/adapter_model.safetensors`` and check every key and shape against the PEFT ``model``'s
+    adapter (PEFT itself would skip unknown keys silently). Load the result with
+    ``peft.set_peft_model_state_dict``."""
+    from peft.utils import get_peft_model_state_dict
 
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     stored = read_safetensors(path)
@@ -151,18 +190,53 @@ def load_adapter_weights(model: torch.nn.Module, directory: str | os.PathLike, a
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(tensor.shape)} but the model's is {tuple(expected[key].shape)}"
             )
-    set_peft_model_state_dict(model, stored, adapter_name=adapter_name)
+    return stored
+
+
+def save_head_statistics(path: str | os.PathLike, statistics: ClassStatistics, head: str) -> None:
+    """Write ``statistics`` (counts, means and, for the aligned head, covariances) with the head's name, class count
+    and feature dim as metadata."""
+    meta = {"head": head, "num_labels": statistics.num_labels, "feature_dim": statistics.dim}
+    save_file(
+        {k: v.contiguous() for k, v in statistics.state_dict().items()},
+        str(path),
+        metadata={"format": "pt", "pegp_hf": json.dumps(meta)},
+    )
+
+
+def load_head_statistics(path: str | os.PathLike, like: ClassStatistics) -> ClassStatistics:
+    """Read statistics written by :func:`save_head_statistics`; class count, feature dim and the presence of
+    covariances must match ``like`` (the trainer's empty statistics for this model and head)."""
+    stored = read_safetensors(path)
+    expected = {key: tuple(value.shape) for key, value in like.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in stored.items()}
+    if found != expected:
+        raise CheckpointError(
+            f"{path} holds head statistics of shapes {found}; this model and head need {expected} "
+            f"({like.num_labels} classes, feature dim {like.dim})"
+        )
+    return ClassStatistics(stored["counts"], stored["means"], stored.get("covariances"))
+
+
+STATE_KEYS = ("finished_tasks", "scenario", "task_classes", "results", "config")
 
 
 def write_state(directory: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write ``pegp_state.json`` (strict JSON: no NaN) into ``directory``."""
     (Path(directory) / STATE_NAME).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n")
 
 
 def read_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read ``pegp_state.json`` of a task checkpoint; ``CheckpointError`` if it is missing, not JSON, or lacks a
+    field of :data:`STATE_KEYS`."""
     path = Path(directory) / STATE_NAME
     if not path.is_file():
         raise CheckpointError(f"{directory} is not a pegp_hf task checkpoint: {STATE_NAME} is missing")
     try:
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON (truncated?): {error}") from error
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the fields {missing}")
+    return state

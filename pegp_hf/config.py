@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-METHODS = ("pegp", "sequential")
+from pegp_hf.heads import HEADS
+
+METHODS = ("pegp", "sequential", "head_only")
 REPROJECTION = ("auto", "on", "off")
 
 
@@ -20,7 +22,8 @@ class PEGPTrainingArguments(TrainingArguments):
         default="pegp",
         metadata={
             "help": "pegp: project PET gradients against old tasks' feature subspaces. sequential: the same PET "
-            "trained task after task with no projection (the paper's naive baseline).",
+            "trained task after task with no projection (the paper's naive baseline). head_only: the PET is frozen "
+            "and only the head learns (the floor any PET method must beat).",
             "choices": list(METHODS),
         },
     )
@@ -53,6 +56,28 @@ class PEGPTrainingArguments(TrainingArguments):
             "choices": list(REPROJECTION),
         },
     )
+    head: str = field(
+        default="masked_linear",
+        metadata={
+            "help": "Class-incremental head. masked_linear: the linear classifier as trained (the paper's protocol). "
+            "prototype: cosine nearest class mean over the classifier's input features. aligned: the classifier's "
+            "seen-class rows re-fit after each task on features sampled from per-class Gaussians (as SLCA).",
+            "choices": list(HEADS),
+        },
+    )
+    head_module: str = field(
+        default="classifier",
+        metadata={"help": "Name (last component) of the classifier module; its input are the backbone features."},
+    )
+    head_shrinkage: float = field(
+        default=0.1,
+        metadata={"help": "aligned head: covariance shrinkage toward the mean per-dimension variance (times I)."},
+    )
+    align_samples_per_class: int = field(
+        default=256, metadata={"help": "aligned head: features sampled per seen class for each re-fit."}
+    )
+    align_epochs: int = field(default=10, metadata={"help": "aligned head: epochs of each re-fit."})
+    align_learning_rate: float = field(default=0.01, metadata={"help": "aligned head: SGD learning rate of re-fits."})
     save_strategy: str = field(
         default="no",
         metadata={
@@ -69,6 +94,10 @@ class PEGPTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.head_shrinkage < 0:
+            raise ValueError(f"head_shrinkage must be >= 0, got {self.head_shrinkage}")
         if self.update_reprojection not in REPROJECTION:
             raise ValueError(f"update_reprojection must be one of {REPROJECTION}, got {self.update_reprojection!r}")
         if not 0.0 < self.threshold <= 1.0:
@@ -79,6 +108,12 @@ class PEGPTrainingArguments(TrainingArguments):
             re.compile(self.protect)
         except re.error as error:
             raise ValueError(f"protect is not a valid regular expression: {error}") from error
+        if self.dataloader_persistent_workers:
+            raise ValueError(
+                "dataloader_persistent_workers must be False: every task and evaluation set gets its own data loader"
+            )
+        if self.dataloader_drop_last:
+            raise ValueError("dataloader_drop_last must be False: evaluation and feature capture must see every sample")
         if self.save_strategy != "no":
             raise ValueError(
                 "save_strategy must be 'no': ContinualPEGPTrainer checkpoints after every task under "

@@ -61,8 +61,13 @@ class TaskSequence(Sequence):
     def __len__(self) -> int:
         return len(self.tasks)
 
-    def __getitem__(self, index):
+    def __getitem__(self, index: int | slice) -> ContinualTask | tuple[ContinualTask, ...]:
         return self.tasks[index]
+
+    @property
+    def disjoint(self) -> bool:
+        """True when tasks own disjoint classes (every scenario but domain-incremental): the loss masks the rest."""
+        return self.scenario in _DISJOINT_SCENARIOS
 
     @property
     def task_classes(self) -> list[list[int]]:

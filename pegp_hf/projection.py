@@ -65,8 +65,8 @@ class GradientProjector:
             self.bases[name] = new
         return newly_full
 
-    def load_bases(self, bases: Mapping[str, torch.Tensor]) -> None:
-        """Replace every basis; ``bases`` must name exactly the protected tensors with ``(d, k <= d)`` shapes."""
+    def check_bases(self, bases: Mapping[str, torch.Tensor]) -> None:
+        """Raise ``ValueError`` unless ``bases`` names exactly the protected tensors with ``(d, k <= d)`` shapes."""
         mismatch = key_mismatch(self.tensors, bases)
         if mismatch:
             raise ValueError(f"subspace bases do not match the model's protected tensors: {mismatch}")
@@ -76,6 +76,10 @@ class GradientProjector:
                 raise ValueError(
                     f"subspace basis {name} has shape {tuple(basis.shape)}; the model needs ({dim}, k<={dim})"
                 )
+
+    def load_bases(self, bases: Mapping[str, torch.Tensor]) -> None:
+        """Replace every basis after :meth:`check_bases`."""
+        self.check_bases(bases)
         self.bases = {
             name: bases[name].to(device=t.parameter.device, dtype=torch.float32) for name, t in self.tensors.items()
         }
@@ -99,13 +103,14 @@ class GradientProjector:
         self._before = {name: parameter.detach().clone() for name, parameter, _ in self._with_basis()}
 
     @torch.no_grad()
-    def finish_update(self, reproject: bool) -> tuple[float, float]:
+    def finish_update(self, reproject: bool) -> torch.Tensor:
         """After the step: ``delta W = W - W_before``; if ``reproject``, ``W = W_before + delta W - (delta W U) U^T``.
 
-        Returns ``(max |delta W U|, max |delta W|)`` over all protected tensors, measured on the final parameters:
-        the first is ~0 when the guarantee holds, the second gives its scale.
+        Returns ``[max |delta W U|, max |delta W|]`` over all protected tensors as a 2-element float32 tensor on the
+        parameters' device (no host sync), measured on the final parameters: the first is ~0 when the guarantee
+        holds, the second gives its scale.
         """
-        overlap = scale = 0.0
+        measured = []
         for name, parameter, basis in self._with_basis():
             before = self._before.get(name)
             if before is None:
@@ -114,7 +119,6 @@ class GradientProjector:
             if reproject:
                 parameter.copy_(before + project_out(delta, basis))
                 delta = parameter - before
-            overlap = max(overlap, max_overlap(delta, basis))
-            scale = max(scale, float(delta.abs().max()) if delta.numel() else 0.0)
+            measured.append(torch.stack([max_overlap(delta, basis).float(), delta.float().abs().amax()]))
         self._before = {}
-        return overlap, scale
+        return torch.stack(measured).amax(0) if measured else torch.zeros(2)

@@ -103,9 +103,10 @@ def project_out(tensor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return (x - (x @ u) @ u.T).to(tensor.dtype)
 
 
-def max_overlap(tensor: torch.Tensor, basis: torch.Tensor) -> float:
-    """``max |T U|``: how far the rows of ``tensor`` (``(..., d)``) reach into ``span(basis)``; 0 for an empty basis."""
-    if basis.shape[1] == 0 or tensor.numel() == 0:
-        return 0.0
+def max_overlap(tensor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """``max |T U|`` as a 0-dim float32+ tensor on ``tensor``'s device (no host sync): how far the rows of
+    ``tensor`` (``(..., d)``) reach into ``span(basis)``; 0 for an empty basis."""
     compute = torch.promote_types(tensor.dtype, torch.float32)
-    return float((tensor.to(compute) @ basis.to(device=tensor.device, dtype=compute)).abs().max())
+    if basis.shape[1] == 0 or tensor.numel() == 0:
+        return torch.zeros((), dtype=compute, device=tensor.device)
+    return (tensor.to(compute) @ basis.to(device=tensor.device, dtype=compute)).abs().amax()

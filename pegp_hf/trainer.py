@@ -28,19 +28,22 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import PeftModel
-from transformers import Trainer, TrainerCallback
+from peft import PeftModel, set_peft_model_state_dict
+from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
 
 from pegp_hf.checkpoint import (
+    HEAD_NAME,
     SUBSPACES_NAME,
     CheckpointError,
     atomic_directory,
     latest_task_checkpoint,
     library_versions,
-    load_adapter_weights,
+    load_head_statistics,
     load_subspaces,
+    read_adapter_weights,
     read_state,
+    save_head_statistics,
     save_subspaces,
     task_dir_name,
     write_state,
@@ -48,6 +51,7 @@ from pegp_hf.checkpoint import (
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.data import TaskSequence
 from pegp_hf.features import FeatureCovariances
+from pegp_hf.heads import ClassStatistics, align_linear_head, prototype_logits
 from pegp_hf.metrics import summarize
 from pegp_hf.projection import GradientProjector
 from pegp_hf.tuners import find_protected_tensors
@@ -93,11 +97,31 @@ class ContinualPEGPTrainer(Trainer):
         for key in ("train_dataset", "eval_dataset", "compute_loss_func", "model_init"):
             if kwargs.get(key) is not None:
                 raise ValueError(f"ContinualPEGPTrainer sets {key} itself (per task); pass tasks=... instead")
+        if any(item is not None for item in kwargs.get("optimizers", (None, None))):
+            raise ValueError(
+                "every task needs a fresh optimizer, so optimizers=(...) cannot be reused: choose it with "
+                "args.optim / args.optim_args, or pass optimizer_cls_and_kwargs=(cls, kwargs)"
+            )
         if not isinstance(model, PeftModel):
             raise TypeError("model must be a PEFT model (peft.get_peft_model(model, LoraConfig(...)))")
         super().__init__(model=model, args=args, compute_loss_func=self._masked_cross_entropy, **kwargs)
+        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
+            raise NotImplementedError(
+                "ContinualPEGPTrainer does not yet project under DeepSpeed or FSDP (DeepSpeed steps inside backward, "
+                "FSDP shards the gradients); use single-process or DDP training"
+            )
         self.tasks = tasks
         self.adapter_name: str = self.model.active_adapter
+        self.head_module = _find_module(self.model, args.head_module)
+        if args.method == "head_only":
+            head_parameters = {id(p) for p in self.head_module.parameters()}
+            for parameter in self.model.parameters():
+                if id(parameter) not in head_parameters:
+                    parameter.requires_grad_(False)
+        self.head_statistics: ClassStatistics | None = None
+        if args.head != "masked_linear":
+            dim = _trainable_linear(self.head_module).in_features
+            self.head_statistics = ClassStatistics.empty(self.num_labels, dim, with_covariances=args.head == "aligned")
         pattern = re.compile(args.protect)
         protected = [tensor for tensor in find_protected_tensors(self.model) if pattern.search(tensor.name)]
         if args.method == "pegp" and not protected:
@@ -108,13 +132,18 @@ class ContinualPEGPTrainer(Trainer):
         self.task_timings: list[dict[str, float]] = []
         self._train_classes: torch.Tensor | None = None
         self._reproject: bool | None = None
-        self._update_record: tuple[float, float] | None = None
+        self._update_record: torch.Tensor | None = None
         self.add_callback(_ProjectedUpdateCallback(self))
+        head_parameters = {id(p) for p in self.head_module.parameters()}
         unprotected = [
-            name for name, p in self.model.named_parameters() if p.requires_grad and name not in self.projector.tensors
+            name
+            for name, p in self.model.named_parameters()
+            if p.requires_grad and name not in self.projector.tensors and id(p) not in head_parameters
         ]
-        if unprotected:
-            logger.info("trained without projection (heads, unmatched tensors): %s", ", ".join(unprotected))
+        if unprotected and args.method == "pegp":
+            logger.warning(
+                "trainable but not protected, so old tasks' outputs can drift through them: %s", ", ".join(unprotected)
+            )
 
     # ---- loss and projection -------------------------------------------------------------------------------------
 
@@ -166,18 +195,15 @@ class ContinualPEGPTrainer(Trainer):
             logger.info("update re-projection %s", "on" if self._reproject else "off")
         return self._reproject
 
-    def _record_update(self, measured: tuple[float, float]) -> None:
-        """Keep the largest ``(max |delta W U|, max |delta W|)`` since the last log line."""
-        if self._update_record is None:
-            self._update_record = measured
-        else:
-            self._update_record = tuple(max(a, b) for a, b in zip(self._update_record, measured, strict=True))
+    def _record_update(self, measured: torch.Tensor) -> None:
+        """Keep the largest ``[max |delta W U|, max |delta W|]`` since the last log line (on device, no sync)."""
+        self._update_record = measured if self._update_record is None else torch.maximum(self._update_record, measured)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
         log (~0 when old outputs are protected) and ``pegp_update_max`` = max ``|delta W|`` for scale."""
         if "loss" in logs and self._update_record is not None:
-            logs["pegp_update_overlap"], logs["pegp_update_max"] = self._update_record
+            logs["pegp_update_overlap"], logs["pegp_update_max"] = self._update_record.tolist()
             self._update_record = None
         super().log(logs, start_time)
 
@@ -194,6 +220,11 @@ class ContinualPEGPTrainer(Trainer):
         Returns:
             ``TrainOutput`` whose metrics hold ``acc``, ``forgetting``, ``bwt`` of the headline accuracy matrix.
         """
+        if self._finished():
+            raise RuntimeError(
+                f"this trainer has already trained {self._finished()} tasks; make a new ContinualPEGPTrainer "
+                "(and pass resume_from_checkpoint to continue a sequence)"
+            )
         self.tasks.validate(self.num_labels)
         if self.tasks.scenario == "online" and (self.args.num_train_epochs != 1 or self.args.max_steps > 0):
             raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
@@ -211,9 +242,11 @@ class ContinualPEGPTrainer(Trainer):
         task = self.tasks[index]
         self.train_dataset, self.eval_dataset = task.train, task.test
         self.optimizer = self.lr_scheduler = None
-        self._reproject = None
-        disjoint = self.tasks.scenario != "domain_incremental"
-        self._train_classes = self._class_mask(task.classes) if disjoint else None
+        self._reproject, self._update_record = None, None
+        self._train_classes = self._class_mask(task.classes) if self.tasks.disjoint else None
+        # Seed per task: a resumed run enters task k with the same RNG state as an uninterrupted one.
+        seed = self.args.seed + index
+        enable_full_determinism(seed) if self.args.full_determinism else set_seed(seed)
         logger.info(
             "task %d/%d (%s): %d train samples, classes %s",
             index + 1,
@@ -225,46 +258,81 @@ class ContinualPEGPTrainer(Trainer):
         start = time.perf_counter()
         output = super().train(**kwargs)
         trained = time.perf_counter()
-        if self.args.method == "pegp":
-            self._grow_bases(task.train)
-        grown = time.perf_counter()
+        self._capture_task(task.train)
+        captured = time.perf_counter()
         self._evaluate_seen(index)
         evaluated = time.perf_counter()
         self.task_timings.append(
-            {"train_seconds": trained - start, "basis_seconds": grown - trained, "eval_seconds": evaluated - grown}
+            {
+                "train_seconds": trained - start,
+                "capture_seconds": captured - trained,
+                "eval_seconds": evaluated - captured,
+            }
         )
         self._log_task(index)
         self._save_task_checkpoint(index)
         return output
 
-    @torch.no_grad()
-    def _grow_bases(self, train_split: Any) -> None:
-        """Capture ``x x^T`` of every protected tensor over ``feature_samples`` training samples (summed over
-        processes), and grow the bases."""
+    def _capture_task(self, train_split: Any) -> None:
+        """One eval pass over ``feature_samples`` training samples of the finished task: grow the PEGP bases from the
+        protected tensors' ``x x^T`` (summed over processes), update the head's class statistics from the
+        classifier's inputs, and re-fit the aligned head."""
+        if self.args.method != "pegp" and self.head_statistics is None:
+            return  # nothing uses features
         count = min(self.args.feature_samples, len(train_split))
         sample = train_split.shuffle(seed=self.args.seed).select(range(count))
-        model = self.model
-        model.eval()
-        with FeatureCovariances(self.projector.tensors.values()) as capture:
-            for inputs in self.get_eval_dataloader(sample):
+        tensors = self.projector.tensors.values() if self.args.method == "pegp" else []
+        with FeatureCovariances(tensors) as capture:
+            features, labels = self._classifier_inputs(sample)
+        if self.args.method == "pegp":
+            covariances = {name: self.accelerator.reduce(cov, "sum") for name, cov in capture.covariances.items()}
+            for name in self.projector.grow(covariances, self.args.threshold):
+                logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
+        if self.head_statistics is not None:
+            self.head_statistics.update(features, labels)
+        if self.args.head == "aligned":
+            align_linear_head(
+                _trainable_linear(self.head_module), self.head_statistics, self.args.head_shrinkage,
+                self.args.align_samples_per_class, self.args.align_epochs, self.args.align_learning_rate,
+                seed=self.args.seed + self._finished(),
+            )  # fmt: skip
+
+    @torch.no_grad()
+    def _classifier_inputs(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``dataset`` through the model (eval mode, no grad; any forward hooks installed fire) and return the
+        classifier's inputs ``(N, dim)`` and the labels ``(N,)``, gathered over processes in dataset order."""
+        batch_features: list[torch.Tensor] = []
+        handle = self.head_module.register_forward_hook(lambda m, args, out: batch_features.append(args[0]))
+        features, labels = [], []
+        self.model.eval()
+        try:
+            for inputs in self.get_eval_dataloader(dataset):
                 inputs = self._prepare_inputs(inputs)
-                inputs.pop("labels", None)
+                batch_labels = inputs.pop("labels")
                 with self.autocast_smart_context_manager():
-                    model(**inputs)
-        covariances = {name: self.accelerator.reduce(cov, "sum") for name, cov in capture.covariances.items()}
-        for name in self.projector.grow(covariances, self.args.threshold):
-            logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
+                    self.model(**inputs)
+                gathered = self.accelerator.gather_for_metrics((batch_features.pop(), batch_labels))
+                features.append(gathered[0].float().cpu())
+                labels.append(gathered[1].cpu())
+        finally:
+            handle.remove()
+        return torch.cat(features), torch.cat(labels)
+
+    def head_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, num_labels)`` logits of the chosen head for classifier inputs ``features`` ``(N, dim)``."""
+        if self.args.head == "prototype":
+            return prototype_logits(features, self.head_statistics)
+        head = self.head_module
+        with torch.no_grad():
+            return head(features.to(self.args.device, next(head.parameters()).dtype)).float().cpu()
 
     def _evaluate_seen(self, index: int) -> None:
         seen = sorted(set().union(*(task.classes for task in self.tasks[: index + 1])))
         for i, task in enumerate(self.tasks[: index + 1]):
-            prediction = self.predict(task.test, metric_key_prefix=f"test_{task.name}")
-            logits = prediction.predictions
-            logits = logits[0] if isinstance(logits, tuple) else logits
-            self.accuracy["class_incremental"][i, index] = _restricted_accuracy(logits, prediction.label_ids, seen)
-            self.accuracy["task_incremental"][i, index] = _restricted_accuracy(
-                logits, prediction.label_ids, task.classes
-            )
+            features, labels = self._classifier_inputs(task.test)
+            logits, labels = self.head_logits(features).numpy(), labels.numpy()
+            self.accuracy["class_incremental"][i, index] = _restricted_accuracy(logits, labels, seen)
+            self.accuracy["task_incremental"][i, index] = _restricted_accuracy(logits, labels, task.classes)
 
     @property
     def headline_matrix(self) -> str:
@@ -278,7 +346,7 @@ class ContinualPEGPTrainer(Trainer):
         """Accuracy matrices (lists, ``None`` where not measured) and their ACC / Forgetting / BWT over the tasks
         finished so far; ``acc`` / ``forgetting`` / ``bwt`` are those of the headline matrix."""
         done = self._finished()
-        results: dict[str, Any] = {"scenario": self.tasks.scenario, "finished_tasks": done}
+        results: dict[str, Any] = {"scenario": self.tasks.scenario, "head": self.args.head, "finished_tasks": done}
         for name, matrix in self.accuracy.items():
             results[name] = {
                 "accuracy_matrix": _to_json_matrix(matrix),
@@ -294,7 +362,7 @@ class ContinualPEGPTrainer(Trainer):
     def _dims_summary(self) -> str:
         """``kind k/d`` summed over the tensors of each kind, e.g. ``lora_A 410/1536 (x16)``."""
         if self.args.method != "pegp":
-            return "none (sequential)"
+            return f"none ({self.args.method})"
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         for name, k in self.projector.dims().items():
             tensor = self.projector.tensors[name]
@@ -337,6 +405,8 @@ class ContinualPEGPTrainer(Trainer):
         with atomic_directory(target) as staging:
             self.model.save_pretrained(staging)
             save_subspaces(staging / SUBSPACES_NAME, self.projector.bases, self.adapter_name, self.args.threshold)
+            if self.head_statistics is not None:
+                save_head_statistics(staging / HEAD_NAME, self.head_statistics, self.args.head)
             write_state(staging, self._checkpoint_state())
 
     def _checkpoint_state(self) -> dict[str, Any]:
@@ -350,13 +420,14 @@ class ContinualPEGPTrainer(Trainer):
             "results": results,
             "config": {
                 key: getattr(self.args, key)
-                for key in ("method", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
+                for key in ("method", "head", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
             },
             "versions": library_versions(),
         }
 
     def _resume(self, checkpoint: str | bool) -> int:
-        """Load a task checkpoint; return how many tasks it finished."""
+        """Load a task checkpoint; return how many tasks it finished. Every file is read and checked before any
+        state of the trainer or the model changes."""
         path = latest_task_checkpoint(self.args.output_dir) if checkpoint is True else Path(checkpoint)
         if path is None:
             raise CheckpointError(
@@ -371,14 +442,30 @@ class ContinualPEGPTrainer(Trainer):
                 f"classes {finished_classes}, this {self.tasks.scenario} sequence starts with "
                 f"{self.tasks.task_classes[:done]}"
             )
-        if state["config"]["method"] != self.args.method:
-            raise CheckpointError(
-                f"{path} was trained with method={state['config']['method']!r}, not {self.args.method!r}"
-            )
+        for key in ("method", "head"):
+            if state["config"][key] != getattr(self.args, key):
+                raise CheckpointError(
+                    f"{path} was trained with {key}={state['config'][key]!r}, not {getattr(self.args, key)!r}"
+                )
+        changed = {
+            k: v for k, v in state["config"].items() if k not in ("method", "head") and getattr(self.args, k) != v
+        }
+        if changed:
+            logger.warning("continuing %s with settings that differ from the checkpoint's %s", path, changed)
+        bases = None
         if self.args.method == "pegp":
-            names = list(self.projector.tensors)
-            self.projector.load_bases(load_subspaces(path / SUBSPACES_NAME, names, self.adapter_name))
-        load_adapter_weights(self.model, path, self.adapter_name)
+            bases = load_subspaces(path / SUBSPACES_NAME, list(self.projector.tensors), self.adapter_name)
+            self.projector.check_bases(bases)
+        statistics = None
+        if self.head_statistics is not None:
+            statistics = load_head_statistics(path / HEAD_NAME, like=self.head_statistics)
+        adapter = read_adapter_weights(self.model, path, self.adapter_name)
+
+        set_peft_model_state_dict(self.model, adapter, adapter_name=self.adapter_name)
+        if bases is not None:
+            self.projector.load_bases(bases)
+        if statistics is not None:
+            self.head_statistics = statistics
         for name in MATRICES:
             stored = np.array(state["results"][name]["accuracy_matrix"], dtype=np.float64)
             self.accuracy[name][:done, :done] = stored[:done, :done]
@@ -396,3 +483,21 @@ def _restricted_accuracy(logits: np.ndarray, labels: np.ndarray, classes: Sequen
 
 def _to_json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
+
+
+def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
+    """The shallowest module whose dotted name is ``name`` or ends with ``.name``."""
+    found = [
+        (path.count("."), path, m) for path, m in model.named_modules() if path == name or path.endswith(f".{name}")
+    ]
+    if not found:
+        raise ValueError(f"the model has no module named {name!r} (set head_module to the classifier's name)")
+    return min(found, key=lambda item: item[0])[2]
+
+
+def _trainable_linear(head: torch.nn.Module) -> torch.nn.Linear:
+    """The linear layer that computes the logits inside ``head`` (for PEFT, the ``modules_to_save`` copy)."""
+    linears = [m for m in head.modules() if isinstance(m, torch.nn.Linear) and m.weight.requires_grad]
+    if len(linears) != 1:
+        raise ValueError(f"the head must hold exactly one trainable nn.Linear (found {len(linears)})")
+    return linears[0]

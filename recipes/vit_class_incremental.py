@@ -67,7 +67,8 @@ RECIPE_DEFAULTS = {
 @dataclass
 class ScriptArguments:
     methods: list[str] = field(
-        default_factory=lambda: ["pegp", "sequential"], metadata={"help": "Methods to run and compare, in order."}
+        default_factory=lambda: ["pegp", "sequential"],
+        metadata={"help": "Methods to run and compare, in order: pegp, sequential, head_only."},
     )
     dataset: str = field(default="mnist", metadata={"help": f"Embedded data set, no download: {EMBEDDED}."})
     dataset_name: str | None = field(
@@ -112,9 +113,9 @@ def load_data(script: ScriptArguments, processor) -> tuple:
     data = load_dataset(script.dataset_name)
     processor = processor or AutoImageProcessor.from_pretrained("google/vit-base-patch16-224-in21k")
 
-    def transform(batch: dict) -> dict:
+    def transform(batch: dict) -> dict:  # the default collator turns "label" into the model's "labels"
         images = [image.convert("RGB") for image in batch[script.image_column]]
-        return {**processor(images, return_tensors="pt"), script.label_column: batch[script.label_column]}
+        return {**processor(images, return_tensors="pt"), "label": batch[script.label_column]}
 
     test_split = "test" if "test" in data else "validation"
     return data["train"].with_transform(transform), data[test_split].with_transform(transform), script.label_column
@@ -182,12 +183,17 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     tasks = build_tasks(script, train, test, label_column)
     num_labels = 1 + max(max(task.classes) for task in tasks)
     root = Path(training_args.output_dir)
+    resume = training_args.resume_from_checkpoint
+    if resume is not None and resume.lower() in ("true", "1", "yes"):
+        resume = True  # each method resumes from its own newest task-<k>
+    elif resume is not None and len(script.methods) > 1:
+        raise ValueError("a checkpoint path belongs to one method: pass --methods with one method, or 'true'")
     summary: dict[str, dict] = {}
     for method in script.methods:
         args = dataclasses.replace(training_args, method=method, output_dir=str(root / method))
         model = build_model(script, num_labels, args.seed)
         trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
-        trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+        trainer.train(resume_from_checkpoint=resume)
         results = {
             "method": method,
             "model": script.model_name_or_path or "vit-tiny-from-config (random init)",
@@ -198,7 +204,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         if trainer.args.should_save:
             (root / method / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         summary[method] = results
-        print(f"\n{method}: {trainer.headline_matrix} accuracy matrix (%), rows = task, columns = after training")
+        title = f"{method} ({args.head} head): {trainer.headline_matrix} accuracy matrix (%)"
+        print(f"\n{title}, rows = task, columns = after training task")
         print(format_matrix(results["accuracy_matrix"]))
     print(f"\n{'method':<12}{'ACC':>8}{'Forgetting':>12}{'BWT':>8}{'TIL ACC':>10}{'TIL Forg.':>11}")
     for method, r in summary.items():

@@ -13,7 +13,9 @@ from pegp_hf import PEGPTrainingArguments
 IMAGE = 8
 
 
-def tiny_vit(num_labels: int = 4, seed: int = 0, rank: int = 4, hidden: int = 32, targets=("q_proj", "v_proj")):
+def tiny_vit(
+    num_labels: int = 4, seed: int = 0, rank: int = 4, hidden: int = 32, targets=("q_proj", "v_proj"), dropout=0.0
+):
     """A 2-layer ViT (8x8 one-channel images, 4x4 patches: 5 tokens) with LoRA on ``targets`` and a trainable head."""
     torch.manual_seed(seed)
     config = ViTConfig(
@@ -27,7 +29,9 @@ def tiny_vit(num_labels: int = 4, seed: int = 0, rank: int = 4, hidden: int = 32
         num_labels=num_labels,
     )
     model = ViTForImageClassification(config)
-    lora = LoraConfig(r=rank, lora_alpha=rank, target_modules=list(targets), modules_to_save=["classifier"])
+    lora = LoraConfig(
+        r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=list(targets), modules_to_save=["classifier"]
+    )
     return get_peft_model(model, lora)
 
 

@@ -5,8 +5,24 @@ import copy
 import pytest
 import torch
 from helpers import AtTaskStart, lora_layer_outputs, lora_weights, synthetic_images, tiny_vit, training_args
+from transformers import TrainerCallback
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf.subspace import max_overlap
+
+
+class GradientsAtStep(TrainerCallback):
+    """Records max |G U| of the gradients the optimizer is about to use (after projection and clipping)."""
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        projector = self.trainer.projector
+        if projector.active:
+            self.trainer.seen_overlaps.append(
+                max(float(max_overlap(t.parameter.grad, projector.bases[n])) for n, t in projector.tensors.items())
+            )
 
 
 def small_tasks(per_class=6):
@@ -17,10 +33,12 @@ def small_tasks(per_class=6):
     )
 
 
-def run_two_tasks(tmp_path, method="pegp", **overrides):
+def run_two_tasks(tmp_path, method="pegp", rank=4, **overrides):
     tasks = small_tasks()
-    old_inputs = torch.stack([row["pixel_values"] for row in tasks[0].train])
-    model = tiny_vit(hidden=64)
+    samples = overrides.get("feature_samples", 64)  # the inputs the task-1 bases are built from (as the trainer picks)
+    basis_inputs = tasks[0].train.shuffle(seed=0).select(range(min(samples, len(tasks[0].train))))
+    old_inputs = torch.stack([row["pixel_values"] for row in basis_inputs])
+    model = tiny_vit(hidden=64, rank=rank)
     settings = dict(threshold=1.0, per_device_train_batch_size=4, num_train_epochs=3, learning_rate=0.1)
     settings.update(overrides)
     trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path, method=method, **settings), tasks=tasks)
@@ -52,6 +70,19 @@ def test_old_inputs_keep_their_lora_outputs_under_pegp(tmp_path, optimizer):
     moved = max(float((weights_after[n] - weights_before[n]).abs().max()) for n in weights_before if "lora_A" in n)
     assert moved > 1e-4  # float noise is ~1e-9
     assert all(0 < bases[n].shape[1] < 64 for n in bases if "lora_A" in n)  # task-1 bases left room
+
+
+def test_lora_b_keeps_old_outputs_with_a_partial_basis(tmp_path):
+    # One task-1 sample = 5 tokens: A x spans 5 of B's 8 input dims, so B's basis is partial (not simply frozen).
+    trainer, before, weights_before, after, bases = run_two_tasks(
+        tmp_path, rank=8, feature_samples=1, optim="sgd", optim_args="momentum=0.9"
+    )
+    b_dims = [bases[n].shape[1] for n in bases if "lora_B" in n]
+    assert all(0 < k < 8 for k in b_dims), b_dims
+    assert max_relative_change(before, after) < 1e-4
+    weights_after = lora_weights(trainer.model)
+    moved = max(float((weights_after[n] - weights_before[n]).abs().max()) for n in weights_before if "lora_B" in n)
+    assert moved > 1e-4
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -108,11 +139,14 @@ def test_gradient_accumulation_gives_the_same_projected_updates(tmp_path):
             max_grad_norm=1.0,
         )
         trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+        trainer.seen_overlaps = []
+        trainer.add_callback(GradientsAtStep(trainer))
         trainer.train()
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}, trainer
 
     one, trainer = final_weights(16, 1)
     two, _ = final_weights(8, 2)
     assert trainer.projector.active
+    assert trainer.seen_overlaps and max(trainer.seen_overlaps) < 1e-6  # clipped, stepped grads were projected
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=2e-6, rtol=1e-5)

@@ -17,8 +17,8 @@ def lora_protected_tensors(model: nn.Module) -> list[ProtectedTensor]:
     """The ``lora_A`` / ``lora_B`` weights of every PEFT LoRA linear layer of ``model`` that require grad.
 
     Raises:
-        ValueError: for LoRA variants (DoRA, ...) or non-linear LoRA layers with trainable weights, whose extra
-            parameters or convolutions the PEGP conditions do not cover.
+        ValueError: for LoRA variants (DoRA, ...), trainable LoRA biases, or non-linear LoRA layers with trainable
+            weights, which the PEGP conditions do not cover.
     """
     from peft.tuners.lora import LoraLayer
     from peft.tuners.lora.layer import Linear as LoraLinear
@@ -36,6 +36,11 @@ def lora_protected_tensors(model: nn.Module) -> list[ProtectedTensor]:
                 raise ValueError(
                     f"{module_name} is a {type(layer).__name__} LoRA layer; pegp_hf protects LoRA on nn.Linear only. "
                     "Target linear layers (e.g. q_proj, v_proj) or freeze this adapter."
+                )
+            if layer.lora_bias.get(adapter, False) and lora_b.bias is not None and lora_b.bias.requires_grad:
+                raise ValueError(
+                    f"{module_name} has a trainable LoRA bias (lora_bias=True); a bias adds the same vector to every "
+                    "input and cannot be protected by gradient projection. Use lora_bias=False."
                 )
             if adapter in layer.lora_variant:
                 raise ValueError(

@@ -1,0 +1,146 @@
+"""Class-incremental heads over the backbone features (the input of the classifier module).
+
+PEGP keeps the backbone's features of old tasks in place, so statistics taken when a task ends stay valid later.
+Three heads use that differently:
+
+- ``masked_linear``: the paper's protocol. The linear classifier is trained with logits outside the current task
+  masked, and its logits are used as they are.
+- ``prototype``: cosine similarity to each seen class's mean feature (nearest class mean). The means are taken in
+  eval mode when the class's task ends.
+- ``aligned``: classifier alignment (as SLCA). After each task the linear classifier's rows for every seen class are
+  re-fit on features sampled from per-class Gaussians (mean and shrunk covariance). This calibrates new classes
+  against old ones without storing any image.
+
+Statistics live in :class:`ClassStatistics` with one row per label id; rows of unseen classes have count 0.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEADS = ("masked_linear", "prototype", "aligned")
+
+
+@dataclass
+class ClassStatistics:
+    """Per-class feature statistics for ``num_labels`` classes of ``dim``-dim features.
+
+    Attributes:
+        counts: ``(num_labels,)`` float64, number of feature vectors seen per class (0 = unseen).
+        means: ``(num_labels, dim)`` float64.
+        covariances: ``(num_labels, dim, dim)`` float32 population covariances, or ``None`` when not tracked
+            (the prototype head needs means only; the aligned head needs both: ``num_labels * dim^2 * 4`` bytes).
+    """
+
+    counts: torch.Tensor
+    means: torch.Tensor
+    covariances: torch.Tensor | None
+
+    @classmethod
+    def empty(cls, num_labels: int, dim: int, with_covariances: bool) -> ClassStatistics:
+        covariances = torch.zeros(num_labels, dim, dim, dtype=torch.float32) if with_covariances else None
+        return cls(torch.zeros(num_labels, dtype=torch.float64), torch.zeros(num_labels, dim, dtype=torch.float64),
+                   covariances)  # fmt: skip
+
+    @property
+    def num_labels(self) -> int:
+        return self.means.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.means.shape[1]
+
+    @property
+    def seen(self) -> torch.Tensor:
+        """``(num_labels,)`` bool: classes with at least one feature vector."""
+        return self.counts > 0
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Merge the features ``(N, dim)`` with labels ``(N,)`` into the statistics (pooled mean and covariance,
+        exact for any split of the data into batches or tasks)."""
+        features, labels = features.detach().to("cpu", torch.float64), labels.detach().cpu()
+        for c in labels.unique().tolist():
+            x = features[labels == c]
+            n_new, mean_new = float(len(x)), x.mean(0)
+            n_old, mean_old = float(self.counts[c]), self.means[c].clone()
+            total = n_old + n_new
+            delta = mean_new - mean_old
+            self.means[c] = mean_old + delta * (n_new / total)
+            if self.covariances is not None:
+                centred = x - mean_new
+                scatter = self.covariances[c].double() * n_old + centred.T @ centred
+                scatter += torch.outer(delta, delta) * (n_old * n_new / total)
+                self.covariances[c] = (scatter / total).float()
+            self.counts[c] = total
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {"counts": self.counts, "means": self.means}
+        if self.covariances is not None:
+            state["covariances"] = self.covariances
+        return state
+
+
+def prototype_logits(features: torch.Tensor, statistics: ClassStatistics) -> torch.Tensor:
+    """Cosine similarity of ``features`` ``(N, dim)`` to every class mean: ``(N, num_labels)`` float32, with the
+    dtype's minimum for unseen classes."""
+    means = F.normalize(statistics.means.to(features.device, torch.float32), dim=-1)
+    logits = F.normalize(features.float(), dim=-1) @ means.T
+    return logits.masked_fill(~statistics.seen.to(features.device), torch.finfo(logits.dtype).min)
+
+
+def shrunk_covariances(statistics: ClassStatistics, shrinkage: float) -> torch.Tensor:
+    """``Sigma_c + shrinkage * v * I`` for the seen classes, ``v`` the mean per-dimension variance over seen
+    classes (a floor of 1e-6 keeps single-sample classes, whose own covariance is 0, positive definite)."""
+    if statistics.covariances is None:
+        raise ValueError("these statistics hold no covariances (they are kept for the aligned head only)")
+    seen = statistics.covariances[statistics.seen].double()
+    pooled_variance = max(float(torch.diagonal(seen, dim1=-2, dim2=-1).mean()), 0.0) if len(seen) else 0.0
+    eye = torch.eye(statistics.dim, dtype=torch.float64)
+    return seen + (shrinkage * pooled_variance + 1e-6) * eye
+
+
+def align_linear_head(
+    linear: nn.Linear,
+    statistics: ClassStatistics,
+    shrinkage: float = 0.1,
+    samples_per_class: int = 256,
+    epochs: int = 10,
+    learning_rate: float = 0.01,
+    seed: int = 0,
+) -> None:
+    """Re-fit the rows of ``linear`` for every seen class on features sampled from the class Gaussians.
+
+    Cross-entropy over the seen classes only, SGD with momentum 0.9, batch 128. Rows of unseen classes and the
+    linear layer's ``requires_grad`` flags are left as they were; no gradient is left behind.
+    """
+    classes = torch.nonzero(statistics.seen).flatten()
+    if len(classes) < 2:
+        return
+    generator = torch.Generator().manual_seed(seed)
+    scale_tril = torch.linalg.cholesky(shrunk_covariances(statistics, shrinkage))
+    noise = torch.randn(len(classes), samples_per_class, statistics.dim, generator=generator, dtype=torch.float64)
+    samples = statistics.means[classes][:, None, :] + noise @ scale_tril.transpose(-1, -2)
+    inputs = samples.reshape(-1, statistics.dim).to(linear.weight.device, linear.weight.dtype)
+    targets = torch.arange(len(classes), device=inputs.device).repeat_interleave(samples_per_class)
+    rows = classes.to(linear.weight.device)
+    weight = linear.weight.detach()[rows].clone().requires_grad_(True)
+    bias = linear.bias.detach()[rows].clone().requires_grad_(True) if linear.bias is not None else None
+    params = [weight] if bias is None else [weight, bias]
+    optimizer = torch.optim.SGD(params, lr=learning_rate, momentum=0.9)
+    with torch.enable_grad():
+        for _ in range(epochs):
+            for batch in torch.randperm(len(inputs), generator=generator).split(128):
+                batch = batch.to(inputs.device)
+                logits = F.linear(inputs[batch], weight, bias)
+                loss = F.cross_entropy(logits, targets[batch])
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+    with torch.no_grad():
+        linear.weight[rows] = weight.detach()
+        if bias is not None:
+            linear.bias[rows] = bias.detach()
