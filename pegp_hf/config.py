@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from pegp_hf.backends import PROJECTION_MODES
 from pegp_hf.heads import HEADS
 
 METHODS = ("pegp", "sequential", "head_only")
@@ -56,6 +57,15 @@ class PEGPTrainingArguments(TrainingArguments):
             "choices": list(REPROJECTION),
         },
     )
+    projection_mode: str = field(
+        default="auto",
+        metadata={
+            "help": "Where gradients are projected. training_step: once per optimizer step, on the synced gradients "
+            "(single process, DDP, FSDP2). hooks: a tensor hook per protected parameter (DeepSpeed, which steps "
+            "inside backward). auto: hooks under DeepSpeed, else training_step.",
+            "choices": list(PROJECTION_MODES),
+        },
+    )
     head: str = field(
         default="masked_linear",
         metadata={
@@ -94,6 +104,8 @@ class PEGPTrainingArguments(TrainingArguments):
         super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.projection_mode not in PROJECTION_MODES:
+            raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {self.projection_mode!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.head_shrinkage < 0:

@@ -20,6 +20,8 @@ class GradientProjector:
     Invariant: ``bases[name]`` is ``(d, k)`` float32 with orthonormal columns, on the parameter's device, ``d`` the
     tensor's feature dim. A tensor whose basis is empty (``k = 0``) trains freely.
 
+    Parameters may be FSDP2 ``DTensor``s: every operation acts on the local rows.
+
     Per optimizer step, in order:
       1. :meth:`project_gradients` once the gradients are final (after accumulation / all-reduce, before clipping);
       2. :meth:`snapshot` just before ``optimizer.step()``;
@@ -84,6 +86,12 @@ class GradientProjector:
             name: bases[name].to(device=t.parameter.device, dtype=torch.float32) for name, t in self.tensors.items()
         }
 
+    def project_gradient(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
+        """The projection of one gradient of tensor ``name``, for ``Tensor.register_hook`` (DeepSpeed): a new
+        tensor, or ``gradient`` itself while the basis is empty."""
+        basis = self.bases[name]
+        return gradient if basis.shape[1] == 0 else project_out(gradient, basis)
+
     def _with_basis(self):
         for name, tensor in self.tensors.items():
             basis = self.bases[name]
@@ -95,12 +103,13 @@ class GradientProjector:
         """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math; inf / NaN pass through)."""
         for _, parameter, basis in self._with_basis():
             if parameter.grad is not None:
-                parameter.grad.copy_(project_out(parameter.grad, basis))
+                gradient = _local(parameter.grad)
+                gradient.copy_(project_out(gradient, basis))
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Remember the protected parameters before the optimizer step."""
-        self._before = {name: parameter.detach().clone() for name, parameter, _ in self._with_basis()}
+        self._before = {name: _local(parameter).detach().clone() for name, parameter, _ in self._with_basis()}
 
     @torch.no_grad()
     def finish_update(self, reproject: bool) -> torch.Tensor:
@@ -115,10 +124,17 @@ class GradientProjector:
             before = self._before.get(name)
             if before is None:
                 continue
-            delta = parameter - before
+            local = _local(parameter)
+            delta = local - before
             if reproject:
-                parameter.copy_(before + project_out(delta, basis))
-                delta = parameter - before
+                local.copy_(before + project_out(delta, basis))
+                delta = local - before
             measured.append(torch.stack([max_overlap(delta, basis).float(), delta.float().abs().amax()]))
         self._before = {}
         return torch.stack(measured).amax(0) if measured else torch.zeros(2)
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's rows of an FSDP2 ``DTensor`` (sharded on dim 0; under no_grad a view of its storage), or
+    ``tensor`` itself. The projection acts on the last axis, so it is exact row by row."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
