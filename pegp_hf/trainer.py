@@ -16,6 +16,7 @@ Per task ``t`` (Qiao et al., PEGP, arXiv 2405.13383, section 4 of ``docs/method.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -28,10 +29,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from accelerate.utils import broadcast_object_list, gather_object
 from peft import PeftModel, set_peft_model_state_dict
+from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
 
+from pegp_hf.backends import check_update_reprojection, select_projection_mode
 from pegp_hf.checkpoint import (
     HEAD_NAME,
     SUBSPACES_NAME,
@@ -67,12 +71,16 @@ class _ProjectedUpdateCallback(TrainerCallback):
     def __init__(self, trainer: ContinualPEGPTrainer) -> None:
         self.trainer = trainer
 
+    def _applies(self) -> bool:
+        # Under DeepSpeed the step happens inside backward: there is no update to bracket here.
+        return self.trainer.projector.active and not self.trainer.is_deepspeed_enabled
+
     def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
-        if self.trainer.projector.active:
+        if self._applies():
             self.trainer.projector.snapshot()
 
     def on_optimizer_step(self, args, state, control, **kwargs) -> None:
-        if self.trainer.projector.active:
+        if self._applies():
             self.trainer._record_update(self.trainer.projector.finish_update(self.trainer._reprojects_updates()))
 
 
@@ -105,11 +113,10 @@ class ContinualPEGPTrainer(Trainer):
         if not isinstance(model, PeftModel):
             raise TypeError("model must be a PEFT model (peft.get_peft_model(model, LoraConfig(...)))")
         super().__init__(model=model, args=args, compute_loss_func=self._masked_cross_entropy, **kwargs)
-        if self.is_deepspeed_enabled or self.is_fsdp_enabled:
-            raise NotImplementedError(
-                "ContinualPEGPTrainer does not yet project under DeepSpeed or FSDP (DeepSpeed steps inside backward, "
-                "FSDP shards the gradients); use single-process or DDP training"
-            )
+        fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
+        self.projection_mode = select_projection_mode(args.projection_mode, self.is_deepspeed_enabled, fsdp_version)
+        optim = getattr(args.optim, "value", args.optim)
+        check_update_reprojection(args.update_reprojection, optim, args.weight_decay, self.is_deepspeed_enabled)
         self.tasks = tasks
         self.adapter_name: str = self.model.active_adapter
         self.head_module = _find_module(self.model, args.head_module)
@@ -127,6 +134,9 @@ class ContinualPEGPTrainer(Trainer):
         if args.method == "pegp" and not protected:
             raise ValueError(f"no trainable PET tensor matches protect={args.protect!r}: nothing would be protected")
         self.projector = GradientProjector(protected)
+        if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
+            for name, tensor in self.projector.tensors.items():
+                tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
         size = len(tasks)
         self.accuracy: dict[str, np.ndarray] = {name: np.full((size, size), np.nan) for name in MATRICES}
         self.task_timings: list[dict[str, float]] = []
@@ -175,7 +185,7 @@ class ContinualPEGPTrainer(Trainer):
         """``Trainer.training_step``, then, on the micro-batch that ends an accumulation window, the projection of
         every protected gradient against the old-task bases (before the Trainer clips and steps)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.accelerator.sync_gradients and self.projector.active:
+        if self.projection_mode == "training_step" and self.accelerator.sync_gradients and self.projector.active:
             self.projector.project_gradients()
         return loss
 
@@ -274,22 +284,26 @@ class ContinualPEGPTrainer(Trainer):
         return output
 
     def _capture_task(self, train_split: Any) -> None:
-        """One eval pass over ``feature_samples`` training samples of the finished task: grow the PEGP bases from the
-        protected tensors' ``x x^T`` (summed over processes), update the head's class statistics from the
-        classifier's inputs, and re-fit the aligned head."""
+        """One eval pass over ``feature_samples`` training samples of the finished task, split across processes
+        (``n`` in total): grow the PEGP bases from the protected tensors' ``x x^T`` summed over processes (grown on
+        the main process and broadcast, so every rank holds the same bits), update the head's class statistics
+        from the classifier's inputs of all processes, and re-fit the aligned head."""
         if self.args.method != "pegp" and self.head_statistics is None:
             return  # nothing uses features
-        count = min(self.args.feature_samples, len(train_split))
-        sample = train_split.shuffle(seed=self.args.seed).select(range(count))
         tensors = self.projector.tensors.values() if self.args.method == "pegp" else []
         with FeatureCovariances(tensors) as capture:
-            features, labels = self._classifier_inputs(sample)
+            features, labels = self._collect_classifier_inputs(self._feature_sample_loader(train_split), gather=False)
         if self.args.method == "pegp":
             covariances = {name: self.accelerator.reduce(cov, "sum") for name, cov in capture.covariances.items()}
-            for name in self.projector.grow(covariances, self.args.threshold):
-                logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
+            if self.accelerator.is_main_process:
+                for name in self.projector.grow(covariances, self.args.threshold):
+                    logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
+            if self.accelerator.num_processes > 1:
+                cpu_bases = {name: basis.cpu() for name, basis in self.projector.bases.items()}
+                self.projector.load_bases(broadcast_object_list([cpu_bases])[0])
         if self.head_statistics is not None:
-            self.head_statistics.update(features, labels)
+            parts = gather_object([(features, labels)])  # every process's samples, in process order
+            self.head_statistics.update(torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
         if self.args.head == "aligned":
             align_linear_head(
                 _trainable_linear(self.head_module), self.head_statistics, self.args.head_shrinkage,
@@ -297,25 +311,44 @@ class ContinualPEGPTrainer(Trainer):
                 seed=self.args.seed + self._finished(),
             )  # fmt: skip
 
+    def _feature_sample_loader(self, train_split: Any) -> DataLoader:
+        """This process's contiguous share of ``feature_samples`` training samples (shuffled with ``args.seed``), in
+        a plain loader: no padding to equal batches, so every sample counts once across processes."""
+        count = min(self.args.feature_samples, len(train_split))
+        sample = train_split.shuffle(seed=self.args.seed).select(range(count))
+        share = sample.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
+        return DataLoader(
+            share,
+            batch_size=self.args.eval_batch_size,
+            collate_fn=self._get_collator_with_removed_columns(self.data_collator, "feature capture"),
+            num_workers=self.args.dataloader_num_workers,
+            pin_memory=self.args.dataloader_pin_memory,
+        )
+
     @torch.no_grad()
-    def _classifier_inputs(self, dataset: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``dataset`` through the model (eval mode, no grad; any forward hooks installed fire) and return the
-        classifier's inputs ``(N, dim)`` and the labels ``(N,)``, gathered over processes in dataset order."""
+    def _collect_classifier_inputs(self, loader: Any, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run ``loader`` through the model (eval mode, no grad; any forward hooks installed fire) and return the
+        classifier's inputs ``(N, dim)`` and the labels ``(N,)``, on CPU. With ``gather``, batches are gathered over
+        processes (``gather_for_metrics``: dataset order, padding dropped)."""
         batch_features: list[torch.Tensor] = []
         handle = self.head_module.register_forward_hook(lambda m, args, out: batch_features.append(args[0]))
         features, labels = [], []
         self.model.eval()
         try:
-            for inputs in self.get_eval_dataloader(dataset):
+            for inputs in loader:
                 inputs = self._prepare_inputs(inputs)
                 batch_labels = inputs.pop("labels")
                 with self.autocast_smart_context_manager():
                     self.model(**inputs)
-                gathered = self.accelerator.gather_for_metrics((batch_features.pop(), batch_labels))
-                features.append(gathered[0].float().cpu())
-                labels.append(gathered[1].cpu())
+                batch = (batch_features.pop(), batch_labels)
+                if gather:
+                    batch = self.accelerator.gather_for_metrics(batch)
+                features.append(batch[0].float().cpu())
+                labels.append(batch[1].cpu())
         finally:
             handle.remove()
+        if not features:
+            return torch.zeros(0, _trainable_linear(self.head_module).in_features), torch.zeros(0, dtype=torch.long)
         return torch.cat(features), torch.cat(labels)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
@@ -329,7 +362,7 @@ class ContinualPEGPTrainer(Trainer):
     def _evaluate_seen(self, index: int) -> None:
         seen = sorted(set().union(*(task.classes for task in self.tasks[: index + 1])))
         for i, task in enumerate(self.tasks[: index + 1]):
-            features, labels = self._classifier_inputs(task.test)
+            features, labels = self._collect_classifier_inputs(self.get_eval_dataloader(task.test), gather=True)
             logits, labels = self.head_logits(features).numpy(), labels.numpy()
             self.accuracy["class_incremental"][i, index] = _restricted_accuracy(logits, labels, seen)
             self.accuracy["task_incremental"][i, index] = _restricted_accuracy(logits, labels, task.classes)
@@ -384,6 +417,8 @@ class ContinualPEGPTrainer(Trainer):
                 "task_incremental_forgetting": til["forgetting"],
             }
         )
+        if not self.is_world_process_zero():
+            return
         logger.info(
             "after task %d/%d: %s ACC %.2f, Forgetting %.2f, BWT %.2f | task-incremental ACC %.2f | protected dims %s",
             index + 1,
@@ -399,9 +434,12 @@ class ContinualPEGPTrainer(Trainer):
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
     def _save_task_checkpoint(self, index: int) -> None:
-        if not self.args.should_save:
-            return
-        target = Path(self.args.output_dir) / task_dir_name(index + 1)
+        """The main process writes ``task-<index + 1>``; every process waits for it, so any rank can resume."""
+        if self.args.should_save:
+            self._write_task_checkpoint(Path(self.args.output_dir) / task_dir_name(index + 1))
+        self.accelerator.wait_for_everyone()
+
+    def _write_task_checkpoint(self, target: Path) -> None:
         with atomic_directory(target) as staging:
             self.model.save_pretrained(staging)
             save_subspaces(staging / SUBSPACES_NAME, self.projector.bases, self.adapter_name, self.args.threshold)
