@@ -199,23 +199,26 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
             "model": script.model_name_or_path or "vit-tiny-from-config (random init)",
             "data": script.dataset_name or script.dataset,
             "task_classes": tasks.task_classes,
+            "num_processes": trainer.accelerator.num_processes,
             **trainer.continual_results(),
         }
         if trainer.args.should_save:
             (root / method / "results.json").write_text(json.dumps(results, indent=2) + "\n")
         summary[method] = results
-        title = f"{method} ({args.head} head): {trainer.headline_matrix} accuracy matrix (%)"
-        print(f"\n{title}, rows = task, columns = after training task")
-        print(format_matrix(results["accuracy_matrix"]))
+        if trainer.is_world_process_zero():
+            title = f"{method} ({args.head} head): {trainer.headline_matrix} accuracy matrix (%)"
+            print(f"\n{title}, rows = task, columns = after training task")
+            print(format_matrix(results["accuracy_matrix"]))
+    if not training_args.should_save:  # not the main process
+        return summary
     print(f"\n{'method':<12}{'ACC':>8}{'Forgetting':>12}{'BWT':>8}{'TIL ACC':>10}{'TIL Forg.':>11}")
     for method, r in summary.items():
         til = r["task_incremental"]
         print(
             f"{method:<12}{r['acc']:8.2f}{r['forgetting']:12.2f}{r['bwt']:8.2f}{til['acc']:10.2f}{til['forgetting']:11.2f}"
         )
-    if training_args.should_save:
-        root.mkdir(parents=True, exist_ok=True)
-        (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 

@@ -99,3 +99,24 @@ class AtTaskStart(TrainerCallback):
         if self.calls == self.index:
             self.result = self.fn(model)
         self.calls += 1
+
+
+def distributed_case(output_dir, per_device_batch: int):
+    """The run the 2-process test and its single-process reference share: same model, tasks and global batch 16."""
+    from pegp_hf import class_incremental_tasks
+
+    tasks = class_incremental_tasks(
+        synthetic_images(num_labels=4, per_class=16), synthetic_images(num_labels=4, per_class=8, seed=1), 2, seed=0
+    )
+    args = training_args(
+        output_dir, per_device_train_batch_size=per_device_batch, per_device_eval_batch_size=16,
+        gradient_accumulation_steps=16 // (per_device_batch * _world_size()), optim="sgd", optim_args="momentum=0.9",
+        threshold=0.99, feature_samples=24, max_grad_norm=1.0, dataloader_pin_memory=False,
+    )  # fmt: skip
+    return tiny_vit(hidden=64, rank=4), tasks, args
+
+
+def _world_size() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))

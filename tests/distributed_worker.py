@@ -1,0 +1,40 @@
+"""Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): one continual run, per-rank results.
+
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR {full|crash|resume}
+"""
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import AtTaskStart, distributed_case
+
+from pegp_hf import ContinualPEGPTrainer
+
+
+def main(output_dir: str, phase: str) -> None:
+    model, tasks, args = distributed_case(output_dir, per_device_batch=8)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+    overlaps = []
+    trainer.add_callback(AtTaskStart(1, lambda m: overlaps.clear()))  # keep task 2's diagnostics
+    if phase == "crash":
+        trainer.add_callback(AtTaskStart(1, lambda m: (_ for _ in ()).throw(RuntimeError("simulated crash"))))
+    trainer.train(resume_from_checkpoint=True if phase == "resume" else None)
+    overlaps.extend(log["pegp_update_overlap"] for log in trainer.state.log_history if "pegp_update_overlap" in log)
+    rank = trainer.accelerator.process_index
+    torch.save(
+        {
+            "world_size": trainer.accelerator.num_processes,
+            "bases": {n: b.cpu() for n, b in trainer.projector.bases.items()},
+            "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
+            "overlaps": overlaps,
+            "accuracy": {k: torch.tensor(v) for k, v in trainer.accuracy.items()},
+        },
+        Path(output_dir) / f"{phase}-rank{rank}.pt",
+    )
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], sys.argv[2])

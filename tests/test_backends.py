@@ -1,0 +1,109 @@
+"""Projection per backend: selection and refusals, the hook path, sharded rows, non-finite and mixed precision."""
+
+import pytest
+import torch
+from helpers import synthetic_images, tiny_vit, training_args
+
+from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf.backends import check_update_reprojection, select_projection_mode
+from pegp_hf.subspace import grow_basis, project_out
+
+TASKS = class_incremental_tasks(synthetic_images(per_class=16), synthetic_images(per_class=8, seed=1), 2, seed=0)
+
+
+@pytest.mark.parametrize(
+    ("requested", "deepspeed", "fsdp", "expected"),
+    [
+        ("auto", False, None, "training_step"),  # single process, DDP
+        ("auto", False, 2, "training_step"),  # FSDP2: local rows
+        ("auto", True, None, "hooks"),  # DeepSpeed steps inside backward
+        ("hooks", False, None, "hooks"),
+        ("hooks", True, None, "hooks"),
+    ],
+)
+def test_projection_point_per_backend(requested, deepspeed, fsdp, expected):
+    assert select_projection_mode(requested, deepspeed, fsdp) == expected
+
+
+def test_backends_that_cannot_project_are_refused_with_what_to_do():
+    with pytest.raises(ValueError, match="Use FSDP2"):
+        select_projection_mode("auto", deepspeed=False, fsdp_version=1)
+    with pytest.raises(ValueError, match="projection_mode='hooks'"):
+        select_projection_mode("training_step", deepspeed=True, fsdp_version=None)
+    with pytest.raises(ValueError, match="master weights"):
+        check_update_reprojection("auto", "adamw_torch", 0.0, deepspeed=True)
+    with pytest.raises(ValueError, match="master weights"):
+        check_update_reprojection("on", "sgd", 0.0, deepspeed=True)
+    with pytest.raises(ValueError, match="master weights"):
+        check_update_reprojection("auto", "sgd", 0.01, deepspeed=True)
+    check_update_reprojection("auto", "sgd", 0.0, deepspeed=True)  # SGD's update is already projected
+    check_update_reprojection("off", "adamw_torch", 0.0, deepspeed=True)  # the user accepts the approximation
+    check_update_reprojection("auto", "adamw_torch", 0.01, deepspeed=False)  # re-projected outside DeepSpeed
+
+
+def final_weights(tmp_path, **overrides):
+    model = tiny_vit(hidden=64)
+    args = training_args(tmp_path, optim="sgd", optim_args="momentum=0.9", threshold=0.99, **overrides)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=TASKS)
+    trainer.train()
+    return trainer, {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_hook_projection_equals_training_step_projection(tmp_path, accumulation):
+    batch = 16 // accumulation
+    settings = dict(per_device_train_batch_size=batch, gradient_accumulation_steps=accumulation)
+    step_trainer, by_step = final_weights(tmp_path / "step", **settings)
+    hook_trainer, by_hook = final_weights(tmp_path / "hook", projection_mode="hooks", **settings)
+    assert (step_trainer.projection_mode, hook_trainer.projection_mode) == ("training_step", "hooks")
+    overlaps = [log["pegp_update_overlap"] for log in hook_trainer.state.log_history if "pegp_update_overlap" in log]
+    assert overlaps and max(overlaps) < 1e-6
+    for name, value in by_step.items():
+        torch.testing.assert_close(by_hook[name], value, atol=2e-6, rtol=1e-5, msg=name)
+
+
+def test_row_shards_project_exactly_like_the_whole_tensor():
+    # FSDP2 keeps dim-0 shards: the last-axis projection of each shard is that shard of the full projection.
+    features = torch.randn(200, 6) @ torch.randn(6, 24)
+    basis = grow_basis(features.T @ features, 0.99)
+    full = torch.randn(10, 24)
+    shards = [project_out(part, basis) for part in full.tensor_split(3, dim=0)]
+    torch.testing.assert_close(torch.cat(shards), project_out(full, basis), atol=1e-6, rtol=0)
+
+
+def test_non_finite_gradients_stay_non_finite_for_the_grad_scaler():
+    basis = torch.linalg.qr(torch.randn(8, 3))[0]
+    for bad in (float("inf"), float("nan")):
+        grad = torch.randn(4, 8, dtype=torch.float16)
+        grad[1, 2] = bad
+        projected = project_out(grad, basis)
+        assert not torch.isfinite(projected).all()  # the scaler's overflow check still sees it
+        assert torch.isfinite(projected[[0, 2, 3]]).all()  # other rows are untouched by the bad value
+
+
+def test_bf16_autocast_keeps_the_guarantee_and_the_fp32_update(tmp_path):
+    _, fp32 = final_weights(tmp_path / "fp32")
+    bf16_trainer, bf16 = final_weights(tmp_path / "bf16", bf16=True)
+    overlaps = [log["pegp_update_overlap"] for log in bf16_trainer.state.log_history if "pegp_update_overlap" in log]
+    assert overlaps and max(overlaps) < 1e-6  # parameters and projection stay fp32 under autocast
+    for name, value in fp32.items():
+        torch.testing.assert_close(bf16[name], value, atol=5e-2, rtol=5e-2, msg=name)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with the grad scaler needs CUDA")
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_gpu_mixed_precision_gives_the_fp32_projected_update(tmp_path, precision):
+    def run(**flags):
+        model = tiny_vit(hidden=64)
+        args = training_args(tmp_path / str(flags), optim="sgd", optim_args="momentum=0.9", threshold=0.99,
+                             use_cpu=False, **flags)  # fmt: skip
+        trainer = ContinualPEGPTrainer(model=model, args=args, tasks=TASKS)
+        trainer.train()
+        overlaps = [log["pegp_update_overlap"] for log in trainer.state.log_history if "pegp_update_overlap" in log]
+        return trainer, {n: p.detach().float().cpu() for n, p in model.named_parameters() if p.requires_grad}, overlaps
+
+    _, fp32, _ = run()
+    _, mixed, overlaps = run(**{precision: True})
+    assert overlaps and max(overlaps) < 1e-5
+    for name, value in fp32.items():
+        torch.testing.assert_close(mixed[name], value, atol=5e-2, rtol=5e-2, msg=name)
