@@ -1,0 +1,1 @@
+"""Benchmarks: importable so their smoke modes run as tests (``from benchmarks import cost``)."""

