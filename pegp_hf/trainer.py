@@ -56,6 +56,7 @@ from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.data import TaskSequence
 from pegp_hf.features import FeatureCovariances
 from pegp_hf.heads import ClassStatistics, align_linear_head, prototype_logits
+from pegp_hf.hub import model_card, push_task_checkpoint, resolve_checkpoint
 from pegp_hf.metrics import summarize
 from pegp_hf.projection import GradientProjector
 from pegp_hf.tuners import find_protected_tensors
@@ -223,8 +224,9 @@ class ContinualPEGPTrainer(Trainer):
         """Train every task of the sequence in order.
 
         Args:
-            resume_from_checkpoint: ``True`` for the newest ``output_dir/task-<k>``, or the path of one; training
-                continues at task ``k + 1`` with the stored adapter, head, bases and accuracy matrices.
+            resume_from_checkpoint: ``True`` for the newest ``output_dir/task-<k>``, the path of one, or a Hub repo id
+                pushed by a run with ``push_to_hub``; training continues at task ``k + 1`` with the stored adapter,
+                head, bases and accuracy matrices.
             **kwargs: passed to ``Trainer.train`` for each task (``trial``, ``ignore_keys_for_eval``).
 
         Returns:
@@ -436,7 +438,13 @@ class ContinualPEGPTrainer(Trainer):
     def _save_task_checkpoint(self, index: int) -> None:
         """The main process writes ``task-<index + 1>``; every process waits for it, so any rank can resume."""
         if self.args.should_save:
-            self._write_task_checkpoint(Path(self.args.output_dir) / task_dir_name(index + 1))
+            target = Path(self.args.output_dir) / task_dir_name(index + 1)
+            self._write_task_checkpoint(target)
+            if self.args.push_to_hub:
+                push_task_checkpoint(
+                    target, self.hub_model_id, f"task {index + 1}/{len(self.tasks)}", self.args.hub_token,
+                    self.args.hub_revision,
+                )  # fmt: skip
         self.accelerator.wait_for_everyone()
 
     def _write_task_checkpoint(self, target: Path) -> None:
@@ -445,7 +453,12 @@ class ContinualPEGPTrainer(Trainer):
             save_subspaces(staging / SUBSPACES_NAME, self.projector.bases, self.adapter_name, self.args.threshold)
             if self.head_statistics is not None:
                 save_head_statistics(staging / HEAD_NAME, self.head_statistics, self.args.head)
-            write_state(staging, self._checkpoint_state())
+            state = self._checkpoint_state()
+            write_state(staging, state)
+            (staging / "README.md").write_text(model_card(state, self._base_model_name()))
+
+    def _base_model_name(self) -> str | None:
+        return getattr(self.model.get_base_model().config, "_name_or_path", None) or None
 
     def _checkpoint_state(self) -> dict[str, Any]:
         results = self.continual_results()
@@ -466,7 +479,10 @@ class ContinualPEGPTrainer(Trainer):
     def _resume(self, checkpoint: str | bool) -> int:
         """Load a task checkpoint; return how many tasks it finished. Every file is read and checked before any
         state of the trainer or the model changes."""
-        path = latest_task_checkpoint(self.args.output_dir) if checkpoint is True else Path(checkpoint)
+        if checkpoint is True:
+            path = latest_task_checkpoint(self.args.output_dir)
+        else:
+            path = resolve_checkpoint(checkpoint, token=self.args.hub_token)
         if path is None:
             raise CheckpointError(
                 f"resume_from_checkpoint=True but {self.args.output_dir} holds no task-<k> checkpoint"

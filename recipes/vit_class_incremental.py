@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
     summary: dict[str, dict] = {}
     for method in script.methods:
         args = dataclasses.replace(training_args, method=method, output_dir=str(root / method))
+        if args.push_to_hub and args.hub_model_id and len(script.methods) > 1:
+            args = dataclasses.replace(args, hub_model_id=f"{args.hub_model_id}-{method}")  # one repo per method
         model = build_model(script, num_labels, args.seed)
         trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
         trainer.train(resume_from_checkpoint=resume)
