@@ -94,7 +94,10 @@ class ContinualPEGPTrainer(Trainer):
         args: :class:`~pegp_hf.config.PEGPTrainingArguments`.
         tasks: the task sequence (its scenario decides the loss masks and the headline accuracy matrix).
         **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks``, ...), except
-            ``train_dataset`` / ``eval_dataset`` (set per task) and ``compute_loss_func`` (the masked loss).
+            ``train_dataset`` / ``eval_dataset`` (set per task), ``compute_loss_func`` (the masked loss) and
+            ``optimizers`` (each task needs a fresh optimizer: use ``args.optim`` or ``optimizer_cls_and_kwargs``).
+
+    Runs on one process, DDP, FSDP2 and DeepSpeed ZeRO-1/2 (see ``docs/distributed.md``).
 
     After :meth:`train`, ``accuracy[name]`` holds the ``T x T`` matrices (percent; NaN where not yet measured) for
     ``name`` in ``("class_incremental", "task_incremental")`` and :meth:`continual_results` sums them up.
@@ -121,8 +124,8 @@ class ContinualPEGPTrainer(Trainer):
         self.tasks = tasks
         self.adapter_name: str = self.model.active_adapter
         self.head_module = _find_module(self.model, args.head_module)
+        head_parameters = {id(p) for p in self.head_module.parameters()}
         if args.method == "head_only":
-            head_parameters = {id(p) for p in self.head_module.parameters()}
             for parameter in self.model.parameters():
                 if id(parameter) not in head_parameters:
                     parameter.requires_grad_(False)
@@ -145,7 +148,6 @@ class ContinualPEGPTrainer(Trainer):
         self._reproject: bool | None = None
         self._update_record: torch.Tensor | None = None
         self.add_callback(_ProjectedUpdateCallback(self))
-        head_parameters = {id(p) for p in self.head_module.parameters()}
         unprotected = [
             name
             for name, p in self.model.named_parameters()
