@@ -28,6 +28,8 @@ def test_projection_point_per_backend(requested, deepspeed, fsdp, expected):
 def test_backends_that_cannot_project_are_refused_with_what_to_do():
     with pytest.raises(ValueError, match="Use FSDP2"):
         select_projection_mode("auto", deepspeed=False, fsdp_version=1)
+    with pytest.raises(ValueError, match="ZeRO-3"):
+        select_projection_mode("auto", deepspeed=True, fsdp_version=None, zero_stage=3)
     with pytest.raises(ValueError, match="projection_mode='hooks'"):
         select_projection_mode("training_step", deepspeed=True, fsdp_version=None)
     with pytest.raises(ValueError, match="master weights"):
@@ -56,8 +58,8 @@ def test_hook_projection_equals_training_step_projection(tmp_path, accumulation)
     step_trainer, by_step = final_weights(tmp_path / "step", **settings)
     hook_trainer, by_hook = final_weights(tmp_path / "hook", projection_mode="hooks", **settings)
     assert (step_trainer.projection_mode, hook_trainer.projection_mode) == ("training_step", "hooks")
-    overlaps = [log["pegp_update_overlap"] for log in hook_trainer.state.log_history if "pegp_update_overlap" in log]
-    assert overlaps and max(overlaps) < 1e-6
+    logs = [log for log in hook_trainer.state.log_history if "pegp_update_overlap" in log]
+    assert logs and max(log["pegp_update_overlap"] for log in logs) < 1e-6 < min(log["pegp_update_max"] for log in logs)
     for name, value in by_step.items():
         torch.testing.assert_close(by_hook[name], value, atol=2e-6, rtol=1e-5, msg=name)
 
@@ -84,8 +86,8 @@ def test_non_finite_gradients_stay_non_finite_for_the_grad_scaler():
 def test_bf16_autocast_keeps_the_guarantee_and_the_fp32_update(tmp_path):
     _, fp32 = final_weights(tmp_path / "fp32")
     bf16_trainer, bf16 = final_weights(tmp_path / "bf16", bf16=True)
-    overlaps = [log["pegp_update_overlap"] for log in bf16_trainer.state.log_history if "pegp_update_overlap" in log]
-    assert overlaps and max(overlaps) < 1e-6  # parameters and projection stay fp32 under autocast
+    logs = [log for log in bf16_trainer.state.log_history if "pegp_update_overlap" in log]
+    assert logs and max(log["pegp_update_overlap"] for log in logs) < 1e-6 < min(log["pegp_update_max"] for log in logs)
     for name, value in fp32.items():
         torch.testing.assert_close(bf16[name], value, atol=5e-2, rtol=5e-2, msg=name)
 
@@ -107,3 +109,46 @@ def test_gpu_mixed_precision_gives_the_fp32_projected_update(tmp_path, precision
     assert overlaps and max(overlaps) < 1e-5
     for name, value in fp32.items():
         torch.testing.assert_close(mixed[name], value, atol=5e-2, rtol=5e-2, msg=name)
+
+
+def test_fsdp2_sharded_parameters_are_found_and_projected(tmp_path):
+    """fully_shard replaces the parameter objects after the projector is built; it must follow them (1-rank gloo)."""
+    import torch.distributed as dist
+
+    fsdp = pytest.importorskip("torch.distributed.fsdp")
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from pegp_hf.features import FeatureCovariances
+    from pegp_hf.projection import GradientProjector
+    from pegp_hf.subspace import max_overlap
+    from pegp_hf.tuners import find_protected_tensors
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = tiny_vit(hidden=64)
+        tensors = find_protected_tensors(model)
+        with torch.no_grad():  # a non-zero B, so that A gets gradients
+            for tensor in tensors:
+                if tensor.kind == "lora_B":
+                    tensor.parameter.normal_(0, 0.1)
+        projector = GradientProjector(tensors)
+        with FeatureCovariances(tensors) as capture, torch.no_grad():
+            model.eval()
+            model(pixel_values=torch.randn(8, 1, 8, 8))
+        projector.grow(capture.covariances, 0.9)
+        before = {name: id(t.parameter) for name, t in projector.tensors.items()}
+        fsdp.fully_shard(model, mesh=init_device_mesh("cpu", (1,)))
+        assert all(id(t.parameter) != before[name] for name, t in projector.tensors.items())  # replaced
+        model.train()
+        model(pixel_values=torch.randn(8, 1, 8, 8)).logits.square().sum().backward()
+        projector.project_gradients()
+        for name, tensor in projector.tensors.items():
+            assert float(max_overlap(tensor.parameter.grad.to_local(), projector.bases[name])) < 1e-5, name
+        projector.snapshot()
+        with torch.no_grad():
+            for tensor in projector.tensors.values():
+                tensor.parameter.to_local().sub_(0.1 * tensor.parameter.grad.to_local())
+        overlap, scale = projector.finish_update(reproject=True).tolist()
+        assert overlap < 1e-6 < scale
+    finally:
+        dist.destroy_process_group()

@@ -19,16 +19,23 @@ class ProtectedTensor:
     Attributes:
         name: the parameter's name in ``model.named_parameters()`` (PEFT naming, adapter name included).
         kind: the role of the weight in its PET module (``"lora_A"``, ``"lora_B"``, ...), for reports.
-        parameter: the weight itself; its gradient is projected on its last axis (size ``d``).
+        owner: the module that holds the weight as attribute ``attribute``. The weight is looked up there each time
+            (:attr:`parameter`), because wrappers such as FSDP2's ``fully_shard`` replace parameter objects.
         module: where to hook: a forward hook on it sees the features.
         features: ``(args, output) -> (..., d)``: the feature vectors ``W`` multiplies in that forward call.
     """
 
     name: str
     kind: str
-    parameter: nn.Parameter
+    owner: nn.Module
+    attribute: str
     module: nn.Module
     features: FeatureFn
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The weight as the model holds it now: its gradient is projected on its last axis (size ``d``)."""
+        return getattr(self.owner, self.attribute)
 
     @property
     def feature_dim(self) -> int:

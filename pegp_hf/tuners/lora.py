@@ -47,6 +47,7 @@ def lora_protected_tensors(model: nn.Module) -> list[ProtectedTensor]:
                     f"{module_name} uses the LoRA variant {type(layer.lora_variant[adapter]).__name__} (e.g. DoRA), "
                     "whose extra parameters gradient projection cannot protect; use plain LoRA."
                 )
-            tensors.append(ProtectedTensor(names[id(lora_a.weight)], "lora_A", lora_a.weight, lora_a, module_input))
-            tensors.append(ProtectedTensor(names[id(lora_b.weight)], "lora_B", lora_b.weight, lora_a, module_output))
+            a_name, b_name = names[id(lora_a.weight)], names[id(lora_b.weight)]
+            tensors.append(ProtectedTensor(a_name, "lora_A", lora_a, "weight", lora_a, module_input))
+            tensors.append(ProtectedTensor(b_name, "lora_B", lora_b, "weight", lora_a, module_output))
     return tensors
