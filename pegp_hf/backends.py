@@ -15,11 +15,13 @@ from __future__ import annotations
 PROJECTION_MODES = ("auto", "training_step", "hooks")
 
 
-def select_projection_mode(requested: str, deepspeed: bool, fsdp_version: int | None) -> str:
+def select_projection_mode(
+    requested: str, deepspeed: bool, fsdp_version: int | None, zero_stage: int | None = None
+) -> str:
     """Resolve ``requested`` (``auto``, ``training_step`` or ``hooks``) for the running backend.
 
     Raises:
-        ValueError: FSDP1, or ``training_step`` under DeepSpeed.
+        ValueError: FSDP1, DeepSpeed ZeRO-3, or ``training_step`` under DeepSpeed.
     """
     if requested not in PROJECTION_MODES:
         raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {requested!r}")
@@ -29,6 +31,11 @@ def select_projection_mode(requested: str, deepspeed: bool, fsdp_version: int | 
             "on their feature axis. Use FSDP2 (fsdp_version: 2 in the accelerate config), DDP, or DeepSpeed ZeRO-2."
         )
     if deepspeed:
+        if zero_stage == 3:
+            raise ValueError(
+                "DeepSpeed ZeRO-3 partitions the parameters, which feature capture and evaluation read whole: use "
+                "ZeRO-1 / 2, DDP or FSDP2"
+            )
         if requested == "training_step":
             raise ValueError(
                 "DeepSpeed steps the optimizer inside backward, before training_step could project: use "

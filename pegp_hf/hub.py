@@ -104,4 +104,7 @@ def resolve_checkpoint(path_or_repo_id: str | os.PathLike, token: str | None = N
     path = Path(path_or_repo_id)
     if path.exists():
         return path
-    return Path(snapshot_download(repo_id=str(path_or_repo_id), token=token))
+    text = str(path_or_repo_id)
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1:
+        raise FileNotFoundError(f"no checkpoint folder {text} (and it is not a Hub repo id of the form owner/name)")
+    return Path(snapshot_download(repo_id=text, token=token))

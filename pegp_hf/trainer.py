@@ -6,7 +6,8 @@ Per task ``t`` (Qiao et al., PEGP, arXiv 2405.13383, section 4 of ``docs/method.
    masked in the loss (class- / task-incremental, online), so the head's old rows get no gradient; the head itself is
    trained but **not projected**. Every protected PET gradient is projected once per optimizer step, in
    ``training_step`` of the micro-batch where ``accelerator.sync_gradients`` is True: after gradient accumulation
-   and the all-reduce, before clipping. The update is re-projected after the step when the optimizer needs it.
+   and the all-reduce, before clipping (under DeepSpeed, which steps inside backward, by tensor hooks instead; see
+   ``backends.py``). The update is re-projected after the step when the optimizer needs it.
 2. ``feature_samples`` training samples run through the model (eval mode, no grad); the feature covariance of every
    protected tensor grows its basis by the GPM rule.
 3. every seen task's test set is predicted: the class-incremental accuracy (logits of all seen classes compete) and
@@ -19,6 +20,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import os
 import re
 import time
 from collections import defaultdict
@@ -97,7 +99,7 @@ class ContinualPEGPTrainer(Trainer):
             ``train_dataset`` / ``eval_dataset`` (set per task), ``compute_loss_func`` (the masked loss) and
             ``optimizers`` (each task needs a fresh optimizer: use ``args.optim`` or ``optimizer_cls_and_kwargs``).
 
-    Runs on one process, DDP, FSDP2 and DeepSpeed ZeRO-1/2 (see ``docs/distributed.md``).
+    Runs on one process and DDP; FSDP2 and DeepSpeed ZeRO-1/2 are experimental (see ``docs/distributed.md``).
 
     After :meth:`train`, ``accuracy[name]`` holds the ``T x T`` matrices (percent; NaN where not yet measured) for
     ``name`` in ``("class_incremental", "task_incremental")`` and :meth:`continual_results` sums them up.
@@ -118,7 +120,10 @@ class ContinualPEGPTrainer(Trainer):
             raise TypeError("model must be a PEFT model (peft.get_peft_model(model, LoraConfig(...)))")
         super().__init__(model=model, args=args, compute_loss_func=self._masked_cross_entropy, **kwargs)
         fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
-        self.projection_mode = select_projection_mode(args.projection_mode, self.is_deepspeed_enabled, fsdp_version)
+        zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
+        self.projection_mode = select_projection_mode(
+            args.projection_mode, self.is_deepspeed_enabled, fsdp_version, zero_stage
+        )
         optim = getattr(args.optim, "value", args.optim)
         check_update_reprojection(args.update_reprojection, optim, args.weight_decay, self.is_deepspeed_enabled)
         self.tasks = tasks
@@ -317,8 +322,14 @@ class ContinualPEGPTrainer(Trainer):
 
     def _feature_sample_loader(self, train_split: Any) -> DataLoader:
         """This process's contiguous share of ``feature_samples`` training samples (shuffled with ``args.seed``), in
-        a plain loader: no padding to equal batches, so every sample counts once across processes."""
+        a plain loader: no padding, so every sample counts once across processes. The count is rounded down to a
+        multiple of the process count, so every process runs the same number of forward passes (FSDP2 all-gathers
+        in each one) and none is left without samples."""
+        processes = self.accelerator.num_processes
         count = min(self.args.feature_samples, len(train_split))
+        count -= count % processes
+        if count == 0:
+            raise ValueError(f"a task has {len(train_split)} training samples, fewer than the {processes} processes")
         sample = train_split.shuffle(seed=self.args.seed).select(range(count))
         share = sample.shard(self.accelerator.num_processes, self.accelerator.process_index, contiguous=True)
         return DataLoader(
@@ -442,7 +453,7 @@ class ContinualPEGPTrainer(Trainer):
         if self.args.should_save:
             target = Path(self.args.output_dir) / task_dir_name(index + 1)
             self._write_task_checkpoint(target)
-            if self.args.push_to_hub:
+            if self.args.push_to_hub and self.is_world_process_zero():  # the process that created the repo
                 push_task_checkpoint(
                     target, self.hub_model_id, f"task {index + 1}/{len(self.tasks)}", self.args.hub_token,
                     self.args.hub_revision,
@@ -460,7 +471,9 @@ class ContinualPEGPTrainer(Trainer):
             (staging / "README.md").write_text(model_card(state, self._base_model_name()))
 
     def _base_model_name(self) -> str | None:
-        return getattr(self.model.get_base_model().config, "_name_or_path", None) or None
+        """The base model's Hub id, or ``None`` for a local folder or a model built from a config."""
+        name = getattr(self.model.get_base_model().config, "_name_or_path", None)
+        return name if name and not os.path.isdir(name) else None
 
     def _checkpoint_state(self) -> dict[str, Any]:
         results = self.continual_results()

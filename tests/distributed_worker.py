@@ -17,19 +17,18 @@ from pegp_hf import ContinualPEGPTrainer
 def main(output_dir: str, phase: str) -> None:
     model, tasks, args = distributed_case(output_dir, per_device_batch=8)
     trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
-    overlaps = []
-    trainer.add_callback(AtTaskStart(1, lambda m: overlaps.clear()))  # keep task 2's diagnostics
     if phase == "crash":
         trainer.add_callback(AtTaskStart(1, lambda m: (_ for _ in ()).throw(RuntimeError("simulated crash"))))
     trainer.train(resume_from_checkpoint=True if phase == "resume" else None)
-    overlaps.extend(log["pegp_update_overlap"] for log in trainer.state.log_history if "pegp_update_overlap" in log)
+    steps = [log for log in trainer.state.log_history if "pegp_update_overlap" in log]  # the last task's steps
     rank = trainer.accelerator.process_index
     torch.save(
         {
             "world_size": trainer.accelerator.num_processes,
             "bases": {n: b.cpu() for n, b in trainer.projector.bases.items()},
             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
-            "overlaps": overlaps,
+            "overlaps": [log["pegp_update_overlap"] for log in steps],
+            "update_max": [log["pegp_update_max"] for log in steps],
             "accuracy": {k: torch.tensor(v) for k, v in trainer.accuracy.items()},
         },
         Path(output_dir) / f"{phase}-rank{rank}.pt",
