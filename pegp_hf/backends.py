@@ -59,3 +59,13 @@ def check_update_reprojection(update_reprojection: str, optim: str, weight_decay
             "update (or weight decay) would leave the protected subspace. Use optim='sgd' with weight_decay=0 "
             "(momentum is fine), or set update_reprojection='off' to accept gradient projection only."
         )
+
+
+def effective_optimizer(optim: str, weight_decay: float, deepspeed_config: dict | None) -> tuple[str, float]:
+    """The optimizer name and weight decay that will really step: a DeepSpeed config's own ``optimizer`` section
+    overrides ``TrainingArguments.optim`` (``"auto"`` values are filled from the arguments, as DeepSpeed does)."""
+    section = (deepspeed_config or {}).get("optimizer")
+    if not section:
+        return optim, weight_decay
+    decay = section.get("params", {}).get("weight_decay", "auto")
+    return str(section.get("type", optim)).lower(), weight_decay if decay == "auto" else float(decay)

@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
 
-from pegp_hf.backends import check_update_reprojection, select_projection_mode
+from pegp_hf.backends import check_update_reprojection, effective_optimizer, select_projection_mode
 from pegp_hf.checkpoint import (
     HEAD_NAME,
     SUBSPACES_NAME,
@@ -124,8 +124,13 @@ class ContinualPEGPTrainer(Trainer):
         self.projection_mode = select_projection_mode(
             args.projection_mode, self.is_deepspeed_enabled, fsdp_version, zero_stage
         )
-        optim = getattr(args.optim, "value", args.optim)
-        check_update_reprojection(args.update_reprojection, optim, args.weight_decay, self.is_deepspeed_enabled)
+        deepspeed_config = (
+            self.accelerator.state.deepspeed_plugin.deepspeed_config if self.is_deepspeed_enabled else None
+        )
+        optim, decay = effective_optimizer(
+            getattr(args.optim, "value", args.optim), args.weight_decay, deepspeed_config
+        )
+        check_update_reprojection(args.update_reprojection, optim, decay, self.is_deepspeed_enabled)
         self.tasks = tasks
         self.adapter_name: str = self.model.active_adapter
         self.head_module = _find_module(self.model, args.head_module)

@@ -5,7 +5,7 @@ import torch
 from helpers import synthetic_images, tiny_vit, training_args
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
-from pegp_hf.backends import check_update_reprojection, select_projection_mode
+from pegp_hf.backends import check_update_reprojection, effective_optimizer, select_projection_mode
 from pegp_hf.subspace import grow_basis, project_out
 
 TASKS = class_incremental_tasks(synthetic_images(per_class=16), synthetic_images(per_class=8, seed=1), 2, seed=0)
@@ -41,6 +41,18 @@ def test_backends_that_cannot_project_are_refused_with_what_to_do():
     check_update_reprojection("auto", "sgd", 0.0, deepspeed=True)  # SGD's update is already projected
     check_update_reprojection("off", "adamw_torch", 0.0, deepspeed=True)  # the user accepts the approximation
     check_update_reprojection("auto", "adamw_torch", 0.01, deepspeed=False)  # re-projected outside DeepSpeed
+
+
+def test_a_deepspeed_config_optimizer_is_what_the_refusal_checks():
+    adamw = {"optimizer": {"type": "AdamW", "params": {"lr": "auto", "weight_decay": "auto"}}}
+    assert effective_optimizer("sgd", 0.0, adamw) == ("adamw", 0.0)
+    assert effective_optimizer("sgd", 0.0, {"optimizer": {"type": "SGD", "params": {"weight_decay": 0.01}}}) == (
+        "sgd",
+        0.01,
+    )
+    assert effective_optimizer("sgd", 0.0, {"zero_optimization": {"stage": 2}}) == ("sgd", 0.0)
+    with pytest.raises(ValueError, match="master weights"):
+        check_update_reprojection("auto", *effective_optimizer("sgd", 0.0, adamw), deepspeed=True)
 
 
 def final_weights(tmp_path, **overrides):
