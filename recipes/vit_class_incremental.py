@@ -167,7 +167,8 @@ def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn
     if script.model_name_or_path is None and script.backbone == "dinov2-small":
         from pegp_hf.offline_models import load_dinov2_small_for_classification
 
-        model = load_dinov2_small_for_classification(num_labels, image_size=script.image_size)
+        # The 37 x 37 position table is resampled to the input size at each forward (as in docs/results.md's runs).
+        model = load_dinov2_small_for_classification(num_labels)
     elif script.model_name_or_path is None:
         if script.backbone != "vit-tiny":
             raise ValueError(f"unknown --backbone {script.backbone!r}: vit-tiny or dinov2-small")
