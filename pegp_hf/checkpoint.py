@@ -2,10 +2,11 @@
 
 ``output_dir/task-<k>/`` (state after ``k`` finished tasks) holds
 
-- ``adapter_model.safetensors`` + ``adapter_config.json``: the PEFT adapter, head included (``modules_to_save``);
-- ``pegp_subspaces.safetensors``: one ``(d, k)`` float32 basis per protected tensor, keyed by the tensor's name in
-  ``adapter_model.safetensors`` (PEFT naming without the adapter name); metadata ``pegp_hf`` is a JSON string with
-  the threshold, feature dims, ranks and library versions;
+- ``adapter_model.safetensors`` + ``adapter_config.json``: the PEFT adapter or the pegp_hf tuners, head included
+  (``modules_to_save``);
+- ``pegp_subspaces.safetensors``: one ``(d, k)`` float32 basis per protected tensor, keyed by the tensor's
+  name in ``adapter_model.safetensors`` (for PEFT, its naming without the adapter name); metadata ``pegp_hf`` is a
+  JSON string with the threshold, feature dims, ranks and library versions;
 - ``pegp_head.safetensors`` (prototype / aligned heads): per-class ``counts``, ``means`` and, for the aligned head,
   ``covariances`` of the classifier's input features;
 - ``pegp_state.json``: finished task count, scenario, task names and classes, accuracy matrices, config, timings.
@@ -33,6 +34,7 @@ from safetensors.torch import load_file, save_file
 
 from pegp_hf._keys import key_mismatch
 from pegp_hf.heads import ClassStatistics
+from pegp_hf.tuners.model import get_pet_state_dict, save_pet_pretrained, set_pet_state_dict
 
 SUBSPACES_NAME = "pegp_subspaces.safetensors"
 HEAD_NAME = "pegp_head.safetensors"
@@ -131,14 +133,17 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
 
 
-def _strip_adapter(name: str, adapter_name: str) -> str:
-    """PEFT's parameter name -> its key in ``adapter_model.safetensors``: ``...lora_A.<adapter>.weight`` ->
-    ``...lora_A.weight`` (only the component just before the last one is removed)."""
+def _strip_adapter(name: str, adapter_name: str | None) -> str:
+    """A parameter name -> its key in ``adapter_model.safetensors``. PEFT: ``...lora_A.<adapter>.weight`` ->
+    ``...lora_A.weight`` (only the component just before the last one is removed); pegp_hf tuners (``adapter_name``
+    ``None``): unchanged."""
+    if adapter_name is None:
+        return name
     return re.sub(rf"\.{re.escape(adapter_name)}(\.[^.]+)$", r"\1", name)
 
 
 def save_subspaces(
-    path: str | os.PathLike, bases: Mapping[str, torch.Tensor], adapter_name: str, threshold: float
+    path: str | os.PathLike, bases: Mapping[str, torch.Tensor], adapter_name: str | None, threshold: float
 ) -> None:
     """Write ``bases`` (parameter name -> ``(d, k)``) to ``path`` under adapter-file key names, with metadata."""
     tensors = {_strip_adapter(name, adapter_name): basis.detach().cpu().contiguous() for name, basis in bases.items()}
@@ -151,7 +156,7 @@ def save_subspaces(
     save_file(tensors, str(path), metadata={"format": "pt", "pegp_hf": json.dumps(meta)})
 
 
-def load_subspaces(path: str | os.PathLike, names: list[str], adapter_name: str) -> dict[str, torch.Tensor]:
+def load_subspaces(path: str | os.PathLike, names: list[str], adapter_name: str | None) -> dict[str, torch.Tensor]:
     """Read the bases written by :func:`save_subspaces` for the parameters ``names``; check names and orthonormality.
 
     Shapes against the model are checked by :meth:`GradientProjector.load_bases`.
@@ -171,26 +176,58 @@ def load_subspaces(path: str | os.PathLike, names: list[str], adapter_name: str)
     return bases
 
 
-def read_adapter_weights(
-    model: torch.nn.Module, directory: str | os.PathLike, adapter_name: str
-) -> dict[str, torch.Tensor]:
-    """Read ``directory/adapter_model.safetensors`` and check every key and shape against the PEFT ``model``'s
-    adapter (PEFT itself would skip unknown keys silently). Load the result with
-    ``peft.set_peft_model_state_dict``."""
-    from peft.utils import get_peft_model_state_dict
+def is_peft_model(model: torch.nn.Module) -> bool:
+    from peft import PeftModel
 
+    return isinstance(model, PeftModel)
+
+
+def adapter_state_dict(model: torch.nn.Module, adapter_name: str | None) -> dict[str, torch.Tensor]:
+    """The adapter weights as ``adapter_model.safetensors`` keys them: PEFT's for a ``PeftModel``, else those of the
+    pegp_hf tuners (``get_pet_state_dict``)."""
+    if is_peft_model(model):
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(model, adapter_name=adapter_name)
+    return get_pet_state_dict(model)
+
+
+def save_adapter(model: torch.nn.Module, directory: str | os.PathLike) -> None:
+    """``adapter_model.safetensors`` + ``adapter_config.json``: ``PeftModel.save_pretrained`` or
+    ``save_pet_pretrained``."""
+    if is_peft_model(model):
+        model.save_pretrained(directory)
+    else:
+        save_pet_pretrained(model, directory)
+
+
+def read_adapter_weights(
+    model: torch.nn.Module, directory: str | os.PathLike, adapter_name: str | None
+) -> dict[str, torch.Tensor]:
+    """Read ``directory/adapter_model.safetensors`` and check every key and shape against the ``model``'s adapter
+    (PEFT itself would skip unknown keys silently). Load the result with :func:`load_adapter_weights`."""
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     stored = read_safetensors(path)
-    expected = get_peft_model_state_dict(model, adapter_name=adapter_name)
+    expected = adapter_state_dict(model, adapter_name)
     mismatch = key_mismatch(expected, stored)
     if mismatch:
-        raise CheckpointError(f"{path} does not match the model's adapter {adapter_name!r}: {mismatch}")
+        raise CheckpointError(f"{path} does not match the model's adapter: {mismatch}")
     for key, tensor in stored.items():
         if tensor.shape != expected[key].shape:
             raise CheckpointError(
                 f"{path}: {key} has shape {tuple(tensor.shape)} but the model's is {tuple(expected[key].shape)}"
             )
     return stored
+
+
+def load_adapter_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], adapter_name: str | None) -> None:
+    """Copy weights checked by :func:`read_adapter_weights` into the model."""
+    if is_peft_model(model):
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, weights, adapter_name=adapter_name)
+    else:
+        set_pet_state_dict(model, weights)
 
 
 def save_head_statistics(path: str | os.PathLike, statistics: ClassStatistics, head: str) -> None:

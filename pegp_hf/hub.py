@@ -2,8 +2,8 @@
 
 Each finished task's folder (adapter, bases, head statistics, state, card) is uploaded to the repository root in one
 commit, ``"task k/T"``. The repo's history therefore holds every task, and its head is the newest. It loads as a
-plain PEFT adapter (``PeftModel.from_pretrained``) and continues a sequence with
-``train(resume_from_checkpoint="<repo id>")``.
+plain PEFT adapter (``PeftModel.from_pretrained``) or, for pegp_hf tuners, with ``load_pet_pretrained``, and
+continues a sequence with ``train(resume_from_checkpoint="<repo id>")``.
 """
 
 from __future__ import annotations
@@ -31,12 +31,19 @@ def _matrix_table(matrix: list[list[float | None]]) -> str:
     return "\n".join(lines)
 
 
-def model_card(state: dict[str, Any], base_model: str | None) -> str:
-    """A Hub model card (``README.md``) for the task checkpoint described by ``state`` (its ``pegp_state.json``)."""
+def model_card(state: dict[str, Any], base_model: str | None, tuners: list[str] = ("lora",)) -> str:
+    """A Hub model card (``README.md``) for the task checkpoint described by ``state`` (its ``pegp_state.json``);
+    ``tuners``: ``["lora"]`` for a PEFT LoRA adapter, else the pegp_hf tuner types."""
     results, config = state["results"], state["config"]
     done = state["finished_tasks"]
     headline = "task_incremental" if state["scenario"] == "task_incremental" else "class_incremental"
-    front = ["---", "library_name: peft", "tags:", "- pegp", "- pegp_hf", "- continual-learning", "- lora"]
+    peft = list(tuners) == ["lora"]
+    front = ["---", f"library_name: {'peft' if peft else 'pegp_hf'}", "tags:", "- pegp", "- pegp_hf"]
+    front += ["- continual-learning", *(f"- {tuner}" for tuner in tuners)]
+    kind = "PEFT LoRA adapter" if peft else f"pegp_hf adapter ({', '.join(tuners)})"
+    loader = (
+        "`PeftModel.from_pretrained(base, folder)`" if peft else "`pegp_hf.tuners.load_pet_pretrained(base, folder)`"
+    )
     if base_model:
         front.append(f"base_model: {base_model}")
     front.append("---")
@@ -48,9 +55,9 @@ def model_card(state: dict[str, Any], base_model: str | None) -> str:
         "\n".join(front)
         + f"""
 
-# Continual PEFT adapter trained with PEGP ({done} of {len(state["task_names"])} tasks)
+# Continual {"/".join(tuners)} adapter trained with PEGP ({done} of {len(state["task_names"])} tasks)
 
-A PEFT adapter trained through a sequence of tasks by pegp_hf with PEGP, gradient projection for continual
+A {kind} trained through a sequence of tasks by pegp_hf with PEGP, gradient projection for continual
 parameter-efficient tuning ([Qiao et al., 2024](https://arxiv.org/abs/2405.13383)). PEGP projects every later
 gradient off the feature subspace of earlier tasks, so that their outputs stay put. This repository holds:
 
@@ -59,7 +66,7 @@ gradient off the feature subspace of earlier tasks, so that their outputs stay p
 - for prototype / aligned heads, the class statistics (`pegp_head.safetensors`);
 - the state of the sequence (`pegp_state.json`).
 
-Continue the sequence with
+Load it with {loader}; continue the sequence with
 `ContinualPEGPTrainer(...).train(resume_from_checkpoint="<this repo id>")`.
 
 - Base model: {base_model or "unknown"}

@@ -47,6 +47,11 @@ class GradientProjector:
         """Protected dimensions ``k`` per tensor."""
         return {name: basis.shape[1] for name, basis in self.bases.items()}
 
+    def saturated(self) -> list[str]:
+        """Tensors whose basis spans their whole feature space (``k = d``): their gradient is projected to zero, so
+        they are frozen in effect (``r x r`` spaces such as LoRA B or adapter up fill after a few tasks)."""
+        return [name for name, basis in self.bases.items() if basis.shape[1] == self.tensors[name].feature_dim]
+
     def grow(self, covariances: Mapping[str, torch.Tensor], threshold: float) -> list[str]:
         """Grow every basis with the feature covariance of the task just finished (GPM rule, ``threshold`` = eps).
 

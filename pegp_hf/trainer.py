@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import broadcast_object_list, gather_object
-from peft import PeftModel, set_peft_model_state_dict
 from torch.utils.data import DataLoader
 from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
@@ -43,12 +42,15 @@ from pegp_hf.checkpoint import (
     SUBSPACES_NAME,
     CheckpointError,
     atomic_directory,
+    is_peft_model,
     latest_task_checkpoint,
     library_versions,
+    load_adapter_weights,
     load_head_statistics,
     load_subspaces,
     read_adapter_weights,
     read_state,
+    save_adapter,
     save_head_statistics,
     save_subspaces,
     task_dir_name,
@@ -61,7 +63,7 @@ from pegp_hf.heads import ClassStatistics, align_linear_head, prototype_logits
 from pegp_hf.hub import model_card, push_task_checkpoint, resolve_checkpoint
 from pegp_hf.metrics import summarize
 from pegp_hf.projection import GradientProjector
-from pegp_hf.tuners import find_protected_tensors
+from pegp_hf.tuners import find_protected_tensors, frozen_after_first_task, pet_configs
 
 logger = logging.getLogger(__name__)
 
@@ -88,11 +90,13 @@ class _ProjectedUpdateCallback(TrainerCallback):
 
 
 class ContinualPEGPTrainer(Trainer):
-    """Train one PEFT adapter through a :class:`~pegp_hf.data.TaskSequence` with PEGP gradient projection.
+    """Train one PET adapter through a :class:`~pegp_hf.data.TaskSequence` with PEGP gradient projection.
 
     Args:
-        model: a ``peft.PeftModel`` for classification (``outputs.logits`` of shape ``(batch, num_labels)``) whose
-            head covers every label id of the sequence; keep the head trainable with ``modules_to_save``.
+        model: a classifier (``outputs.logits`` of shape ``(batch, num_labels)``) whose head covers every label id of
+            the sequence, carrying either a PEFT LoRA adapter (``peft.PeftModel``) or pegp_hf tuners (prompts,
+            prefixes, bottleneck adapters: :func:`pegp_hf.tuners.inject_pet`); keep the head trainable with
+            ``modules_to_save``.
         args: :class:`~pegp_hf.config.PEGPTrainingArguments`.
         tasks: the task sequence (its scenario decides the loss masks and the headline accuracy matrix).
         **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks``, ...), except
@@ -116,8 +120,11 @@ class ContinualPEGPTrainer(Trainer):
                 "every task needs a fresh optimizer, so optimizers=(...) cannot be reused: choose it with "
                 "args.optim / args.optim_args, or pass optimizer_cls_and_kwargs=(cls, kwargs)"
             )
-        if not isinstance(model, PeftModel):
-            raise TypeError("model must be a PEFT model (peft.get_peft_model(model, LoraConfig(...)))")
+        if not is_peft_model(model) and not pet_configs(model):
+            raise TypeError(
+                "model must carry a PET adapter: a PEFT LoRA model (peft.get_peft_model(model, LoraConfig(...))) or a "
+                "model with pegp_hf tuners (pegp_hf.tuners.inject_pet(model, PromptConfig(...)))"
+            )
         super().__init__(model=model, args=args, compute_loss_func=self._masked_cross_entropy, **kwargs)
         fsdp_version = self.accelerator.state.fsdp_plugin.fsdp_version if self.is_fsdp_enabled else None
         zero_stage = self.accelerator.state.deepspeed_plugin.zero_stage if self.is_deepspeed_enabled else None
@@ -132,7 +139,7 @@ class ContinualPEGPTrainer(Trainer):
         )
         check_update_reprojection(args.update_reprojection, optim, decay, self.is_deepspeed_enabled)
         self.tasks = tasks
-        self.adapter_name: str = self.model.active_adapter
+        self.adapter_name: str | None = self.model.active_adapter if is_peft_model(self.model) else None
         self.head_module = _find_module(self.model, args.head_module)
         head_parameters = {id(p) for p in self.head_module.parameters()}
         if args.method == "head_only":
@@ -268,6 +275,9 @@ class ContinualPEGPTrainer(Trainer):
         self.optimizer = self.lr_scheduler = None
         self._reproject, self._update_record = None, None
         self._train_classes = self._class_mask(task.classes) if self.tasks.disjoint else None
+        if index > 0 and self.args.method == "pegp":
+            for parameter in frozen_after_first_task(self.model):
+                parameter.requires_grad_(False)
         # Seed per task: a resumed run enters task k with the same RNG state as an uninterrupted one.
         seed = self.args.seed + index
         enable_full_determinism(seed) if self.args.full_determinism else set_seed(seed)
@@ -409,6 +419,7 @@ class ContinualPEGPTrainer(Trainer):
         for key in ("acc", "forgetting", "bwt"):
             results[key] = results[self.headline_matrix].get(key, math.nan)
         results["subspace_dims"] = self.projector.dims()
+        results["saturated"] = self.projector.saturated()
         results["timings"] = self.task_timings
         return results
 
@@ -467,18 +478,23 @@ class ContinualPEGPTrainer(Trainer):
 
     def _write_task_checkpoint(self, target: Path) -> None:
         with atomic_directory(target) as staging:
-            self.model.save_pretrained(staging)
+            save_adapter(self.model, staging)
             save_subspaces(staging / SUBSPACES_NAME, self.projector.bases, self.adapter_name, self.args.threshold)
             if self.head_statistics is not None:
                 save_head_statistics(staging / HEAD_NAME, self.head_statistics, self.args.head)
             state = self._checkpoint_state()
             write_state(staging, state)
-            (staging / "README.md").write_text(model_card(state, self._base_model_name()))
+            (staging / "README.md").write_text(model_card(state, self._base_model_name(), self._tuner_names()))
 
     def _base_model_name(self) -> str | None:
         """The base model's Hub id, or ``None`` for a local folder or a model built from a config."""
-        name = getattr(self.model.get_base_model().config, "_name_or_path", None)
+        base = self.model.get_base_model() if is_peft_model(self.model) else self.model
+        name = getattr(base.config, "_name_or_path", None)
         return name if name and not os.path.isdir(name) else None
+
+    def _tuner_names(self) -> list[str]:
+        """``["lora"]`` for PEFT LoRA, else the pegp_hf tuner types (``prompt``, ``prefix``, ``adapter``)."""
+        return ["lora"] if is_peft_model(self.model) else sorted({c.pet_type for c in pet_configs(self.model)})
 
     def _checkpoint_state(self) -> dict[str, Any]:
         results = self.continual_results()
@@ -535,7 +551,7 @@ class ContinualPEGPTrainer(Trainer):
             statistics = load_head_statistics(path / HEAD_NAME, like=self.head_statistics)
         adapter = read_adapter_weights(self.model, path, self.adapter_name)
 
-        set_peft_model_state_dict(self.model, adapter, adapter_name=self.adapter_name)
+        load_adapter_weights(self.model, adapter, self.adapter_name)
         if bases is not None:
             self.projector.load_bases(bases)
         if statistics is not None:

@@ -178,9 +178,9 @@ def test_protect_pattern_selects_tensors_and_must_match_something(tmp_path):
         ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, protect="adapter_down"), tasks=tasks)
 
 
-def test_trainer_refuses_datasets_and_non_peft_models(tmp_path):
+def test_trainer_refuses_datasets_and_models_without_adapter(tmp_path):
     tasks = class_incremental_tasks(TRAIN, TEST, 2)
     with pytest.raises(ValueError, match="sets train_dataset itself"):
         ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path), tasks=tasks, train_dataset=TRAIN)
-    with pytest.raises(TypeError, match="must be a PEFT model"):
+    with pytest.raises(TypeError, match="must carry a PET adapter"):
         ContinualPEGPTrainer(model=tiny_vit().get_base_model(), args=training_args(tmp_path), tasks=tasks)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -50,3 +50,37 @@ def module_input(args: tuple[Any, ...], output: Any) -> torch.Tensor:
 def module_output(args: tuple[Any, ...], output: Any) -> torch.Tensor:
     """Features = the output of the hooked module."""
     return output
+
+
+@dataclass
+class PETConfig:
+    """What every pegp_hf tuner config holds (a PEFT-like ``adapter_config.json`` entry).
+
+    Attributes:
+        layers: block indices to adapt in each stack (negative counts from the end); ``None``: PEGP's layers 0-4 of
+            12, scaled to the depth (the first ``round(5 / 12 * depth)``, at least one).
+        layers_pattern: a regex searched in the block stacks' names, e.g. ``"vision_model"``; ``None``: every stack.
+        modules_to_save: names (or name suffixes) of modules trained and saved in full with the tuner, e.g.
+            ``["classifier"]``. Unlike PEFT's, they are trained in place, not copied.
+    """
+
+    pet_type: ClassVar[str] = ""
+    layers: list[int] | None = None
+    layers_pattern: str | None = None
+    modules_to_save: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pet_type": self.pet_type, **asdict(self)}
+
+
+class PETModule(nn.Module):
+    """A pegp_hf PET module attached to a model. It lists its PEGP-protected weights and the weights that the
+    PEGP conditions cannot cover (trained freely, or frozen after the first task when its config says so)."""
+
+    def protected_tensors(self, name: str) -> list[ProtectedTensor]:
+        """The protected weights, named under ``name`` (this module's name in ``model.named_modules()``)."""
+        raise NotImplementedError
+
+    def frozen_after_first_task(self) -> list[nn.Parameter]:
+        """Weights to freeze once the first task is finished (none by default)."""
+        return []

@@ -1,0 +1,141 @@
+"""Prefix tuning: learnable key and value prefixes (``L`` each, per head) prepended to the keys and values of
+chosen attention modules, through transformers' ``AttentionInterface``.
+
+Each adapted attention module gets a private copy of its config whose ``_attn_implementation`` is
+``"pegp_prefix"``; that function concatenates the prefixes, widens the attention mask (prefix columns are always
+visible, causal or not) and calls the module's own implementation (SDPA, flash, ...; eager models run SDPA). Other
+modules and the model's config are untouched.
+
+PEGP condition, per head ``h``: the logit of an old query ``q_h`` on prefix row ``j`` is ``q_h . p_K[h, j]``; it
+stays put when ``delta p_K[h]`` is orthogonal to ``span(old q_h)``. Orthogonality of the concatenated key vector
+would not keep each head's logits, so every head's key prefix ``(L, head_dim)`` is its own parameter with its own
+basis (``key.<h>``), its features being that head's queries. The value prefix cannot be protected by projection
+(its effect scales with the attention weights): ``value_prefix="free"`` trains it without protection, as the paper;
+``"freeze_after_first_task"`` trains it on the first task only.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor
+from pegp_hf.tuners.discovery import attention_heads, attention_module, find_block_stacks, select_layers
+
+ATTENTION_NAME = "pegp_prefix"
+
+
+@dataclass
+class PrefixConfig(PETConfig):
+    """Key / value prefixes.
+
+    Attributes:
+        length: prefix length ``L`` per head (PEGP: 10).
+        value_prefix: ``"free"`` (trained on every task, unprotected, as the paper) or ``"freeze_after_first_task"``.
+        init_std: standard deviation of the normal initialisation.
+    """
+
+    pet_type = "prefix"
+    length: int = 10
+    value_prefix: Literal["free", "freeze_after_first_task"] = "free"
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.value_prefix not in ("free", "freeze_after_first_task"):
+            raise ValueError(f"value_prefix must be 'free' or 'freeze_after_first_task', got {self.value_prefix!r}")
+
+
+class Prefix(PETModule):
+    """Key prefixes ``key.<h>`` (``(L, head_dim)`` each, one per head) and value prefixes ``value``
+    (``(heads, L, head_dim)``) of one attention module; ``inner_attention`` is the implementation they feed."""
+
+    def __init__(self, num_heads: int, length: int, head_dim: int, config: PrefixConfig, inner_attention: str) -> None:
+        super().__init__()
+        self.key = nn.ParameterList(
+            nn.Parameter(torch.randn(length, head_dim) * config.init_std) for _ in range(num_heads)
+        )
+        self.value = nn.Parameter(torch.randn(num_heads, length, head_dim) * config.init_std)
+        self.freeze_value = config.value_prefix == "freeze_after_first_task"
+        self.inner_attention = inner_attention
+
+    def forward(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query`` ``(B, heads, T, head_dim)`` (seen by feature hooks) -> key and value prefixes
+        ``(B, heads, L, head_dim)`` in the query's dtype."""
+        batch = query.shape[0]
+        keys = torch.stack(list(self.key)).to(query.dtype)
+        return keys.expand(batch, -1, -1, -1), self.value.to(query.dtype).expand(batch, -1, -1, -1)
+
+    def protected_tensors(self, name: str) -> list[ProtectedTensor]:
+        return [
+            ProtectedTensor(
+                f"{name}.key.{h}", "prefix_key", self.key, str(h), self, functools.partial(_head_queries, h)
+            )
+            for h, key in enumerate(self.key)
+            if key.requires_grad
+        ]
+
+    def frozen_after_first_task(self) -> list[nn.Parameter]:
+        return [self.value] if self.freeze_value else []
+
+
+def _head_queries(head: int, args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    """Features of head ``head``'s key prefix: its queries ``(B, T, head_dim)``."""
+    return args[0][:, head]
+
+
+def _widen_mask(mask: torch.Tensor | None, length: int, causal: bool, query: torch.Tensor, key: torch.Tensor):
+    """The attention mask for ``length`` visible prefix columns before the keys (``None`` if none is needed)."""
+    if mask is None:
+        if not causal:
+            return None
+        q_len, k_len = query.shape[2], key.shape[2]
+        allowed = torch.ones(q_len, k_len, dtype=torch.bool, device=query.device).tril(k_len - q_len)
+        mask = allowed[None, None]
+    visible = torch.zeros if mask.dtype.is_floating_point else torch.ones
+    columns = visible(*mask.shape[:-1], length, dtype=mask.dtype, device=mask.device)
+    return torch.cat([columns, mask], dim=-1)
+
+
+def prefix_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """An ``AttentionInterface`` function: ``module.pegp_prefix``'s prefixes before ``key`` / ``value``
+    (``(B, heads, S, head_dim)``), then the module's own attention implementation."""
+    prefix: Prefix = module.pegp_prefix
+    key_prefix, value_prefix = prefix(query)
+    causal = kwargs.pop("is_causal", None)
+    causal = getattr(module, "is_causal", False) if causal is None else causal
+    attention_mask = _widen_mask(attention_mask, key_prefix.shape[2], bool(causal), query, key)
+    key, value = torch.cat([key_prefix, key], dim=2), torch.cat([value_prefix, value], dim=2)
+    inner = ALL_ATTENTION_FUNCTIONS[prefix.inner_attention]
+    return inner(module, query, key, value, attention_mask, is_causal=False, **kwargs)
+
+
+AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+
+
+def inject_prefixes(model: nn.Module, config: PrefixConfig) -> None:
+    """Add a :class:`Prefix` as ``pegp_prefix`` to the attention module of the chosen blocks, in place."""
+    for _, stack in find_block_stacks(model, config.layers_pattern):
+        for index in select_layers(len(stack), config.layers):
+            _, attention = attention_module(stack[index])
+            if not hasattr(attention, "config"):
+                raise ValueError(f"{type(attention).__name__} has no config: it does not use AttentionInterface")
+            current = attention.config._attn_implementation
+            inner = current if current in ALL_ATTENTION_FUNCTIONS and current != ATTENTION_NAME else "sdpa"
+            num_heads, head_dim = attention_heads(attention)
+            attention.pegp_prefix = Prefix(num_heads, config.length, head_dim, config, inner)
+            attention.config = copy.copy(attention.config)
+            attention.config._attn_implementation = ATTENTION_NAME
