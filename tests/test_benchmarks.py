@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import class_incremental_heads, cost
+from benchmarks import class_incremental_heads, cost, paradigms
 
 
 def test_cost_benchmark_smoke(tmp_path):
@@ -20,3 +20,12 @@ def test_heads_benchmark_smoke(tmp_path):
     assert json.loads((tmp_path / "results.json").read_text()) == runs
     table = (tmp_path / "table.md").read_text()
     assert table.count("| prototype |") == 3
+
+
+def test_paradigms_benchmark_smoke(tmp_path):
+    runs = paradigms.main(["--smoke", "--output_dir", str(tmp_path), "--pets", "adapter", "prompt"])
+    assert {(r["pet"], r["method"]) for r in runs} == {(p, m) for p in ("adapter", "prompt") for m in paradigms.METHODS}
+    pegp = [r for r in runs if r["method"] == "pegp"]
+    assert all(r["protected_tensors"] > 0 for r in pegp)
+    assert json.loads((tmp_path / "results.json").read_text()) == runs
+    assert (tmp_path / "table.md").read_text().count("| adapter |") == 2

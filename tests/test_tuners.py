@@ -247,7 +247,7 @@ def test_two_tuners_in_two_clip_towers_round_trip(tmp_path):
 def test_loading_into_a_wrong_model_or_from_a_broken_folder_fails_clearly(tmp_path):
     save_pet_pretrained(adapted("vit", "adapter"), tmp_path)
     wider = vit(hidden=48)
-    with pytest.raises(ValueError, match="does not fit this model.*shape"):
+    with pytest.raises(ValueError, match=r"does not fit this model.*shape"):
         load_pet_pretrained(wider, tmp_path)
     assert not any(p.requires_grad is False for p in wider.parameters())  # left untouched
     with pytest.raises(ValueError, match="already has other pegp_hf tuners"):
@@ -259,7 +259,7 @@ def test_loading_into_a_wrong_model_or_from_a_broken_folder_fails_clearly(tmp_pa
     (tmp_path / "adapter_config.json").write_text('{"tuners": [{"pet_type": "ia3"}]}')
     with pytest.raises(ValueError, match="unknown pet_type 'ia3'"):
         load_pet_pretrained(vit(), tmp_path)
-    with pytest.raises(ValueError, match="no transformer block stack .* layers_pattern='towerless'"):
+    with pytest.raises(ValueError, match=r"no transformer block stack .* layers_pattern='towerless'"):
         inject_pet(vit(), PrefixConfig(layers_pattern="towerless"))
     with pytest.raises(ValueError, match="no module name matches target_modules='nothing'"):
         inject_pet(vit(), AdapterConfig(target_modules="nothing"))

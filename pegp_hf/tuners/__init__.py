@@ -15,6 +15,7 @@ from torch import nn
 
 from pegp_hf.tuners.adapter import AdapterConfig, BottleneckAdapter
 from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor
+from pegp_hf.tuners.factory import PAPER_WIDTHS, PETS, get_pet_model
 from pegp_hf.tuners.lora import lora_protected_tensors
 from pegp_hf.tuners.model import (
     get_pet_state_dict,
@@ -29,6 +30,8 @@ from pegp_hf.tuners.prefix import Prefix, PrefixConfig
 from pegp_hf.tuners.prompt import Prompt, PromptConfig
 
 __all__ = [
+    "PAPER_WIDTHS",
+    "PETS",
     "AdapterConfig",
     "BottleneckAdapter",
     "PETConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "ProtectedTensor",
     "find_protected_tensors",
     "frozen_after_first_task",
+    "get_pet_model",
     "get_pet_state_dict",
     "inject_pet",
     "load_pet_pretrained",

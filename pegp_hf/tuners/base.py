@@ -57,15 +57,15 @@ class PETConfig:
     """What every pegp_hf tuner config holds (a PEFT-like ``adapter_config.json`` entry).
 
     Attributes:
-        layers: block indices to adapt in each stack (negative counts from the end); ``None``: PEGP's layers 0-4 of
-            12, scaled to the depth (the first ``round(5 / 12 * depth)``, at least one).
+        layers: block indices to adapt in each stack (negative counts from the end), or ``"all"``; ``None``: PEGP's
+            layers 0-4 of 12, scaled to the depth (the first ``round(5 / 12 * depth)``, at least one).
         layers_pattern: a regex searched in the block stacks' names, e.g. ``"vision_model"``; ``None``: every stack.
         modules_to_save: names (or name suffixes) of modules trained and saved in full with the tuner, e.g.
             ``["classifier"]``. Unlike PEFT's, they are trained in place, not copied.
     """
 
     pet_type: ClassVar[str] = ""
-    layers: list[int] | None = None
+    layers: list[int] | str | None = None
     layers_pattern: str | None = None
     modules_to_save: list[str] = field(default_factory=list)
 

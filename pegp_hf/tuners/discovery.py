@@ -55,11 +55,15 @@ def find_block_stacks(model: nn.Module, layers_pattern: str | None = None) -> li
     return stacks
 
 
-def select_layers(depth: int, layers: list[int] | None) -> list[int]:
-    """The block indices to adapt: ``layers`` (negative indices count from the end), or by default the first
-    ``5/12`` of the depth, at least one (PEGP's layers 0-4 of 12, scaled to the model)."""
+def select_layers(depth: int, layers: list[int] | str | None) -> list[int]:
+    """The block indices to adapt: ``layers`` (negative indices count from the end), ``"all"``, or by default the
+    first ``5/12`` of the depth, at least one (PEGP's layers 0-4 of 12, scaled to the model)."""
     if layers is None:
         return list(range(max(1, round(depth * PAPER_DEPTH_SHARE))))
+    if layers == "all":
+        return list(range(depth))
+    if isinstance(layers, str):
+        raise ValueError(f"layers must be a list of block indices, 'all' or None, got {layers!r}")
     chosen = sorted({index % depth if -depth <= index < depth else index for index in layers})
     wrong = [index for index in chosen if not 0 <= index < depth]
     if wrong or not chosen:
