@@ -1,7 +1,10 @@
-"""ACC / Forgetting of ``pegp`` against ``sequential`` for each PET paradigm (LoRA, adapter, prefix, prompt).
+"""ACC / Forgetting of ``pegp`` against ``sequential`` (lower bound) and ``joint`` (upper bound) for each PET
+paradigm (LoRA, adapter, prefix, prompt).
 
-Runs ``recipes/vit_class_incremental.py --pet <pet> --methods sequential pegp`` once per (paradigm, class order)
-and writes ``<output_dir>/results.json`` (every run) and ``<output_dir>/table.md`` (mean +- std over orders)::
+Runs ``recipes/vit_class_incremental.py --pet <pet> --methods sequential pegp`` once per (paradigm, class order),
+and ``joint``: the same recipe on one task holding every class (``--num_tasks 1``; its ACC is the accuracy on the
+whole test set, its Forgetting 0 by definition), then writes ``<output_dir>/results.json`` (every run) and
+``<output_dir>/table.md`` (mean +- std over orders)::
 
     python benchmarks/paradigms.py                       # embedded MNIST-5k, random-init ViT, class order 0
     python benchmarks/paradigms.py --seeds 0 1 2         # 3 class orders
@@ -23,7 +26,7 @@ sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repo
 from recipes import vit_class_incremental  # noqa: E402
 
 PETS = ("lora", "adapter", "prefix", "prompt")
-METHODS = ("sequential", "pegp")
+METHODS = ("sequential", "pegp", "joint")
 METRICS = ("acc", "forgetting", "til_acc", "til_forgetting")
 SMOKE = ["--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "--feature_samples", "64"]
 
@@ -48,6 +51,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--output_dir", default="outputs/paradigms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="class-order seeds")
     parser.add_argument("--pets", nargs="+", default=list(PETS), choices=PETS)
+    parser.add_argument("--no_joint", action="store_true", help="skip the joint upper bound")
     parser.add_argument("--smoke", action="store_true", help="digits, 2 tasks, 1 epoch, first seed only")
     options = parser.parse_args(own)
     seeds = options.seeds[:1] if options.smoke else options.seeds
@@ -56,10 +60,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for pet in options.pets:
         for seed in seeds:
             out = root / f"{pet}-seed{seed}"
-            summary = vit_class_incremental.main(
-                ["--pet", pet, "--methods", *METHODS, "--class_order_seed", str(seed), "--output_dir", str(out),
-                 "--disable_tqdm", "true", "--logging_steps", "1000"] + (SMOKE if options.smoke else []) + passthrough
-            )  # fmt: skip
+            common = ["--pet", pet, "--class_order_seed", str(seed), "--disable_tqdm", "true", "--logging_steps",
+                      "1000"] + (SMOKE if options.smoke else []) + passthrough  # fmt: skip
+            summary = vit_class_incremental.main([*common, "--methods", "sequential", "pegp", "--output_dir", str(out)])
+            if not options.no_joint:
+                joint = vit_class_incremental.main(
+                    [*common, "--methods", "sequential", "--num_tasks", "1", "--output_dir", str(out / "joint")]
+                )
+                summary["joint"] = joint["sequential"]
             for method, results in summary.items():
                 til = results["task_incremental"]
                 runs.append({"pet": pet, "method": method, "seed": seed, "acc": results["acc"],
