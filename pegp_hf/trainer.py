@@ -63,7 +63,7 @@ from pegp_hf.heads import ClassStatistics, align_linear_head, prototype_logits
 from pegp_hf.hub import model_card, push_task_checkpoint, resolve_checkpoint
 from pegp_hf.metrics import summarize
 from pegp_hf.projection import GradientProjector
-from pegp_hf.tuners import find_protected_tensors, frozen_after_first_task, pet_configs
+from pegp_hf.tuners import find_protected_tensors, frozen_after_first_task, pet_configs, read_pet_configs
 
 logger = logging.getLogger(__name__)
 
@@ -155,15 +155,25 @@ class ContinualPEGPTrainer(Trainer):
         if args.method == "pegp" and not protected:
             raise ValueError(f"no trainable PET tensor matches protect={args.protect!r}: nothing would be protected")
         self.projector = GradientProjector(protected)
+        if args.method == "pegp" and frozen_after_first_task(self.model) and args.world_size > 1:
+            checkpointing = args.activation_checkpointing or args.gradient_checkpointing
+            checkpointing = checkpointing or getattr(self.model, "is_activation_checkpointing", False)
+            if args.ddp_find_unused_parameters is False or (args.ddp_find_unused_parameters is None and checkpointing):
+                raise ValueError(
+                    "value prefixes frozen after the first task stop receiving gradients inside the DDP wrapper built "
+                    "for task 1: set ddp_find_unused_parameters=True (or use value_prefix='free')"
+                )
         if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
             for name, tensor in self.projector.tensors.items():
                 tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
         size = len(tasks)
         self.accuracy: dict[str, np.ndarray] = {name: np.full((size, size), np.nan) for name in MATRICES}
         self.task_timings: list[dict[str, float]] = []
+        self.task_updates: list[dict[str, float]] = []
         self._train_classes: torch.Tensor | None = None
         self._reproject: bool | None = None
         self._update_record: torch.Tensor | None = None
+        self._task_update_record: torch.Tensor | None = None
         self.add_callback(_ProjectedUpdateCallback(self))
         unprotected = [
             name
@@ -227,7 +237,9 @@ class ContinualPEGPTrainer(Trainer):
 
     def _record_update(self, measured: torch.Tensor) -> None:
         """Keep the largest ``[max |delta W U|, max |delta W|]`` since the last log line (on device, no sync)."""
-        self._update_record = measured if self._update_record is None else torch.maximum(self._update_record, measured)
+        for attribute in ("_update_record", "_task_update_record"):
+            record = getattr(self, attribute)
+            setattr(self, attribute, measured if record is None else torch.maximum(record, measured))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
@@ -273,7 +285,7 @@ class ContinualPEGPTrainer(Trainer):
         task = self.tasks[index]
         self.train_dataset, self.eval_dataset = task.train, task.test
         self.optimizer = self.lr_scheduler = None
-        self._reproject, self._update_record = None, None
+        self._reproject, self._update_record, self._task_update_record = None, None, None
         self._train_classes = self._class_mask(task.classes) if self.tasks.disjoint else None
         if index > 0 and self.args.method == "pegp":
             for parameter in frozen_after_first_task(self.model):
@@ -292,6 +304,9 @@ class ContinualPEGPTrainer(Trainer):
         start = time.perf_counter()
         output = super().train(**kwargs)
         trained = time.perf_counter()
+        # None while no basis exists (the first task): there is nothing to be orthogonal to
+        overlap, largest = self._task_update_record.tolist() if self._task_update_record is not None else (None, None)
+        self.task_updates.append({"max_update_overlap": overlap, "max_update": largest})
         self._capture_task(task.train)
         captured = time.perf_counter()
         self._evaluate_seen(index)
@@ -420,20 +435,26 @@ class ContinualPEGPTrainer(Trainer):
             results[key] = results[self.headline_matrix].get(key, math.nan)
         results["subspace_dims"] = self.projector.dims()
         results["saturated"] = self.projector.saturated()
+        results["protected_share"] = {kind: k / d for kind, (k, d, _) in self._dims_by_kind().items()}
         results["timings"] = self.task_timings
+        results["updates"] = self.task_updates
         return results
 
     def _dims_summary(self) -> str:
         """``kind k/d`` summed over the tensors of each kind, e.g. ``lora_A 410/1536 (x16)``."""
         if self.args.method != "pegp":
             return f"none ({self.args.method})"
+        return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in self._dims_by_kind().items())
+
+    def _dims_by_kind(self) -> dict[str, tuple[int, int, int]]:
+        """Per tensor kind: protected dims ``k`` and feature dims ``d`` summed over its tensors, and their count."""
         totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
         for name, k in self.projector.dims().items():
             tensor = self.projector.tensors[name]
             totals[tensor.kind][0] += k
             totals[tensor.kind][1] += tensor.feature_dim
             totals[tensor.kind][2] += 1
-        return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in sorted(totals.items()))
+        return {kind: tuple(values) for kind, values in sorted(totals.items())}
 
     def _log_task(self, index: int) -> None:
         results = self.continual_results()
@@ -542,6 +563,13 @@ class ContinualPEGPTrainer(Trainer):
         }
         if changed:
             logger.warning("continuing %s with settings that differ from the checkpoint's %s", path, changed)
+        if not is_peft_model(self.model):
+            stored, current = (
+                [c.to_dict() for c in read_pet_configs(path)],
+                [c.to_dict() for c in pet_configs(self.model)],
+            )
+            if stored != current:
+                raise CheckpointError(f"{path} holds tuners {stored}, the model has {current}")
         bases = None
         if self.args.method == "pegp":
             bases = load_subspaces(path / SUBSPACES_NAME, list(self.projector.tensors), self.adapter_name)
@@ -560,6 +588,7 @@ class ContinualPEGPTrainer(Trainer):
             stored = np.array(state["results"][name]["accuracy_matrix"], dtype=np.float64)
             self.accuracy[name][:done, :done] = stored[:done, :done]
         self.task_timings = list(state["results"]["timings"])[:done]
+        self.task_updates = list(state["results"].get("updates", []))[:done]
         logger.info("resumed from %s after %d finished tasks", path, done)
         return done
 

@@ -2,7 +2,7 @@
 
 import json
 
-from benchmarks import class_incremental_heads, cost, paradigms
+from benchmarks import ablations, class_incremental_heads, cost, paradigms
 
 
 def test_cost_benchmark_smoke(tmp_path):
@@ -29,3 +29,17 @@ def test_paradigms_benchmark_smoke(tmp_path):
     assert all(r["protected_tensors"] > 0 for r in pegp)
     assert json.loads((tmp_path / "results.json").read_text()) == runs
     assert (tmp_path / "table.md").read_text().count("| adapter |") == 3
+
+
+def test_ablations_benchmark_smoke(tmp_path):
+    runs = ablations.main(["--smoke", "--output_dir", str(tmp_path)])
+    settings = {r["setting"] for r in runs}
+    thresholds = (ablations.THRESHOLDS[0], ablations.THRESHOLDS[-1])  # the smoke run's
+    assert settings == set(ablations.OPTIMIZERS) | {f"eps={t}" for t in thresholds}
+    by = {r["setting"]: r for r in runs}
+    assert by["adamw_update_reprojection"]["max_update_overlap"] < 1e-5  # re-projection keeps the guarantee
+    assert by["adamw_gradient_projection"]["max_update_overlap"] > 1e-4  # Adam alone breaks it
+    low, high = (by[f"eps={t}"]["protected_share"]["lora_A"] for t in thresholds)
+    assert low < high  # higher eps protects more
+    assert (tmp_path / "threshold.png").stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text()) == runs

@@ -22,6 +22,7 @@ from transformers import (
 )
 
 from pegp_hf import ContinualPEGPTrainer, GradientProjector, class_incremental_tasks
+from pegp_hf.checkpoint import CheckpointError
 from pegp_hf.features import FeatureCovariances
 from pegp_hf.tuners import (
     AdapterConfig,
@@ -67,8 +68,8 @@ def clip(seed: int = 0) -> CLIPModel:
     return CLIPModel(config).eval()
 
 
-def images(seed: int, count: int = 2) -> dict:
-    return {"pixel_values": torch.randn(count, 1, 8, 8, generator=torch.Generator().manual_seed(seed))}
+def images(seed: int, count: int = 2, size: int = 8) -> dict:
+    return {"pixel_values": torch.randn(count, 1, size, size, generator=torch.Generator().manual_seed(seed))}
 
 
 def texts(seed: int, count: int = 2) -> dict:
@@ -117,23 +118,17 @@ def adapted(family: str, paradigm: str, seed: int = 0) -> torch.nn.Module:
 def condition_after_task_2(family: str, paradigm: str, project: bool) -> tuple[dict, dict, float]:
     """Grow the bases on task-1 inputs (eps = 1), take 5 SGD steps (lr 1) on task-2 inputs (projected or not).
 
-    Returns per protected tensor the relative change of ``F W^T`` (``F``: its task-1 features, rows; ``W``: the
+    Returns per protected tensor the relative change of ``F W^T`` (``F``: its task-1 features as the method defines
+    them, rows, recorded from the base model's own modules independently of the tuners' feature functions; ``W``: the
     weight) and its largest absolute change of ``W``, and the relative change of the model's output on task 1.
     """
     _, inputs, output, *_ = FAMILIES[family]
     model = adapted(family, paradigm)
     tensors = find_protected_tensors(model)
     assert tensors
-    features = {t.name: [] for t in tensors}
-    hooks = [
-        t.module.register_forward_hook(lambda m, a, o, t=t: features[t.name].append(t.features(a, o).detach()))
-        for t in tensors
-    ]
     task_1, task_2 = inputs(1, count=1), inputs(2, count=8)  # task 1 leaves room to learn
-    with FeatureCovariances(tensors) as capture, torch.no_grad():
+    with reference_features(model, tensors) as features, FeatureCovariances(tensors) as capture, torch.no_grad():
         output_before = output(model, task_1)
-    for hook in hooks:
-        hook.remove()
     projector = GradientProjector(tensors)
     projector.grow(capture.covariances, threshold=1.0)
     weights_before = {t.name: t.parameter.detach().clone() for t in tensors}
@@ -147,13 +142,75 @@ def condition_after_task_2(family: str, paradigm: str, project: bool) -> tuple[d
         optimizer.step()
     products, moved = {}, {}
     for t in tensors:
-        f = torch.cat([x.reshape(-1, t.feature_dim) for x in features[t.name]]).double()
+        f = features.rows(t, weights_before).double()
         w0, w1 = weights_before[t.name].double(), t.parameter.detach().double()
         products[t.name] = ((f @ (w1 - w0).T).abs().max() / (f @ w0.T).abs().max()).item()
         moved[t.name] = (w1 - w0).abs().max().item()
     with torch.no_grad():
         drift = ((output(model, task_1) - output_before).abs().max() / output_before.abs().max()).item()
     return products, moved, drift
+
+
+class reference_features:  # noqa: N801 (a context manager used like a function)
+    """Records, while open, what each paradigm's old features are by the method's definition, from the base
+    model's modules (not from ``ProtectedTensor.features``):
+
+    - LoRA A: the adapted linear layer's input ``x``; LoRA B: ``x A^T``;
+    - adapter down: the adapted module's input ``x``; adapter up: ``act(x W_down^T)``;
+    - prefix key of head ``h``: columns ``h * d_h : (h + 1) * d_h`` of the ``q_proj`` output;
+    - prompt: the block's input tokens before the prompt is put in, and the old prompt rows.
+    """
+
+    def __init__(self, model, tensors) -> None:
+        self.model, self.tensors, self.inputs, self.handles = model, tensors, {}, []
+
+    def _owner(self, tensor):
+        for marker in (".lora_", ".pegp_adapter.", ".pegp_prefix.", ".pegp_prompt."):
+            if marker in tensor.name:
+                return marker, tensor.name.split(marker)[0]
+        raise AssertionError(tensor.name)
+
+    def __enter__(self):
+        for tensor in self.tensors:
+            marker, owner = self._owner(tensor)
+            module = self.model.get_submodule(owner + (".q_proj" if marker == ".pegp_prefix." else ""))
+            record = lambda m, args, out, key=owner: self.inputs.setdefault(key, []).append(  # noqa: E731
+                (out if isinstance(out, torch.Tensor) else args[0]).detach()
+            )
+            if marker == ".pegp_prefix.":
+                self.handles.append(module.register_forward_hook(record))
+            else:  # the input, before any tuner pre-hook changes it
+                self.handles.append(
+                    module.register_forward_pre_hook(
+                        lambda m, args, key=owner, record=record: record(m, args, None, key), prepend=True
+                    )
+                )
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def rows(self, tensor, weights_before) -> torch.Tensor:
+        marker, owner = self._owner(tensor)
+        x = torch.cat([item.reshape(-1, item.shape[-1]) for item in self.inputs[owner]])
+        if marker == ".lora_":
+            if ".lora_B." in tensor.name:
+                return x @ weights_before[tensor.name.replace(".lora_B.", ".lora_A.")].T
+            return x
+        if marker == ".pegp_adapter.":
+            if tensor.name.endswith("up.weight"):
+                adapter = self.model.get_submodule(owner).pegp_adapter
+                return adapter.activation(x @ weights_before[tensor.name.replace("up.weight", "down.weight")].T)
+            return x
+        if marker == ".pegp_prefix.":
+            head, width = int(tensor.name.rsplit(".", 1)[1]), tensor.feature_dim
+            return x[:, head * width : (head + 1) * width]
+        prompt = self.model.get_submodule(owner).pegp_prompt
+        tokens = torch.cat(self.inputs[owner])
+        if not prompt.insert:  # positions 1 .. L hold placeholders, replaced by the prompt
+            tokens = torch.cat([tokens[:, :1], tokens[:, 1 + prompt.prompt.shape[0] :]], dim=1)
+        return torch.cat([tokens.reshape(-1, tokens.shape[-1]), weights_before[tensor.name]])
 
 
 @pytest.mark.parametrize("paradigm", PARADIGMS)
@@ -261,8 +318,60 @@ def test_loading_into_a_wrong_model_or_from_a_broken_folder_fails_clearly(tmp_pa
         load_pet_pretrained(vit(), tmp_path)
     with pytest.raises(ValueError, match=r"no transformer block stack .* layers_pattern='towerless'"):
         inject_pet(vit(), PrefixConfig(layers_pattern="towerless"))
-    with pytest.raises(ValueError, match="no module name matches target_modules='nothing'"):
+    with pytest.raises(ValueError, match="inside the chosen stacks matches target_modules='nothing'"):
         inject_pet(vit(), AdapterConfig(target_modules="nothing"))
+
+
+def test_a_failed_injection_changes_nothing_and_a_module_takes_one_tuner_of_a_kind():
+    model = vit()
+    with pytest.raises(ValueError, match="modules_to_save names no module"):
+        inject_pet(model, PromptConfig(), PrefixConfig(modules_to_save=["head_that_is_not_there"]))
+    assert all(p.requires_grad for p in model.parameters())
+    assert not any("pegp" in name for name, _ in model.named_modules())
+    inject_pet(model, AdapterConfig())
+    with pytest.raises(ValueError, match="already has a pegp_adapter"):
+        inject_pet(model, AdapterConfig())
+    with pytest.raises(ValueError, match="same kind on the same module"):
+        inject_pet(vit(), PrefixConfig(layers=[0]), PrefixConfig(layers=[0, 1]))
+
+
+def test_inserting_prompts_into_a_causal_text_tower_is_refused():
+    model = inject_pet(clip(), PromptConfig(layers_pattern="text_model"))  # insert=True: wrong for text
+    with pytest.raises(ValueError, match="insert=False"):
+        model.text_model(**texts(0))
+
+
+def test_adapters_take_the_width_of_their_own_tower():
+    torch.manual_seed(0)
+    tower = dict(num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64)
+    config = CLIPConfig(
+        text_config=dict(**tower, hidden_size=32, vocab_size=50, bos_token_id=BOS, eos_token_id=EOS),
+        vision_config=dict(**tower, hidden_size=48, image_size=8, patch_size=4, num_channels=1),
+        projection_dim=16,
+    )
+    model = inject_pet(CLIPModel(config).eval(), AdapterConfig(target_modules=r"\.mlp$", width=3))
+    widths = {name.split(".")[0]: p.shape[1] for name, p in get_pet_state_dict(model).items() if "down" in name}
+    assert widths == {"text_model": 32, "vision_model": 48}
+    assert model(**texts(0), **images(0)).logits_per_image.shape == (2, 2)
+
+
+def test_prompt_bases_keep_the_old_prompt_rows_next_to_many_tokens():
+    """At eps 0.97 the union basis holds the (few, small) old prompt rows, not only the tokens' main directions."""
+    torch.manual_seed(0)
+    config = ViTConfig(
+        hidden_size=64, num_hidden_layers=1, num_attention_heads=HEADS, intermediate_size=64, image_size=32,
+        patch_size=4, num_channels=1, num_labels=4,
+    )  # fmt: skip
+    model = inject_pet(ViTForImageClassification(config).eval(), PromptConfig(length=2))
+    tensors = find_protected_tensors(model)
+    with FeatureCovariances(tensors) as capture, torch.no_grad():
+        model(**images(1, count=8, size=32))  # 8 x 65 tokens against 2 prompt rows
+    projector = GradientProjector(tensors)
+    projector.grow(capture.covariances, threshold=0.97)
+    basis, prompt = projector.bases[tensors[0].name], tensors[0].parameter.detach()
+    assert basis.shape[1] < 64  # a real subspace, not everything
+    left_out = (prompt - (prompt @ basis) @ basis.T).norm() / prompt.norm()
+    assert left_out < 0.25  # at most sqrt(6%) of the rows' energy is outside
 
 
 TRAIN, TEST = synthetic_images(num_labels=4), synthetic_images(num_labels=4, seed=1)
@@ -283,14 +392,17 @@ def pet_vit(config) -> torch.nn.Module:
 )
 def test_two_task_continual_run_per_paradigm(tmp_path, config):
     tasks = class_incremental_tasks(TRAIN, TEST, 2)
-    trainer = ContinualPEGPTrainer(model=pet_vit(config), args=training_args(tmp_path), tasks=tasks)
+    # eps 0.9: with eps near 1 the 16-dim per-head query spaces of this tiny ViT fill after task 1
+    trainer = ContinualPEGPTrainer(model=pet_vit(config), args=training_args(tmp_path, threshold=0.9), tasks=tasks)
     trainer.train()
     matrix = trainer.accuracy["class_incremental"]
     assert np.isfinite(matrix[np.triu_indices(2)]).all() and np.isnan(matrix[1, 0])
     assert matrix[0, 0] > 50  # two classes, learned
     results = trainer.continual_results()
     assert results["subspace_dims"] and all(k > 0 for k in results["subspace_dims"].values())
-    assert max(log.get("pegp_update_overlap", 0.0) for log in trainer.state.log_history) <= 1e-5
+    first, second = results["updates"]
+    assert first == {"max_update_overlap": None, "max_update": None}  # no basis during task 1: nothing measured
+    assert second["max_update_overlap"] <= 1e-6 and second["max_update"] > 0  # task 2: off the task-1 subspace
     stored = json.loads((tmp_path / "task-2" / "adapter_config.json").read_text())
     assert stored["tuners"][0]["pet_type"] == config.pet_type
     bases = load_file(tmp_path / "task-2" / "pegp_subspaces.safetensors")
@@ -319,6 +431,11 @@ def test_frozen_value_prefix_and_resume_reproduce_the_uninterrupted_run(tmp_path
     for name, tensor in get_pet_state_dict(resumed.model).items():
         torch.testing.assert_close(tensor, after_2[name], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(resumed.accuracy["class_incremental"], full.accuracy["class_incremental"])
+
+    other = PrefixConfig(length=3, value_prefix="free", modules_to_save=["classifier"])  # same shapes, other rule
+    mismatched = ContinualPEGPTrainer(model=pet_vit(other), args=training_args(tmp_path / "other"), tasks=tasks)
+    with pytest.raises(CheckpointError, match="holds tuners"):
+        mismatched.train(resume_from_checkpoint=str(tmp_path / "full" / "task-1"))
 
 
 def test_saturated_bases_are_reported_and_freeze_their_tensor(tmp_path, caplog):

@@ -1,7 +1,8 @@
 """Bottleneck adapters: ``a(x) = scale * W_up act(W_down x)``, ``W_down`` ``(r, d)``, ``W_up`` ``(d, r)``, no biases.
 
 Placed on the MLP or the attention module of chosen blocks (or on any module matched by ``target_modules``):
-``parallel`` adds ``a(input)`` to the module's output (AdaptFormer), ``sequential`` adds ``a(output)`` to it (Houlsby).
+``parallel`` adds ``a(input)`` to the module's output (as AdaptFormer, though here the input is the module's, i.e.
+after the block's LayerNorm, not the residual stream), ``sequential`` adds ``a(output)`` to it (Houlsby).
 ``W_up`` starts at zero, so the model starts unchanged.
 
 PEGP condition: ``W_down`` is protected against the adapter input ``x`` (every token) and ``W_up`` against the
@@ -14,13 +15,21 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor, module_input
+from pegp_hf.tuners.base import (
+    Attachment,
+    PETConfig,
+    PETModule,
+    ProtectedTensor,
+    check_not_adapted,
+    module_input,
+)
 from pegp_hf.tuners.discovery import attention_module, find_block_stacks, hidden_size, mlp_module, select_layers
 
 
@@ -34,8 +43,9 @@ class AdapterConfig(PETConfig):
         placement: ``"parallel"`` (adapter input = the module's input) or ``"sequential"`` (= its output).
         scale: the factor on the adapter output.
         activation: a ``transformers.activations.ACT2FN`` name.
-        target_modules: a regex on module names that replaces the structural choice (``branch`` / ``layers``), e.g.
-            ``r"encoder\\.layer\\.\\d+\\.output$"``; the targets' input and output width must be the model's width.
+        target_modules: a regex on module names inside the chosen stacks that replaces ``branch`` / ``layers``, e.g.
+            ``r"layer\\.\\d+\\.output\\.dense$"`` with ``placement="sequential"`` for BERT's feed-forward output. The
+            adapted input (parallel) or output (sequential) must have the model's width.
     """
 
     pet_type = "adapter"
@@ -47,6 +57,8 @@ class AdapterConfig(PETConfig):
     target_modules: str | None = None
 
     def __post_init__(self) -> None:
+        if self.width < 1:
+            raise ValueError(f"width must be at least 1, got {self.width}")
         if self.branch not in ("mlp", "attention"):
             raise ValueError(f"branch must be 'mlp' or 'attention', got {self.branch!r}")
         if self.placement not in ("parallel", "sequential"):
@@ -68,8 +80,15 @@ class BottleneckAdapter(PETModule):
         self.parallel = config.placement == "parallel"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """``(..., d)`` -> ``(..., d)``."""
-        return self.scale * self.up(self.activation(self.down(hidden_states)))
+        """``(..., d)`` -> ``(..., d)``, computed in the adapter's dtype and returned in the input's."""
+        if hidden_states.shape[-1] != self.down.in_features:
+            raise ValueError(
+                f"the adapter expects inputs of width {self.down.in_features}, got {hidden_states.shape[-1]}: choose "
+                "target_modules / placement so that the adapted module's input (parallel) or output (sequential) has "
+                "the model's width"
+            )
+        hidden = hidden_states.to(self.down.weight.dtype)
+        return (self.scale * self.up(self.activation(self.down(hidden)))).to(hidden_states.dtype)
 
     def protected_tensors(self, name: str) -> list[ProtectedTensor]:
         tensors = [
@@ -89,13 +108,19 @@ def _add_adapter(target: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
 
 
 def _targets(model: nn.Module, config: AdapterConfig) -> list[tuple[nn.Module, int]]:
-    """``(module, width)`` pairs to adapt."""
+    """``(module, width)`` pairs to adapt; ``width`` is that of the stack the module belongs to."""
     stacks = find_block_stacks(model, config.layers_pattern)
     if config.target_modules is not None:
-        width = hidden_size(stacks[0][1][0])
-        found = [(m, width) for name, m in model.named_modules() if name and re.search(config.target_modules, name)]
+        found = [
+            (module, hidden_size(stack[0]))
+            for stack_name, stack in stacks
+            for name, module in stack.named_modules(prefix=stack_name)
+            if re.search(config.target_modules, name)
+        ]
         if not found:
-            raise ValueError(f"no module name matches target_modules={config.target_modules!r}")
+            raise ValueError(
+                f"no module name inside the chosen stacks matches target_modules={config.target_modules!r}"
+            )
         return found
     targets = []
     for _, stack in stacks:
@@ -106,8 +131,14 @@ def _targets(model: nn.Module, config: AdapterConfig) -> list[tuple[nn.Module, i
     return targets
 
 
-def inject_adapters(model: nn.Module, config: AdapterConfig) -> None:
-    """Add a :class:`BottleneckAdapter` as ``pegp_adapter`` to every target module, in place."""
+def plan_adapters(model: nn.Module, config: AdapterConfig) -> list[Attachment]:
+    """A :class:`BottleneckAdapter` as ``pegp_adapter`` on every target module."""
+    attachments = []
     for module, width in _targets(model, config):
-        module.pegp_adapter = BottleneckAdapter(width, config)
-        module.register_forward_hook(_add_adapter, with_kwargs=True)
+        check_not_adapted(module, "pegp_adapter")
+        attachments.append(Attachment(module, "pegp_adapter", partial(BottleneckAdapter, width, config), _install))
+    return attachments
+
+
+def _install(module: nn.Module) -> None:
+    module.register_forward_hook(_add_adapter, with_kwargs=True)

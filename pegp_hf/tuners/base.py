@@ -84,3 +84,26 @@ class PETModule(nn.Module):
     def frozen_after_first_task(self) -> list[nn.Parameter]:
         """Weights to freeze once the first task is finished (none by default)."""
         return []
+
+
+@dataclass(frozen=True, eq=False)
+class Attachment:
+    """One tuner module a config adds: ``owner.<attribute> = build()`` (moved to the owner's device), then
+    ``install(owner)`` wires it in (hooks, attention implementation). Planning them first lets every check run
+    before the model changes, and lets the expected weight shapes be known without building the real weights."""
+
+    owner: nn.Module
+    attribute: str
+    build: Callable[[], PETModule]
+    install: Callable[[nn.Module], None]
+
+
+def device_of(module: nn.Module) -> torch.device:
+    """The device of ``module``'s first parameter (CPU for a module without any)."""
+    return next((p.device for p in module.parameters()), torch.device("cpu"))
+
+
+def check_not_adapted(module: nn.Module, attribute: str) -> None:
+    """Raise if ``module`` already carries a pegp_hf tuner as ``attribute`` (a second would add a second hook)."""
+    if hasattr(module, attribute):
+        raise ValueError(f"{type(module).__name__} already has a {attribute}: a block takes one tuner of each kind")

@@ -10,7 +10,6 @@ A saved folder holds ``adapter_model.safetensors`` (every tuner weight and the `
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 from importlib.metadata import PackageNotFoundError, version
@@ -22,15 +21,15 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from pegp_hf._keys import key_mismatch
-from pegp_hf.tuners.adapter import AdapterConfig, inject_adapters
-from pegp_hf.tuners.base import PETConfig, PETModule
-from pegp_hf.tuners.prefix import PrefixConfig, inject_prefixes
-from pegp_hf.tuners.prompt import PromptConfig, inject_prompts
+from pegp_hf.tuners.adapter import AdapterConfig, plan_adapters
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, device_of
+from pegp_hf.tuners.prefix import PrefixConfig, plan_prefixes
+from pegp_hf.tuners.prompt import PromptConfig, plan_prompts
 
 TUNERS = {
-    PromptConfig.pet_type: (PromptConfig, inject_prompts),
-    PrefixConfig.pet_type: (PrefixConfig, inject_prefixes),
-    AdapterConfig.pet_type: (AdapterConfig, inject_adapters),
+    PromptConfig.pet_type: (PromptConfig, plan_prompts),
+    PrefixConfig.pet_type: (PrefixConfig, plan_prefixes),
+    AdapterConfig.pet_type: (AdapterConfig, plan_adapters),
 }
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -45,14 +44,13 @@ def inject_pet(model: nn.Module, *configs: PETConfig) -> nn.Module:
     """Add the tuners of ``configs`` to ``model`` in place and freeze everything else except ``modules_to_save``.
 
     Several configs may target different stacks (``layers_pattern``), e.g. prompts in both towers of a CLIP model.
-    Returns ``model``.
+    Every check (blocks found, targets, one tuner of a kind per module, ``modules_to_save``) runs before the model
+    changes. Returns ``model``.
     """
-    if not configs:
-        raise ValueError("inject_pet needs at least one config")
-    for config in configs:
-        if config.pet_type not in TUNERS:
-            raise TypeError(f"{type(config).__name__} is not a pegp_hf tuner config ({', '.join(TUNERS)})")
-        TUNERS[config.pet_type][1](model, config)
+    attachments = _plan(model, configs)
+    for attachment in attachments:
+        setattr(attachment.owner, attachment.attribute, attachment.build().to(device_of(attachment.owner)))
+        attachment.install(attachment.owner)
     model.pegp_pet_configs = pet_configs(model) + list(configs)
     trainable = {id(p) for p in _pet_parameters(model).values()}
     for parameter in model.parameters():
@@ -60,17 +58,34 @@ def inject_pet(model: nn.Module, *configs: PETConfig) -> nn.Module:
     return model
 
 
-def _pet_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    """Tuner weights and ``modules_to_save`` weights, by their ``named_parameters`` names."""
-    suffixes = [suffix for config in pet_configs(model) for suffix in config.modules_to_save]
-    owners = [
-        prefix
-        for prefix, module in model.named_modules()
-        if isinstance(module, PETModule) or any(prefix == s or prefix.endswith(f".{s}") for s in suffixes)
-    ]
-    missing = [s for s in suffixes if not any(o == s or o.endswith(f".{s}") for o in owners)]
+def _plan(model: nn.Module, configs: tuple[PETConfig, ...] | list[PETConfig]) -> list[Attachment]:
+    """The attachments of ``configs``, with every check done and nothing changed."""
+    if not configs:
+        raise ValueError("inject_pet needs at least one config")
+    for config in configs:
+        if config.pet_type not in TUNERS:
+            raise TypeError(f"{type(config).__name__} is not a pegp_hf tuner config ({', '.join(TUNERS)})")
+    attachments = [a for config in configs for a in TUNERS[config.pet_type][1](model, config)]
+    if len({(id(a.owner), a.attribute) for a in attachments}) < len(attachments):
+        raise ValueError("two configs put a tuner of the same kind on the same module")
+    _saved_modules(model, [*pet_configs(model), *configs])
+    return attachments
+
+
+def _saved_modules(model: nn.Module, configs: list[PETConfig]) -> list[str]:
+    """Names of the modules that ``modules_to_save`` of ``configs`` select (name or name suffix)."""
+    suffixes = [suffix for config in configs for suffix in config.modules_to_save]
+    names = [n for n, _ in model.named_modules() if any(n == s or n.endswith(f".{s}") for s in suffixes)]
+    missing = [s for s in suffixes if not any(n == s or n.endswith(f".{s}") for n in names)]
     if missing:
         raise ValueError(f"modules_to_save names no module of the model: {missing}")
+    return names
+
+
+def _pet_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Tuner weights and ``modules_to_save`` weights, by their ``named_parameters`` names."""
+    owners = _saved_modules(model, pet_configs(model))
+    owners += [name for name, module in model.named_modules() if isinstance(module, PETModule)]
     return {name: p for name, p in model.named_parameters() if any(name.startswith(f"{o}.") for o in owners)}
 
 
@@ -137,11 +152,16 @@ def read_pet_configs(directory: str | os.PathLike) -> list[PETConfig]:
         raise ValueError(f"{path} is not a pegp_hf adapter config: {error!r}") from error
     configs = []
     for entry in entries:
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: a tuner entry is {type(entry).__name__}, not a JSON object")
         entry = dict(entry)
         kind = entry.pop("pet_type", None)
         if kind not in TUNERS:
             raise ValueError(f"{path}: unknown pet_type {kind!r} (known: {', '.join(TUNERS)})")
-        configs.append(TUNERS[kind][0](**entry))
+        try:
+            configs.append(TUNERS[kind][0](**entry))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{path}: the {kind} tuner config is invalid: {error}") from error
     return configs
 
 
@@ -169,7 +189,7 @@ def load_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Mo
     if present and [c.to_dict() for c in present] != [c.to_dict() for c in configs]:
         raise ValueError(f"the model already has other pegp_hf tuners than those saved in {directory}")
     if not present:
-        probe = _shapes_after_injection(model, configs)
+        probe = _shapes_after_injection(model, configs)  # raises for configs that do not fit the model
         mismatch = key_mismatch(probe, weights)
         wrong = [k for k in weights if k in probe and tuple(weights[k].shape) != probe[k]]
         if mismatch or wrong:
@@ -181,8 +201,15 @@ def load_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Mo
 
 
 def _shapes_after_injection(model: nn.Module, configs: list[PETConfig]) -> dict[str, tuple[int, ...]]:
-    """The tuner weight shapes ``model`` would have after ``inject_pet(model, *configs)``, on a meta-device copy."""
+    """The weight shapes :func:`get_pet_state_dict` would give after ``inject_pet(model, *configs)``; the tuner
+    modules are built on the meta device, and the model is not changed."""
+    names = {id(module): name for name, module in model.named_modules()}
+    shapes = {}
     with torch.device("meta"):
-        probe = copy.deepcopy(model).to("meta")
-        inject_pet(probe, *configs)
-    return {name: tuple(t.shape) for name, t in get_pet_state_dict(probe).items()}
+        for attachment in _plan(model, configs):
+            for name, parameter in attachment.build().named_parameters():
+                shapes[f"{names[id(attachment.owner)]}.{attachment.attribute}.{name}"] = tuple(parameter.shape)
+    for owner in _saved_modules(model, configs):
+        for name, parameter in model.get_submodule(owner).named_parameters():
+            shapes[f"{owner}.{name}"] = tuple(parameter.shape)
+    return shapes

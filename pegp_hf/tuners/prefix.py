@@ -3,8 +3,8 @@ chosen attention modules, through transformers' ``AttentionInterface``.
 
 Each adapted attention module gets a private copy of its config whose ``_attn_implementation`` is
 ``"pegp_prefix"``; that function concatenates the prefixes, widens the attention mask (prefix columns are always
-visible, causal or not) and calls the module's own implementation (SDPA, flash, ...; eager models run SDPA). Other
-modules and the model's config are untouched.
+visible, causal or not) and calls SDPA (the modules of an eager model run SDPA too; flash and flex attention, whose
+masks take other forms, are refused). Other modules and the model's config are untouched.
 
 PEGP condition, per head ``h``: the logit of an old query ``q_h`` on prefix row ``j`` is ``q_h . p_K[h, j]``; it
 stays put when ``delta p_K[h]`` is orthogonal to ``span(old q_h)``. Orthogonality of the concatenated key vector
@@ -17,8 +17,8 @@ basis (``key.<h>``), its features being that head's queries. The value prefix ca
 from __future__ import annotations
 
 import copy
-import functools
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -26,7 +26,7 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, ProtectedTensor, check_not_adapted
 from pegp_hf.tuners.discovery import attention_heads, attention_module, find_block_stacks, select_layers
 
 ATTENTION_NAME = "pegp_prefix"
@@ -48,6 +48,8 @@ class PrefixConfig(PETConfig):
     init_std: float = 0.02
 
     def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"length must be at least 1, got {self.length}")
         if self.value_prefix not in ("free", "freeze_after_first_task"):
             raise ValueError(f"value_prefix must be 'free' or 'freeze_after_first_task', got {self.value_prefix!r}")
 
@@ -74,9 +76,7 @@ class Prefix(PETModule):
 
     def protected_tensors(self, name: str) -> list[ProtectedTensor]:
         return [
-            ProtectedTensor(
-                f"{name}.key.{h}", "prefix_key", self.key, str(h), self, functools.partial(_head_queries, h)
-            )
+            ProtectedTensor(f"{name}.key.{h}", "prefix_key", self.key, str(h), self, partial(_head_queries, h))
             for h, key in enumerate(self.key)
             if key.requires_grad
         ]
@@ -114,6 +114,11 @@ def prefix_attention(
     """An ``AttentionInterface`` function: ``module.pegp_prefix``'s prefixes before ``key`` / ``value``
     (``(B, heads, S, head_dim)``), then the module's own attention implementation."""
     prefix: Prefix = module.pegp_prefix
+    if key.shape[1] != query.shape[1]:
+        raise ValueError(
+            f"prefixes need as many key / value heads as query heads ({key.shape[1]} vs {query.shape[1]}): grouped-"
+            "query attention is not supported"
+        )
     key_prefix, value_prefix = prefix(query)
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
@@ -126,16 +131,28 @@ def prefix_attention(
 AttentionInterface.register(ATTENTION_NAME, prefix_attention)
 
 
-def inject_prefixes(model: nn.Module, config: PrefixConfig) -> None:
-    """Add a :class:`Prefix` as ``pegp_prefix`` to the attention module of the chosen blocks, in place."""
+def plan_prefixes(model: nn.Module, config: PrefixConfig) -> list[Attachment]:
+    """A :class:`Prefix` as ``pegp_prefix`` on the attention module of the chosen blocks."""
+    attachments = []
     for _, stack in find_block_stacks(model, config.layers_pattern):
         for index in select_layers(len(stack), config.layers):
             _, attention = attention_module(stack[index])
+            check_not_adapted(attention, "pegp_prefix")
             if not hasattr(attention, "config"):
                 raise ValueError(f"{type(attention).__name__} has no config: it does not use AttentionInterface")
             current = attention.config._attn_implementation
-            inner = current if current in ALL_ATTENTION_FUNCTIONS and current != ATTENTION_NAME else "sdpa"
+            if current not in (None, "eager", "sdpa"):
+                raise ValueError(
+                    f"prefixes run through SDPA; this model uses attn_implementation={current!r}, whose masks take "
+                    "other forms: load it with attn_implementation='sdpa'"
+                )
             num_heads, head_dim = attention_heads(attention)
-            attention.pegp_prefix = Prefix(num_heads, config.length, head_dim, config, inner)
-            attention.config = copy.copy(attention.config)
-            attention.config._attn_implementation = ATTENTION_NAME
+            build = partial(Prefix, num_heads, config.length, head_dim, config, "sdpa")
+            attachments.append(Attachment(attention, "pegp_prefix", build, _route_through_prefix))
+    return attachments
+
+
+def _route_through_prefix(attention: nn.Module) -> None:
+    """Give ``attention`` a private config copy that selects :func:`prefix_attention`."""
+    attention.config = copy.copy(attention.config)
+    attention.config._attn_implementation = ATTENTION_NAME

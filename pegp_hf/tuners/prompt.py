@@ -9,19 +9,23 @@ are removed again, so heads that read the CLS or the mean of patch tokens see th
 
 PEGP condition: the prompt rows enter the block as tokens, next to the old token inputs ``X``; the update ``delta p``
 must be orthogonal to the union of ``span(X)`` and ``span(old p)`` (PGP; the official code sums two PCA bases whose
-rows mean different things, we stack the vectors). That union is exactly the block's input sequence after the
-prompt is put in, so one hook on the :class:`Prompt` module's output gives the features: ``X p^T`` is kept.
+rows mean different things, we stack the vectors). That union is the block's input sequence after the prompt is put
+in, so one hook on the :class:`Prompt` module's output gives the features: ``X p^T`` is kept. The ``L`` prompt rows
+are few and start small next to ``T`` tokens, so an energy threshold would drop them: the features scale the prompt
+rows of each batch to the tokens' total energy, and the two spans enter the basis with equal weight (at eps 0.97 at
+most 6% of either part's energy is left out).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
 
-from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor, module_output
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, ProtectedTensor, check_not_adapted
 from pegp_hf.tuners.discovery import find_block_stacks, hidden_size, select_layers
 
 
@@ -40,6 +44,10 @@ class PromptConfig(PETConfig):
     length: int = 10
     insert: bool = True
     init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        if self.length < 1:
+            raise ValueError(f"length must be at least 1, got {self.length}")
 
 
 class Prompt(PETModule):
@@ -63,17 +71,27 @@ class Prompt(PETModule):
     def protected_tensors(self, name: str) -> list[ProtectedTensor]:
         if not self.prompt.requires_grad:
             return []
-        return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self, module_output)]
+        return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self, self.tokens_and_prompt_rows)]
+
+    def tokens_and_prompt_rows(self, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """Features of the prompt: the block input's token rows ``(B, T, d)`` and its prompt rows ``(B, L, d)``,
+        the latter scaled to the same total energy, stacked as ``(B, T + L, d)``."""
+        length = self.prompt.shape[0]
+        tokens = torch.cat([output[:, :1], output[:, 1 + length :]], dim=1).float()
+        rows = output[:, 1 : 1 + length].float()
+        scale = (tokens.pow(2).sum() / rows.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+        return torch.cat([tokens, rows * scale], dim=1)
 
 
 def _put_prompt(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
     """Forward pre-hook of a prompted block: its hidden states go through ``block.pegp_prompt``."""
     prompt: Prompt = block.pegp_prompt
     mask = args[1] if len(args) > 1 else kwargs.get("attention_mask")
-    if prompt.insert and mask is not None:
+    if prompt.insert and (mask is not None or kwargs.get("is_causal")):
         raise ValueError(
-            "prompt insertion changes the sequence length, but this block gets an attention mask: use "
-            "PromptConfig(insert=False) with placeholder tokens after the first token"
+            "prompt insertion changes the sequence length, but this block gets an attention mask or is causal (a "
+            "text tower): use PromptConfig(insert=False, layers_pattern=...) with placeholder tokens after the first "
+            "token"
         )
     if args:
         return (prompt(args[0]), *args[1:]), kwargs
@@ -88,15 +106,22 @@ def _remove_inserted(block: nn.Module, args: tuple[Any, ...], output: Any) -> An
     return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
 
 
-def inject_prompts(model: nn.Module, config: PromptConfig) -> None:
-    """Add a :class:`Prompt` as ``pegp_prompt`` to the chosen blocks of every matching stack, in place."""
+def plan_prompts(model: nn.Module, config: PromptConfig) -> list[Attachment]:
+    """A :class:`Prompt` as ``pegp_prompt`` on the chosen blocks of every matching stack; with insertion, the stack's
+    last block drops the inserted tokens again."""
+    attachments = []
     for _, stack in find_block_stacks(model, config.layers_pattern):
-        chosen = select_layers(len(stack), config.layers)
-        for position, index in enumerate(chosen):
-            block = stack[index]
-            insert = config.insert and position == 0
-            block.pegp_prompt = Prompt(config.length, hidden_size(block), insert, config.init_std)
-            block.register_forward_pre_hook(_put_prompt, with_kwargs=True)
-        if config.insert:
-            stack[-1].pegp_inserted_tokens = config.length
-            stack[-1].register_forward_hook(_remove_inserted)
+        for position, index in enumerate(select_layers(len(stack), config.layers)):
+            block, insert = stack[index], config.insert and position == 0
+            check_not_adapted(block, "pegp_prompt")
+            build = partial(Prompt, config.length, hidden_size(block), insert, config.init_std)
+            install = partial(_install, last=stack[-1] if insert else None, length=config.length)
+            attachments.append(Attachment(block, "pegp_prompt", build, install))
+    return attachments
+
+
+def _install(block: nn.Module, last: nn.Module | None, length: int) -> None:
+    block.register_forward_pre_hook(_put_prompt, with_kwargs=True)
+    if last is not None:
+        last.pegp_inserted_tokens = length
+        last.register_forward_hook(_remove_inserted)
