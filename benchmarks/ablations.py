@@ -27,6 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
+from benchmarks._common import mean_std, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 OPTIMIZERS = {
@@ -61,8 +62,7 @@ def summarize(runs: list[dict], settings: list[str]) -> str:
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     for setting in settings:
         chosen = [r for r in runs if r["setting"] == setting]
-        cells = [f"{np.mean([r[m] for r in chosen]):.1f} +- {np.std([r[m] for r in chosen]):.1f}"
-                 for m in ("acc", "forgetting", "til_acc", "til_forgetting")]  # fmt: skip
+        cells = [mean_std([r[m] for r in chosen]) for m in ("acc", "forgetting", "til_acc", "til_forgetting")]
         overlaps = [r["max_update_overlap"] for r in chosen if r["max_update_overlap"] is not None]
         cells.append(f"{max(overlaps):.1e}" if overlaps else "-")
         shares = defaultdict(list)
@@ -100,7 +100,7 @@ def plot_thresholds(runs: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    own, passthrough = split_recipe_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/ablations")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="class-order seeds")

@@ -16,10 +16,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
+from benchmarks._common import mean_std, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 HEADS = ("masked_linear", "prototype", "aligned")
@@ -37,17 +36,14 @@ def table(runs: list[dict], metrics: tuple[str, ...]) -> str:
             chosen = [r for r in runs if r["head"] == head and r["method"] == method]
             if not chosen:
                 continue
-            cells = []
-            for metric in metrics:
-                values = np.array([r[metric] for r in chosen])
-                cells.append(f"{values.mean():.1f} +- {values.std():.1f}")
+            cells = [mean_std([r[metric] for r in chosen]) for metric in metrics]
             lines.append(f"| {head} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    own, passthrough = split_recipe_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/class_incremental_heads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="class-order seeds")

@@ -19,10 +19,9 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
+from benchmarks._common import mean_std, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 PETS = ("lora", "adapter", "prefix", "prompt")
@@ -40,7 +39,7 @@ def table(runs: list[dict]) -> str:
             if chosen:
                 cells = [
                     "-" if method == "joint" and m.startswith("til") else
-                    f"{np.mean([r[m] for r in chosen]):.1f} +- {np.std([r[m] for r in chosen]):.1f}"
+                    mean_std([r[m] for r in chosen])
                     for m in METRICS
                 ]  # fmt: skip
                 lines.append(f"| {pet} | {method} | " + " | ".join(cells) + " |")
@@ -49,7 +48,7 @@ def table(runs: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    own, passthrough = split_recipe_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/paradigms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="class-order seeds")

@@ -32,7 +32,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from pegp_hf._keys import key_mismatch
+from pegp_hf._keys import key_mismatch, state_mismatch
 from pegp_hf.heads import ClassStatistics
 from pegp_hf.tuners.model import get_pet_state_dict, save_pet_pretrained, set_pet_state_dict
 
@@ -208,15 +208,10 @@ def read_adapter_weights(
     (PEFT itself would skip unknown keys silently). Load the result with :func:`load_adapter_weights`."""
     path = Path(directory) / ADAPTER_WEIGHTS_NAME
     stored = read_safetensors(path)
-    expected = adapter_state_dict(model, adapter_name)
-    mismatch = key_mismatch(expected, stored)
+    expected = {key: tuple(tensor.shape) for key, tensor in adapter_state_dict(model, adapter_name).items()}
+    mismatch = state_mismatch(expected, stored)
     if mismatch:
         raise CheckpointError(f"{path} does not match the model's adapter: {mismatch}")
-    for key, tensor in stored.items():
-        if tensor.shape != expected[key].shape:
-            raise CheckpointError(
-                f"{path}: {key} has shape {tuple(tensor.shape)} but the model's is {tuple(expected[key].shape)}"
-            )
     return stored
 
 

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from pegp_hf._keys import key_mismatch
+from pegp_hf._keys import state_mismatch
 from pegp_hf.tuners.adapter import AdapterConfig, plan_adapters
 from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, device_of
 from pegp_hf.tuners.prefix import PrefixConfig, plan_prefixes
@@ -101,14 +101,9 @@ def set_pet_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
         ValueError: naming the missing / unexpected keys or the first shape that differs; nothing is copied then.
     """
     parameters = _pet_parameters(model)
-    mismatch = key_mismatch(parameters, state_dict)
+    mismatch = state_mismatch({name: tuple(p.shape) for name, p in parameters.items()}, state_dict)
     if mismatch:
         raise ValueError(f"the tuner weights do not match the model: {mismatch}")
-    for name, tensor in state_dict.items():
-        if tensor.shape != parameters[name].shape:
-            raise ValueError(
-                f"{name} has shape {tuple(tensor.shape)} but the model's is {tuple(parameters[name].shape)}"
-            )
     with torch.no_grad():
         for name, tensor in state_dict.items():
             parameters[name].copy_(tensor)
@@ -190,11 +185,9 @@ def load_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Mo
         raise ValueError(f"the model already has other pegp_hf tuners than those saved in {directory}")
     if not present:
         probe = _shapes_after_injection(model, configs)  # raises for configs that do not fit the model
-        mismatch = key_mismatch(probe, weights)
-        wrong = [k for k in weights if k in probe and tuple(weights[k].shape) != probe[k]]
-        if mismatch or wrong:
-            detail = mismatch or f"{wrong[0]} has shape {tuple(weights[wrong[0]].shape)}, the model's {probe[wrong[0]]}"
-            raise ValueError(f"{directory} does not fit this model: {detail}")
+        mismatch = state_mismatch(probe, weights)
+        if mismatch:
+            raise ValueError(f"{directory} does not fit this model: {mismatch}")
         inject_pet(model, *configs)
     set_pet_state_dict(model, weights)
     return model

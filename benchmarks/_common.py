@@ -1,0 +1,21 @@
+"""What the benchmarks that drive the recipe share: splitting their own flags from the recipe's, and table cells."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def split_recipe_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``[own flags] -- [recipe flags]`` -> ``(own, recipe)``; without ``--`` every flag is the benchmark's own."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``"mean +- std"`` with one decimal (population std, as over class orders)."""
+    return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
