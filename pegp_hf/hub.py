@@ -31,6 +31,34 @@ def _matrix_table(matrix: list[list[float | None]]) -> str:
     return "\n".join(lines)
 
 
+def _measures(results: dict[str, Any], done: int) -> str:
+    """The evaluators' matrices (ACC / Forgetting / BWT) and per-task figures, if any (e.g. zero-shot accuracy)."""
+    builtin = ("class_incremental", "task_incremental")
+    matrices = [k for k, v in results.items() if isinstance(v, dict) and "accuracy_matrix" in v and k not in builtin]
+    figures = results.get("task_metrics", [])[:done]
+    if not matrices and not figures:
+        return ""
+    lines = ["", "## Further measures", ""]
+    if matrices:
+        lines += ["| matrix | ACC | Forgetting | BWT |", "|---|---|---|---|"]
+        lines += [f"| {k} | {results[k]['acc']:.2f} | {results[k]['forgetting']:.2f} | {results[k]['bwt']:.2f} |"
+                  for k in matrices]  # fmt: skip
+        lines.append("")
+    keys = list(dict.fromkeys(key for row in figures for key in row))
+    if keys:
+        initial = results.get("initial_metrics", {})
+        lines += ["| after task | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
+        if initial:
+            lines.append("| before | " + " | ".join(_cell(initial.get(k)) for k in keys) + " |")
+        lines += [f"| {t + 1} | " + " | ".join(_cell(row.get(k)) for k in keys) + " |" for t, row in enumerate(figures)]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _cell(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def model_card(state: dict[str, Any], base_model: str | None, tuners: list[str] = ("lora",)) -> str:
     """A Hub model card (``README.md``) for the task checkpoint described by ``state`` (its ``pegp_state.json``);
     ``tuners``: ``["lora"]`` for a PEFT LoRA adapter, else the pegp_hf tuner types."""
@@ -86,7 +114,7 @@ Rows are tasks, columns are "after training task t".
 {_matrix_table([row[:done] for row in results[headline]["accuracy_matrix"][:done]])}
 
 ACC {results["acc"]:.2f} | Forgetting {results["forgetting"]:.2f} | BWT {results["bwt"]:.2f}
-
+{_measures(results, done)}
 ## Citation
 
 ```bibtex

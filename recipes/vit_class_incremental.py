@@ -49,7 +49,7 @@ from transformers import (
 from pegp_hf import ContinualPEGPTrainer, PEGPTrainingArguments, TaskSequence
 from pegp_hf.data import class_incremental_tasks, domain_incremental_tasks, online_tasks, task_incremental_tasks
 from pegp_hf.datasets_offline import EMBEDDED, load_embedded
-from pegp_hf.tuners import get_pet_model
+from pegp_hf.tuners import get_pet_model, parse_layers
 
 logger = logging.getLogger("vit_class_incremental")
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
@@ -208,18 +208,6 @@ def build_model(script: ScriptArguments, num_labels: int, seed: int) -> torch.nn
         modules_to_save=["classifier"],
         lora_targets=script.lora_target_modules,
     )
-
-
-def parse_layers(text: str) -> list[int] | str | None:
-    """``--pet_layers``: ``paper`` -> ``None`` (the tuners' default), ``all``, or ``0,1,2`` -> ``[0, 1, 2]``."""
-    if text in ("paper", "all"):
-        return None if text == "paper" else "all"
-    try:
-        return [int(item) for item in text.split(",")]
-    except ValueError as error:
-        raise ValueError(
-            f"--pet_layers must be 'paper', 'all' or comma-separated block indices, got {text!r}"
-        ) from error
 
 
 def format_matrix(matrix: list[list[float | None]]) -> str:

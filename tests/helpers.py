@@ -120,3 +120,47 @@ def _world_size() -> int:
     import os
 
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+CLIP_WORDS = ["a", "photo", "of", "the", "an", "image", "drawing", "bad", "close-up", ".", "circle", "square",
+              "cross", "bar", "dot", "ring"]  # fmt: skip
+
+
+def tiny_clip_tokenizer():
+    """A word-level tokenizer built in memory (no download): ``[BOS] words [EOS]``, padded with ``[PAD]``."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[PAD]", "[UNK]", "[BOS]", "[EOS]", *CLIP_WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(" ", "removed")
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[BOS] $A [EOS]", special_tokens=[("[BOS]", 2), ("[EOS]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token="[PAD]", unk_token="[UNK]", bos_token="[BOS]", eos_token="[EOS]"
+    )
+
+
+def tiny_clip(seed: int = 0, image_size: int = IMAGE, channels: int = 1):
+    """A 2-layer CLIPModel (hidden 32, ``image_size`` images, patches of 4) that pools the text at ``[EOS]``."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    tower = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
+    config = CLIPConfig(
+        text_config=dict(**tower, vocab_size=4 + len(CLIP_WORDS), max_position_embeddings=16, pad_token_id=0,
+                         bos_token_id=2, eos_token_id=3),
+        vision_config=dict(**tower, image_size=image_size, patch_size=4, num_channels=channels),
+        projection_dim=16,
+    )  # fmt: skip
+    return CLIPModel(config).eval()
+
+
+def with_captions(split: Dataset, names: list[str], seed: int = 0) -> Dataset:
+    """``split`` plus a ``caption`` column: each row's class name in one of two templates."""
+    templates = ["a photo of a {} .", "an image of the {} ."]
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(split.with_format(None)["label"])
+    captions = [templates[k].format(names[y]) for k, y in zip(rng.integers(2, size=len(labels)), labels, strict=True)]
+    return split.with_format(None).add_column("caption", captions).with_format("torch")

@@ -15,7 +15,7 @@ from torch import nn
 
 from pegp_hf.tuners.adapter import AdapterConfig, BottleneckAdapter
 from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor
-from pegp_hf.tuners.factory import PAPER_WIDTHS, PETS, get_pet_model
+from pegp_hf.tuners.factory import PAPER_WIDTHS, PETS, get_pet_model, parse_layers
 from pegp_hf.tuners.lora import lora_protected_tensors
 from pegp_hf.tuners.model import (
     get_pet_state_dict,
@@ -48,6 +48,7 @@ __all__ = [
     "inject_pet",
     "load_pet_pretrained",
     "lora_protected_tensors",
+    "parse_layers",
     "pet_configs",
     "read_pet_configs",
     "save_pet_pretrained",

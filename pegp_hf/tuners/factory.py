@@ -65,3 +65,15 @@ def get_pet_model(
     config_class = {"adapter": AdapterConfig, "prefix": PrefixConfig, "prompt": PromptConfig}[pet]
     size = {"adapter": "width"}.get(pet, "length")
     return inject_pet(model, config_class(**common, **{size: width}, **options))
+
+
+def parse_layers(text: str) -> list[int] | str | None:
+    """``--pet_layers``: ``paper`` -> ``None`` (the tuners' default), ``all``, or ``0,1,2`` -> ``[0, 1, 2]``."""
+    if text in ("paper", "all"):
+        return None if text == "paper" else "all"
+    try:
+        return [int(item) for item in text.split(",")]
+    except ValueError as error:
+        raise ValueError(
+            f"--pet_layers must be 'paper', 'all' or comma-separated block indices, got {text!r}"
+        ) from error

@@ -1,0 +1,147 @@
+"""CLIP as a continual classifier: image embeddings against the text embeddings of class-name prompts.
+
+:class:`CLIPForClassNameClassification` wraps a dual encoder (``transformers.CLIPModel``,
+``VisionTextDualEncoderModel``, or anything with ``get_image_features`` / ``get_text_features`` and a
+``logit_scale``) and a tokenizer. Each class ``c`` is described by its name in ``K`` templates ("a photo of a
+{}."); its text embedding is the normalised mean of the ``K`` normalised prompt embeddings (CLIP's prompt
+ensembling), computed at every forward pass, so PET on the text tower moves it. The logits are
+``logit_scale.exp() * image_embeds @ class_embeds.T`` ``(batch, num_classes)``: the class-name-text classification of
+CLIP's zero-shot protocol, trained with the trainer's cross-entropy.
+
+Only the classes made known with :meth:`~CLIPForClassNameClassification.reveal_classes` (the trainer does it at the
+start of each task) are encoded; the others get the lowest logit. So a future class name never reaches the text
+tower: not in a gradient, and not in the features the PEGP bases are grown from.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import ModelOutput
+
+DEFAULT_TEMPLATES = (  # a few of CLIP's ImageNet prompts
+    "a photo of a {}.",
+    "a bad photo of a {}.",
+    "a drawing of a {}.",
+    "a close-up photo of a {}.",
+    "an image of a {}.",
+)
+
+
+@dataclass
+class CLIPClassNameOutput(ModelOutput):
+    """``logits`` ``(B, C)`` for ``pixel_values``; ``image_embeds`` ``(B, D)`` and ``text_embeds`` ``(M, D)``
+    (L2-normalised) for ``pixel_values`` / ``input_ids``."""
+
+    logits: torch.Tensor | None = None
+    image_embeds: torch.Tensor | None = None
+    text_embeds: torch.Tensor | None = None
+
+
+class CLIPForClassNameClassification(nn.Module):
+    """A dual encoder that classifies images among class-name prompts (see the module docstring).
+
+    Args:
+        dual_encoder: ``CLIPModel`` / ``VisionTextDualEncoderModel`` (registered as ``self.clip``, so PET and
+            ``layers_pattern="vision_model"`` / ``"text_model"`` find its towers).
+        tokenizer: the text tower's tokenizer.
+        class_names: one name per label id; the label ids of the task sequence index this list.
+        templates: ``K`` prompt templates with one ``{}`` for the class name.
+    """
+
+    base_model_prefix = "clip"  # read by PEFT (transformers' weight-conversion lookup), as on a PreTrainedModel
+
+    def __init__(
+        self,
+        dual_encoder: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        class_names: Sequence[str],
+        templates: Sequence[str] = DEFAULT_TEMPLATES,
+    ) -> None:
+        super().__init__()
+        if not class_names:
+            raise ValueError("class_names is empty: the classifier needs one name per label id")
+        if len(set(class_names)) != len(class_names):
+            raise ValueError(f"class_names has duplicates: {list(class_names)}")
+        bad = [t for t in templates if t.count("{}") != 1]
+        if not templates or bad:
+            raise ValueError(f"templates must be non-empty and hold exactly one '{{}}' each; wrong: {bad}")
+        for method in ("get_image_features", "get_text_features"):
+            if not hasattr(dual_encoder, method):
+                raise TypeError(f"{type(dual_encoder).__name__} has no {method}: pass a CLIP-style dual encoder")
+        self.clip = dual_encoder
+        self.tokenizer = tokenizer
+        self.class_names = list(class_names)
+        self.templates = list(templates)
+        self.config = copy.deepcopy(dual_encoder.config)  # the wrapper's labels, without touching the encoder's
+        self.config.id2label = dict(enumerate(self.class_names))
+        self.config.label2id = {name: index for index, name in enumerate(self.class_names)}
+        prompts = self.tokenize([t.format(name) for name in self.class_names for t in self.templates])
+        count, length = len(self.class_names), prompts["input_ids"].shape[1]
+        for key, value in prompts.items():  # (C, K, L): moved with the model, not saved
+            self.register_buffer(f"class_{key}", value.view(count, len(self.templates), length), persistent=False)
+        self.register_buffer("known", torch.zeros(count, dtype=torch.bool), persistent=False)
+
+    def tokenize(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``input_ids`` / ``attention_mask`` (and ``token_type_ids`` if the tokenizer makes them), ``(M, L)``."""
+        return dict(self.tokenizer(list(texts), padding=True, truncation=True, return_tensors="pt"))
+
+    def reveal_classes(self, classes: Sequence[int]) -> None:
+        """Encode ``classes`` (label ids) from now on; every other class gets the lowest logit."""
+        known = torch.zeros_like(self.known)
+        known[list(classes)] = True
+        self.known.copy_(known)
+
+    def class_embeddings(self) -> torch.Tensor:
+        """``(C, D)``: the prompt-ensembled, normalised text embedding of each known class; zero rows elsewhere."""
+        index = self.known.nonzero().squeeze(1)
+        inputs = {key.removeprefix("class_"): buffer[index].flatten(0, 1) for key, buffer in self._prompt_buffers()}
+        prompts = self.encode_text(**inputs).view(len(index), len(self.templates), -1)
+        embeds = F.normalize(prompts.mean(dim=1), dim=-1)
+        return embeds.new_zeros(len(self.class_names), embeds.shape[1]).index_copy(0, index, embeds)
+
+    def _prompt_buffers(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, buffer) for name, buffer in self.named_buffers(recurse=False) if name != "known"]
+
+    def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` -> ``(B, D)`` normalised image embeddings."""
+        return F.normalize(self.clip.get_image_features(pixel_values=pixel_values).pooler_output, dim=-1)
+
+    def encode_text(self, **inputs: torch.Tensor) -> torch.Tensor:
+        """Tokenised text ``(M, L)`` -> ``(M, D)`` normalised text embeddings."""
+        return F.normalize(self.clip.get_text_features(**inputs).pooler_output, dim=-1)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+        class_logits: bool = True,
+    ) -> CLIPClassNameOutput:
+        """Embed the images and / or texts given; with images and ``class_logits``, also the logits over the
+        known classes (``torch.finfo.min`` for the others). Going through ``forward`` (not the ``encode_*``
+        helpers) keeps FSDP / DDP wrappers in charge of the parameters."""
+        if pixel_values is None and input_ids is None:
+            raise ValueError("pass pixel_values, input_ids, or both")
+        output = CLIPClassNameOutput()
+        if input_ids is not None:
+            text = {"input_ids": input_ids, "attention_mask": attention_mask}
+            if token_type_ids is not None:
+                text["token_type_ids"] = token_type_ids
+            output.text_embeds = self.encode_text(**text)
+        if pixel_values is not None:
+            output.image_embeds = self.encode_image(pixel_values)
+            if class_logits:
+                if not self.known.any():
+                    raise RuntimeError("no class is known yet: call reveal_classes(label ids) first")
+                classes = self.class_embeddings().to(output.image_embeds.dtype)
+                logits = self.clip.logit_scale.exp() * output.image_embeds @ classes.T
+                output.logits = logits.masked_fill(~self.known, torch.finfo(logits.dtype).min)
+        return output

