@@ -12,6 +12,7 @@ from pegp_hf.heads import HEADS
 
 METHODS = ("pegp", "sequential", "head_only")
 REPROJECTION = ("auto", "on", "off")
+LOSS_CLASSES = ("task", "seen")
 
 
 @dataclass
@@ -66,6 +67,16 @@ class PEGPTrainingArguments(TrainingArguments):
             "choices": list(PROJECTION_MODES),
         },
     )
+    loss_classes: str = field(
+        default="task",
+        metadata={
+            "help": "Classes whose logits compete in the training loss of a class-split task. task: the task's own "
+            "classes (the paper's protocol for linear heads: old head rows get no gradient). seen: every class seen "
+            "so far (CLIP's protocol: the old classes' text embeddings exist without replay, so new images learn to "
+            "beat them).",
+            "choices": list(LOSS_CLASSES),
+        },
+    )
     head: str = field(
         default="masked_linear",
         metadata={
@@ -106,6 +117,8 @@ class PEGPTrainingArguments(TrainingArguments):
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.projection_mode not in PROJECTION_MODES:
             raise ValueError(f"projection_mode must be one of {PROJECTION_MODES}, got {self.projection_mode!r}")
+        if self.loss_classes not in LOSS_CLASSES:
+            raise ValueError(f"loss_classes must be one of {LOSS_CLASSES}, got {self.loss_classes!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
         if self.head_shrinkage < 0:

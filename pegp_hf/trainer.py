@@ -3,11 +3,12 @@
 Per task ``t`` (Qiao et al., PEGP, arXiv 2405.13383, section 4 of ``docs/method.md``):
 
 1. fresh optimizer and scheduler, then ``Trainer.train`` on the task's data. Logits of classes outside the task are
-   masked in the loss (class- / task-incremental, online), so the head's old rows get no gradient; the head itself is
-   trained but **not projected**. Every protected PET gradient is projected once per optimizer step, in
-   ``training_step`` of the micro-batch where ``accelerator.sync_gradients`` is True: after gradient accumulation
-   and the all-reduce, before clipping (under DeepSpeed, which steps inside backward, by tensor hooks instead; see
-   ``backends.py``). The update is re-projected after the step when the optimizer needs it.
+   masked in the loss (class- / task-incremental, online; ``loss_classes="seen"`` keeps every seen class), so the
+   head's old rows get no gradient; the head itself is trained but **not projected**. Every protected PET gradient
+   is projected once per optimizer step, in ``training_step`` of the micro-batch where
+   ``accelerator.sync_gradients`` is True: after gradient accumulation and the all-reduce, before clipping (under
+   DeepSpeed, which steps inside backward, by tensor hooks instead; see ``backends.py``). The update is re-projected
+   after the step when the optimizer needs it.
 2. ``feature_samples`` training samples run through the model (eval mode, no grad); the feature covariance of every
    protected tensor grows its basis by the GPM rule.
 3. every seen task's test set is predicted: the class-incremental accuracy (logits of all seen classes compete) and
@@ -296,7 +297,6 @@ class ContinualPEGPTrainer(Trainer):
             raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
         first = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
         if first == 0 and self.evaluators:
-            self._reveal_classes(self.tasks[0].classes)
             self.initial_metrics = {k: v for e in self.evaluators for k, v in e.before_sequence(self).items()}
         steps, losses = 0, []
         for index in range(first, len(self.tasks)):
@@ -312,8 +312,10 @@ class ContinualPEGPTrainer(Trainer):
         self.train_dataset, self.eval_dataset = task.train, task.test
         self.optimizer = self.lr_scheduler = None
         self._reproject, self._update_record, self._task_update_record = None, None, None
-        self._train_classes = self._class_mask(task.classes) if self.tasks.disjoint else None
-        self._reveal_classes(sorted(set().union(*(t.classes for t in self.tasks[: index + 1]))))
+        seen = sorted(set().union(*(t.classes for t in self.tasks[: index + 1])))
+        competing = task.classes if self.args.loss_classes == "task" else seen
+        self._train_classes = self._class_mask(competing) if self.tasks.disjoint else None
+        self._reveal_classes(seen)
         if index > 0 and self.args.method == "pegp":
             for parameter in frozen_after_first_task(self.model):
                 parameter.requires_grad_(False)
@@ -592,7 +594,16 @@ class ContinualPEGPTrainer(Trainer):
             "results": results,
             "config": {
                 key: getattr(self.args, key)
-                for key in ("method", "head", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
+                for key in (
+                    "method",
+                    "head",
+                    "threshold",
+                    "feature_samples",
+                    "protect",
+                    "update_reprojection",
+                    "loss_classes",
+                    "seed",
+                )
             },
             "versions": library_versions(),
         }

@@ -60,6 +60,19 @@ def test_masked_loss_never_touches_old_class_rows_of_the_head(tmp_path):
     assert np.allclose(stored[second].numpy(), initial[second].numpy())  # task-2 rows untouched during task 1
 
 
+def test_seen_loss_classes_let_old_rows_compete_while_future_rows_stay_out(tmp_path):
+    tasks = class_incremental_tasks(TRAIN, TEST, 2)
+    model = tiny_vit(4)
+    head = model.base_model.model.classifier.modules_to_save["default"]
+    initial = head.weight.detach().clone()
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path, loss_classes="seen"), tasks=tasks)
+    trainer.train()
+    first, second = list(tasks[0].classes), list(tasks[1].classes)
+    stored = load_file(f"{tmp_path}/task-1/adapter_model.safetensors")["base_model.model.classifier.weight"]
+    assert np.allclose(stored[second].numpy(), initial[second].numpy())  # future classes stay out during task 1
+    assert not np.allclose(head.weight[first].detach().numpy(), stored[first].numpy())  # old rows compete in task 2
+
+
 def test_task_incremental_headline_is_the_task_aware_matrix(tmp_path):
     trainer, _ = run(tmp_path, task_incremental_tasks(TRAIN, TEST, 2))
     results = trainer.continual_results()
@@ -137,6 +150,8 @@ def test_missing_label_column_is_named(tmp_path):
 def test_arguments_are_checked(tmp_path):
     with pytest.raises(ValueError, match="threshold must be in"):
         PEGPTrainingArguments(output_dir=str(tmp_path), threshold=1.5)
+    with pytest.raises(ValueError, match="loss_classes must be one of"):
+        PEGPTrainingArguments(output_dir=str(tmp_path), loss_classes="all")
     with pytest.raises(ValueError, match="method must be one of"):
         PEGPTrainingArguments(output_dir=str(tmp_path), method="ewc")
     with pytest.raises(ValueError, match="save_strategy must be 'no'"):
