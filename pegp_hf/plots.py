@@ -90,6 +90,10 @@ def plot_task_metrics(
 
 
 def _save(figure: Any, path: str | Path) -> Path:
+    from matplotlib.ticker import MaxNLocator
+
+    for axes in figure.axes:
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # tasks are whole numbers
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
