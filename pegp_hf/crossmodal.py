@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from datasets import Dataset
 
+from pegp_hf.clip import ensemble_prompts
 from pegp_hf.evaluation import ContinualEvaluator, Evaluation
 
 if TYPE_CHECKING:
@@ -61,7 +62,8 @@ def false_match_rate(
     caption_labels: torch.Tensor,
     threshold: float,
 ) -> float:
-    """Percent of mismatched (image, caption) pairs, labels differing, whose similarity is at least ``threshold``."""
+    """Percent of mismatched pairs of images ``(N, D)`` and captions ``(M, D)`` (labels ``(N,)`` and ``(M,)``
+    differing) whose similarity is at least ``threshold``."""
     mismatched = labels[:, None] != caption_labels[None, :]
     accepted = (image_embeds @ caption_embeds.T) >= threshold
     return float(100.0 * (accepted & mismatched).sum() / mismatched.sum().clamp_min(1))
@@ -139,8 +141,9 @@ class CrossModalEvaluator(ContinualEvaluator):
             return {}
         templates = trainer.model.templates
         prompts = [template.format(name) for name in self.zero_shot.class_names for template in templates]
-        texts = self._texts(trainer, prompts).view(len(self.zero_shot.class_names), len(templates), -1)
-        classes = torch.nn.functional.normalize(texts.mean(dim=1), dim=-1)
+        classes = ensemble_prompts(
+            self._texts(trainer, prompts).view(len(self.zero_shot.class_names), len(templates), -1)
+        )
         images, labels = self._images(trainer, self.zero_shot.dataset)
         return {"zero_shot_acc": image_to_text_accuracy(images, labels, classes, torch.arange(len(classes)))}
 
@@ -157,6 +160,7 @@ class CrossModalEvaluator(ContinualEvaluator):
                 if caption_label.setdefault(caption, label) != label:
                     raise ValueError(f"caption {caption!r} is paired with classes {caption_label[caption]} and {label}")
         pool = sorted(caption_label)
+        row_of = {caption: row for row, caption in enumerate(pool)}
         pool_embeds = self._texts(trainer, pool)
         pool_labels = torch.tensor([caption_label[c] for c in pool])
         all_images = torch.cat([images for images, _ in embeds])
@@ -164,7 +168,7 @@ class CrossModalEvaluator(ContinualEvaluator):
         image_to_text, text_to_image = [], []
         for (images, labels), task_captions in zip(embeds, captions, strict=True):
             image_to_text.append(image_to_text_accuracy(images, labels, pool_embeds, pool_labels))
-            rows = torch.tensor([pool.index(c) for c in sorted(set(task_captions))])
+            rows = torch.tensor([row_of[c] for c in sorted(set(task_captions))])
             text_to_image.append(text_to_image_precision(pool_embeds[rows], pool_labels[rows], all_images, all_labels))
 
         scalars: dict[str, Any] = self._zero_shot_accuracy(trainer)
@@ -172,7 +176,7 @@ class CrossModalEvaluator(ContinualEvaluator):
             scalars["zero_shot_drop"] = trainer.initial_metrics["zero_shot_acc"] - scalars["zero_shot_acc"]
         if index == 0:
             images, labels = embeds[0]
-            own = pool_embeds[torch.tensor([pool.index(c) for c in captions[0]])]
+            own = pool_embeds[torch.tensor([row_of[c] for c in captions[0]])]
             threshold = float(torch.quantile((images * own).sum(dim=1), 1.0 - self.acceptance))
             scalars.update(match_threshold=threshold, hallucination_rate=None, false_match_rate=None)
         else:

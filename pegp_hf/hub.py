@@ -36,7 +36,7 @@ def _measures(results: dict[str, Any], done: int) -> str:
     builtin = ("class_incremental", "task_incremental")
     matrices = [k for k, v in results.items() if isinstance(v, dict) and "accuracy_matrix" in v and k not in builtin]
     figures = results.get("task_metrics", [])[:done]
-    if not matrices and not figures:
+    if not matrices and not any(figures):
         return ""
     lines = ["", "## Further measures", ""]
     if matrices:

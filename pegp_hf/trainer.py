@@ -403,12 +403,13 @@ class ContinualPEGPTrainer(Trainer):
     @torch.no_grad()
     def _predict(self, loader: Any, gather: bool) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
         """Run ``loader`` through the model (eval mode, no grad; any forward hooks installed fire) and return, on CPU,
-        the classifier's inputs ``(N, dim)`` (``None`` without a head module), the logits ``(N, num_labels)`` and
-        the labels ``(N,)``. With ``gather``, batches are gathered over processes (``gather_for_metrics``: dataset
-        order, padding dropped)."""
+        the classifier's inputs ``(N, dim)`` (only for the heads that read them, else ``None``), the logits
+        ``(N, num_labels)`` and the labels ``(N,)``. With ``gather``, batches are gathered over processes
+        (``gather_for_metrics``: dataset order, padding dropped)."""
+        reads_features = self.head_statistics is not None
         batch_features: list[torch.Tensor] = []
         handle = None
-        if self.head_module is not None:
+        if reads_features:
             handle = self.head_module.register_forward_hook(lambda m, args, out: batch_features.append(args[0]))
         features, logits, labels = [], [], []
         self.model.eval()
@@ -418,21 +419,24 @@ class ContinualPEGPTrainer(Trainer):
                 batch_labels = inputs.pop("labels")
                 with self.autocast_smart_context_manager():
                     outputs = self.model(**inputs)
-                batch_logits = outputs["logits"] if isinstance(outputs, Mapping) else outputs[0]
-                batch = (batch_features.pop() if handle else batch_logits[:, :0], batch_logits, batch_labels)
+                batch = (outputs["logits"] if isinstance(outputs, Mapping) else outputs[0], batch_labels)
+                if reads_features:
+                    batch = (*batch, batch_features.pop())
                 if gather:
                     batch = self.accelerator.gather_for_metrics(batch)
-                features.append(batch[0].float().cpu())
-                logits.append(batch[1].float().cpu())
-                labels.append(batch[2].cpu())
+                logits.append(batch[0].float().cpu())
+                labels.append(batch[1].cpu())
+                if reads_features:
+                    features.append(batch[2].float().cpu())
         finally:
             if handle is not None:
                 handle.remove()
         if not labels:
-            dim = _trainable_linear(self.head_module).in_features if handle else 0
-            empty = (torch.zeros(0, dim), torch.zeros(0, self.num_labels), torch.zeros(0, dtype=torch.long))
-            return (empty[0] if handle else None, *empty[1:])
-        return (torch.cat(features) if handle else None), torch.cat(logits), torch.cat(labels)
+            dim = _trainable_linear(self.head_module).in_features if reads_features else 0
+            return (torch.zeros(0, dim) if reads_features else None), torch.zeros(0, self.num_labels), (
+                torch.zeros(0, dtype=torch.long)
+            )  # fmt: skip
+        return (torch.cat(features) if reads_features else None), torch.cat(logits), torch.cat(labels)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, num_labels)`` logits of the chosen head for classifier inputs ``features`` ``(N, dim)``."""

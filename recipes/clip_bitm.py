@@ -245,20 +245,23 @@ def hub_data(script: ScriptArguments, processor) -> tuple[Dataset, Dataset, Data
     image_column = script.image_column
 
     def transform(batch: dict[str, list]) -> dict[str, Any]:
-        out = {k: v for k, v in batch.items() if k != image_column}
-        if image_column in batch:
-            images = [image.convert("RGB") for image in batch[image_column]]
-            out["pixel_values"] = processor(images=images, return_tensors="pt")["pixel_values"]
+        if image_column not in batch:  # a column read alone (labels, captions, tasks)
+            return batch
+        out = {k: v for k, v in batch.items() if k not in (image_column, script.task_column)}
+        images = [image.convert("RGB") for image in batch[image_column]]
+        out["pixel_values"] = processor(images=images, return_tensors="pt")["pixel_values"]
         return out
 
     base, train = _base_split(train, script.base_per_class, "label", script.class_order_seed)
     zero_shot = None
-    if script.zero_shot not in ("none", "digits"):
+    if script.zero_shot == "digits":
+        logger.warning("no zero-shot figures: with --dataset_name, pass --zero_shot <data set> (or 'none')")
+    elif script.zero_shot != "none":
         held_out = _load(script.zero_shot)
         split = held_out["test"] if "test" in held_out else held_out["validation"]
         split = _renamed(split, script.label_column, "label").select_columns([image_column, "label"])
         rows = np.random.default_rng(script.class_order_seed).permutation(len(split))[: script.zero_shot_samples]
-        held_names = getattr(held_out["test"].features[script.label_column], "names", names)
+        held_names = getattr(split.features["label"], "names", names)
         zero_shot = ZeroShotSet(split.select(np.sort(rows)).with_transform(transform), held_names, script.zero_shot)
     return (*(s.with_transform(transform) for s in (train, test, base)), list(names), zero_shot)
 
@@ -304,20 +307,30 @@ def load_dual_encoder(script: ScriptArguments):
     return model, tokenizer, processor, (tuple(processor.image_mean), tuple(processor.image_std))
 
 
+PROJECTIONS = ("visual_projection", "text_projection")
+
+
 def add_pet(script: ScriptArguments, classifier: CLIPForClassNameClassification) -> torch.nn.Module:
-    """PET on the chosen towers of ``classifier`` (a copy is taken by the caller)."""
+    """PET on the chosen towers of ``classifier`` (a copy is taken by the caller). The two projections ride along as
+    frozen ``modules_to_save``: every checkpoint and Hub commit then holds the aligned joint space next to the
+    adapter, and a resume loads it from there instead of aligning again."""
     if script.pet_towers not in TOWERS:
         raise ValueError(f"--pet_towers must be one of {list(TOWERS)}, not {script.pet_towers!r}")
     options = {"insert": False} if script.pet == "prompt" and script.pet_towers == "text" else {}
-    return get_pet_model(
+    model = get_pet_model(
         classifier,
         script.pet,
         width=script.pet_width,
         layers=parse_layers(script.pet_layers),
+        modules_to_save=PROJECTIONS,
         layers_pattern=TOWERS[script.pet_towers],
         lora_targets=script.lora_target_modules,
         **options,
     )
+    for name, parameter in model.named_parameters():
+        if any(projection in name for projection in PROJECTIONS):
+            parameter.requires_grad_(False)
+    return model
 
 
 # ---- main ----------------------------------------------------------------------------------------------------------
@@ -328,6 +341,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     defaults = [token for flag, value in RECIPE_DEFAULTS.items() for token in (f"--{flag}", value)]
     script, training_args = parser.parse_args_into_dataclasses(args=defaults + list(argv))
+    if script.scenario == "task_incremental" and not any(a.startswith("--loss_classes") for a in argv):
+        training_args = dataclasses.replace(training_args, loss_classes="task")  # the task id is given: no rivals
     logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
     resume = script.resume_from or training_args.resume_from_checkpoint
     if resume is not None and len(script.methods) > 1:

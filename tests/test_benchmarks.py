@@ -12,6 +12,10 @@ def test_cost_benchmark_smoke(tmp_path):
     assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
     assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
     assert [row["d"] for row in stored["scaling"]] == [64, 128]
+    assert [row["task"] for row in stored["scaling_tasks"]] == [1, 2, 3]
+    ranks = [row["k"] for row in stored["scaling_tasks"]]
+    assert ranks == sorted(ranks) and 0 < ranks[0] <= 64  # the basis grows with the tasks, capped at d
+    assert [row["samples"] for row in stored["scaling_samples"]] == [256, 512]
 
 
 def test_heads_benchmark_smoke(tmp_path):
@@ -22,13 +26,20 @@ def test_heads_benchmark_smoke(tmp_path):
     assert table.count("| prototype |") == 3
 
 
-def test_paradigms_benchmark_smoke(tmp_path):
+def test_paradigms_benchmark_smoke(tmp_path, monkeypatch):
     runs = paradigms.main(["--smoke", "--output_dir", str(tmp_path), "--pets", "adapter", "prompt"])
     assert {(r["pet"], r["method"]) for r in runs} == {(p, m) for p in ("adapter", "prompt") for m in paradigms.METHODS}
     pegp = [r for r in runs if r["method"] == "pegp"]
     assert all(r["protected_tensors"] > 0 for r in pegp)
     assert json.loads((tmp_path / "results.json").read_text()) == runs
     assert (tmp_path / "table.md").read_text().count("| adapter |") == 3  # sequential, pegp, joint
+
+    def no_more_training(argv):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(paradigms.vit_class_incremental, "main", no_more_training)
+    again = paradigms.main(["--smoke", "--output_dir", str(tmp_path), "--pets", "adapter", "prompt"])
+    assert again == runs  # an interrupted grid continues from the runs it finished
 
 
 def test_ablations_benchmark_smoke(tmp_path):

@@ -12,6 +12,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
 from helpers import AtTaskStart, synthetic_images, tiny_clip, tiny_clip_tokenizer, training_args, with_captions
 from huggingface_hub import HfApi, RepoUrl
 from PIL import Image as PILImage
+from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
 import pegp_hf.hub
@@ -98,18 +99,18 @@ def _run(tmp_path, method: str):
         model=model, args=training_args(tmp_path / method, method=method, threshold=0.999), tasks=tasks,
         evaluators=[CrossModalEvaluator("caption", zero_shot)],
     )  # fmt: skip
-    old = tasks[0].train.with_format("torch")[:]["pixel_values"]
+    old, classes = tasks[0].train.with_format("torch")[:]["pixel_values"], list(tasks[0].classes)
     before = {}
-    trainer.add_callback(AtTaskStart(1, lambda m: before.update(logits=_old_logits(m, old))))
+    trainer.add_callback(AtTaskStart(1, lambda m: before.update(logits=_old_logits(m, old, classes))))
     trainer.train()
-    return trainer, before["logits"], _old_logits(trainer.model, old)
+    return trainer, before["logits"], _old_logits(trainer.model, old, classes)
 
 
 @torch.no_grad()
-def _old_logits(model, pixels: torch.Tensor) -> torch.Tensor:
+def _old_logits(model, pixels: torch.Tensor, classes: list[int]) -> torch.Tensor:
     """Logits over task 1's classes for task 1's training images (the samples its bases were grown from)."""
     model.eval()
-    return model(pixel_values=pixels)["logits"][:, [0, 1]].clone()
+    return model(pixel_values=pixels)["logits"][:, classes].clone()
 
 
 def test_pegp_keeps_old_image_and_class_text_outputs_where_sequential_moves_them(tmp_path):
@@ -242,9 +243,11 @@ def test_recipe_pushes_every_task_and_a_crashed_sequence_resumes_from_the_hub(tm
         clip_bitm.main([*common, "--hub_model_id", "user/run", "--output_dir", str(tmp_path / "crashed")])
     monkeypatch.setattr(clip_bitm, "ContinualPEGPTrainer", ContinualPEGPTrainer)
     shutil.rmtree(tmp_path / "crashed")  # only the Hub repo is left
-    resumed = clip_bitm.main(
-        [*common, "--hub_model_id", "user/run", "--resume_from", "user/run", "--output_dir", str(tmp_path / "again")]
-    )["pegp"]
+    stored = load_file(remote / "user" / "run" / "adapter_model.safetensors")
+    assert any("visual_projection" in key for key in stored) and any("text_projection" in key for key in stored)
+    # another alignment on resume: the aligned projections must come from the repo, not from aligning again
+    again = [*common, "--alignment_epochs", "1", "--hub_model_id", "user/run", "--resume_from", "user/run"]
+    resumed = clip_bitm.main([*again, "--output_dir", str(tmp_path / "again")])["pegp"]
     assert [message for repo, message, _ in commits if repo == "user/run"] == ["task 1/2", "task 2/2"]
     for key in ("class_incremental", "task_incremental", "image_to_text", "text_to_image"):
         np.testing.assert_allclose(

@@ -29,9 +29,10 @@ def test_minilm_holds_the_wheel_weights_and_embeds_sentences_by_meaning():
     model, tokenizer = load_minilm_l6()
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (384, 6)
     stored = load_file(minilm_l6_path() / "model.safetensors")
-    for name, value in model.state_dict().items():
-        if name in stored:
-            torch.testing.assert_close(value, stored[name], rtol=0, atol=0)
+    state = model.state_dict()
+    assert set(stored) - set(state) == set()  # every stored tensor is used
+    for name, value in stored.items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
     assert tokenizer.tokenize("A photo of the digit three.") == ["a", "photo", "of", "the", "digit", "three", "."]
     a, b, c = _sentence_embeddings(model, tokenizer, ["a photo of a cat", "a picture of a kitten", "stock prices fell"])
     assert (a @ b).item() > (a @ c).item() + 0.3
