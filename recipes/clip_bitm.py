@@ -37,6 +37,7 @@ import dataclasses
 import json
 import logging
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,9 @@ class ScriptArguments:
 # ---- data ----------------------------------------------------------------------------------------------------------
 
 
-def _pixel_transform(image_size: int, mean: tuple[float, ...], std: tuple[float, ...]):
+def _pixel_transform(
+    image_size: int, mean: tuple[float, ...], std: tuple[float, ...]
+) -> Callable[[dict[str, list]], dict[str, Any]]:
     """Grey ``[-1, 1]`` ``(1, h, w)`` rows -> normalised RGB ``(3, image_size, image_size)``; other columns kept
     (also when a column alone is read, as ``dataset["label"]``)."""
     mean_t, std_t = torch.tensor(mean).view(1, 3, 1, 1), torch.tensor(std).view(1, 3, 1, 1)
@@ -195,7 +198,9 @@ def templates_of(script: ScriptArguments) -> list[str]:
     return list(DIGIT_TEMPLATES if script.dataset_name is None else DEFAULT_TEMPLATES)
 
 
-def embedded_data(script: ScriptArguments, mean, std) -> tuple[Dataset, Dataset, Dataset, list[str], ZeroShotSet]:
+def embedded_data(
+    script: ScriptArguments, mean: tuple[float, ...], std: tuple[float, ...]
+) -> tuple[Dataset, Dataset, Dataset, list[str], ZeroShotSet | None]:
     """MNIST-5k and sklearn digits with template captions -> ``(train, test, base, class names, zero-shot set)``.
 
     The continual tasks are MNIST only. The base split holds ``base_per_class`` training images per class of both
@@ -224,7 +229,9 @@ def embedded_data(script: ScriptArguments, mean, std) -> tuple[Dataset, Dataset,
     return (*(split.with_transform(transform) for split in (train, mnist_test, base)), names, zero_shot)
 
 
-def hub_data(script: ScriptArguments, processor) -> tuple[Dataset, Dataset, Dataset, list[str], ZeroShotSet | None]:
+def hub_data(
+    script: ScriptArguments, processor: Any
+) -> tuple[Dataset, Dataset, Dataset, list[str], ZeroShotSet | None]:
     """A Hub / saved data set -> ``(train, test, base, class names, zero-shot set)``, images through the
     model's image processor, captions from ``--caption_column`` or templates."""
     data = _load(script.dataset_name)
@@ -270,7 +277,7 @@ def _renamed(split: Dataset, old: str, new: str) -> Dataset:
     return split if old == new else split.rename_column(old, new)
 
 
-def _load(name: str):
+def _load(name: str) -> Any:
     from datasets import load_dataset, load_from_disk
 
     return load_from_disk(name) if Path(name).is_dir() and (Path(name) / "dataset_dict.json").exists() else (
@@ -290,7 +297,7 @@ def build_tasks(script: ScriptArguments, train: Dataset, test: Dataset) -> TaskS
 # ---- model ---------------------------------------------------------------------------------------------------------
 
 
-def load_dual_encoder(script: ScriptArguments):
+def load_dual_encoder(script: ScriptArguments) -> tuple[torch.nn.Module, Any, Any, tuple[tuple[float, ...], ...]]:
     """``(dual encoder, tokenizer, image processor or None, (mean, std))``."""
     if script.model_name_or_path is None:
         from pegp_hf.offline_models import load_offline_dual_encoder

@@ -30,9 +30,10 @@ def test_minilm_holds_the_wheel_weights_and_embeds_sentences_by_meaning():
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (384, 6)
     stored = load_file(minilm_l6_path() / "model.safetensors")
     state = model.state_dict()
-    assert set(stored) - set(state) == set()  # every stored tensor is used
-    for name, value in stored.items():
-        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    legacy = {"embeddings.position_ids"}  # a buffer that transformers 5 builds itself, no longer loaded
+    assert set(stored) - set(state) == legacy and len(stored) == 104  # every other stored tensor is used
+    for name in set(stored) - legacy:
+        torch.testing.assert_close(state[name], stored[name], rtol=0, atol=0)
     assert tokenizer.tokenize("A photo of the digit three.") == ["a", "photo", "of", "the", "digit", "three", "."]
     a, b, c = _sentence_embeddings(model, tokenizer, ["a photo of a cat", "a picture of a kitten", "stock prices fell"])
     assert (a @ b).item() > (a @ c).item() + 0.3
