@@ -1,8 +1,10 @@
-"""What the benchmarks that drive the recipe share: splitting their own flags from the recipe's, and table cells."""
+"""What the benchmarks that drive the recipe share: splitting their own flags from the recipe's, the headline
+figures of a run, and table cells."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -19,3 +21,10 @@ def split_recipe_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 def mean_std(values: Sequence[float]) -> str:
     """``"mean +- std"`` with one decimal (population std, as over class orders)."""
     return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
+
+
+def headline(results: Mapping[str, Any]) -> dict[str, float]:
+    """ACC and Forgetting, class- and task-incremental, of one method's ``continual_results()``."""
+    til = results["task_incremental"]
+    return {"acc": results["acc"], "forgetting": results["forgetting"], "til_acc": til["acc"],
+            "til_forgetting": til["forgetting"]}  # fmt: skip

@@ -27,7 +27,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import mean_std, split_recipe_flags  # noqa: E402
+from benchmarks._common import headline, mean_std, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 OPTIMIZERS = {
@@ -48,10 +48,7 @@ def run(setting: str, flags: list[str], seed: int, root: Path, common: list[str]
     return {
         "setting": setting,
         "seed": seed,
-        "acc": results["acc"],
-        "forgetting": results["forgetting"],
-        "til_acc": results["task_incremental"]["acc"],
-        "til_forgetting": results["task_incremental"]["forgetting"],
+        **headline(results),
         "max_update_overlap": max(overlaps) if overlaps else None,
         "protected_share": results["protected_share"],
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import mean_std, split_recipe_flags  # noqa: E402
+from benchmarks._common import headline, mean_std, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 HEADS = ("masked_linear", "prototype", "aligned")
@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 + (SMOKE if options.smoke else []) + passthrough
             )  # fmt: skip
             for method, results in summary.items():
-                til = results["task_incremental"]
-                runs.append({"head": head, "method": method, "seed": seed, "acc": results["acc"],
-                             "forgetting": results["forgetting"], "til_acc": til["acc"],
-                             "til_forgetting": til["forgetting"]})  # fmt: skip
+                runs.append({"head": head, "method": method, "seed": seed, **headline(results)})
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs, ("acc", "forgetting", "til_acc", "til_forgetting"))

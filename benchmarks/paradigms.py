@@ -24,7 +24,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import mean_std, split_recipe_flags  # noqa: E402
+from benchmarks._common import headline, mean_std, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 PETS = ("lora", "adapter", "prefix", "prompt")
@@ -83,10 +83,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
                 summary["joint"] = joint["sequential"]
             for method, results in summary.items():
-                til = results["task_incremental"]
-                runs.append({"pet": pet, "method": method, "seed": seed, "acc": results["acc"],
-                             "forgetting": results["forgetting"], "til_acc": til["acc"],
-                             "til_forgetting": til["forgetting"], "saturated": len(results["saturated"]),
+                runs.append({"pet": pet, "method": method, "seed": seed, **headline(results),
+                             "saturated": len(results["saturated"]),
                              "protected_tensors": len(results["subspace_dims"])})  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
