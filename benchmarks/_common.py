@@ -1,9 +1,11 @@
-"""What the benchmarks that drive the recipe share: splitting their own flags from the recipe's, the headline
-figures of a run, and table cells."""
+"""What the benchmarks that drive the recipe share: splitting their own flags from the recipe's, reading back a
+finished run, the headline figures of a run, table cells and matplotlib."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -28,3 +30,20 @@ def headline(results: Mapping[str, Any]) -> dict[str, float]:
     til = results["task_incremental"]
     return {"acc": results["acc"], "forgetting": results["forgetting"], "til_acc": til["acc"],
             "til_forgetting": til["forgetting"]}  # fmt: skip
+
+
+def finished(out: Path) -> dict | None:
+    """The summary a finished recipe run left in ``out`` (the recipe writes ``results.json`` last), so an interrupted
+    benchmark picks up where it stopped; ``None`` if that run has not finished."""
+    path = out / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (the benchmarks run headless)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt

@@ -13,6 +13,9 @@ Each setting runs ``recipes/vit_class_incremental.py --methods pegp`` per class 
     python benchmarks/ablations.py                          # embedded MNIST-5k, random-init ViT, LoRA, 1 order
     python benchmarks/ablations.py --seeds 0 1 2 -- --pet adapter
     python benchmarks/ablations.py --smoke                  # seconds: digits, 2 tasks, 1 epoch
+
+Runs whose ``results.json`` already exists under ``--output_dir`` are read back, not run again (use a fresh
+``--output_dir`` after changing settings).
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import headline, mean_std, split_recipe_flags  # noqa: E402
+from benchmarks._common import finished, headline, mean_std, pyplot, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 OPTIMIZERS = {
@@ -41,8 +44,11 @@ SMOKE = ["--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "
 
 def run(setting: str, flags: list[str], seed: int, root: Path, common: list[str]) -> dict:
     out = root / f"{setting}-seed{seed}"
-    results = vit_class_incremental.main(
-        [*common, "--methods", "pegp", "--class_order_seed", str(seed), "--output_dir", str(out), *flags]
+    results = (
+        finished(out)
+        or vit_class_incremental.main(
+            [*common, "--methods", "pegp", "--class_order_seed", str(seed), "--output_dir", str(out), *flags]
+        )
     )["pegp"]
     overlaps = [u["max_update_overlap"] for u in results["updates"] if u["max_update_overlap"] is not None]
     return {
@@ -73,11 +79,7 @@ def summarize(runs: list[dict], settings: list[str]) -> str:
 
 def plot_thresholds(runs: list[dict], path: Path) -> None:
     """ACC and Forgetting (class- and task-incremental) against eps: the stability-plasticity curve."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     eps = [t for t in THRESHOLDS if any(r["setting"] == f"eps={t}" for r in runs)]
     figure, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for axis, (metric, label) in zip(axes, (("acc", "ACC"), ("forgetting", "Forgetting")), strict=True):

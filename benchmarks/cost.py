@@ -3,7 +3,8 @@
 1. Per optimizer step of a LoRA model: forward + backward + SGD step, with the PEGP step work (gradient projection,
    snapshot, update check) against without it. The projection's FLOPs against the step's FLOPs are printed beside
    the measured ratio, as the floor.
-2. Memory: the bases against the PET parameters.
+2. Memory: the bases against the PET parameters, and the peak resident memory of a forward pass with feature capture
+   against the same forward without it.
 3. Scaling in the feature dim d: projection of an (r x d) gradient, GPM basis growth from a d x d covariance, and the
    streaming covariance (ours) against storing the sample matrix and taking its SVD (the official code's way).
 4. Scaling in the number of tasks (the basis grows task after task: projection and growth per task) and in the
@@ -23,6 +24,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -66,6 +68,24 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "q1_s": quartiles[0], "q3_s": quartiles[2]}
 
 
+def peak_rss_growth(fn: Callable[[], object]) -> int | None:
+    """Peak resident memory while ``fn()`` runs minus the resident memory before it, in bytes. Linux: the peak
+    (``VmHWM``) is reset through ``/proc/self/clear_refs``; ``None`` where that cannot be done."""
+
+    def status(key: str) -> int:
+        line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
+        return int(line.split()[1]) * 1024  # kB
+
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        before = status("VmRSS:")
+    except (OSError, StopIteration):
+        fn()
+        return None
+    fn()
+    return status("VmHWM:") - before
+
+
 def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repeats: int) -> dict:
     model, channels = build(backbone, image_size)
     model.train()
@@ -73,10 +93,14 @@ def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repe
     labels = torch.randint(0, 10, (batch,))
     tensors = find_protected_tensors(model)
     projector = GradientProjector(tensors)
-    with FeatureCovariances(tensors) as capture, torch.no_grad():  # bases from real activations of this model
-        model.eval()
-        model(pixel_values=torch.randn(4 * batch, channels, image_size, image_size))
-        model.train()
+    images = torch.randn(4 * batch, channels, image_size, image_size)
+    model.eval()
+    with torch.no_grad():
+        model(pixel_values=images)  # warm-up, so neither measured forward pays one-time allocations
+        forward_peak = peak_rss_growth(lambda: model(pixel_values=images))
+        with FeatureCovariances(tensors) as capture:  # bases from real activations of this model
+            capture_peak = peak_rss_growth(lambda: model(pixel_values=images))
+    model.train()
     projector.grow(capture.covariances, threshold)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
@@ -119,6 +143,8 @@ def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repe
         "protected_dims": sum(dims.values()), "feature_dims": sum(t.feature_dim for t in tensors),
         "basis_bytes": sum(t.feature_dim * dims[n] * 4 for n, t in projector.tensors.items()),
         "pet_bytes": pet * 4,
+        "capture_images": len(images), "forward_peak_bytes": forward_peak, "capture_peak_bytes": capture_peak,
+        "covariance_bytes": sum(t.feature_dim**2 * 8 for t in tensors),
     }  # fmt: skip
 
 
@@ -216,6 +242,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"projection alone: {step['projection_alone']['median_s'] * 1e3:.2f} ms of a "
           f"{step['step_without']['median_s'] * 1e3:.1f} ms step; bases {step['basis_bytes'] / 1e6:.2f} MB vs PET "
           f"{step['pet_bytes'] / 1e6:.2f} MB ({step['protected_dims']}/{step['feature_dims']} dims)")  # fmt: skip
+    if step["capture_peak_bytes"] is not None:
+        print(f"peak RAM over a forward of {step['capture_images']} images: {step['capture_peak_bytes'] / 1e6:.1f} MB "
+              f"with feature capture, {step['forward_peak_bytes'] / 1e6:.1f} MB without (covariances "
+              f"{step['covariance_bytes'] / 1e6:.1f} MB)")  # fmt: skip
     header = ("d", "project ms", "grow s", "stream cov s", "stored SVD s", "stream MB", "stored MB")
     print("".join(f"{h:>{w}}" for h, w in zip(header, (6, 12, 10, 14, 14, 11, 11), strict=True)))
     for row in results["scaling"]:

@@ -4,7 +4,7 @@ paradigm (LoRA, adapter, prefix, prompt).
 Runs ``recipes/vit_class_incremental.py --pet <pet> --methods sequential pegp`` once per (paradigm, class order),
 and ``joint``: the same recipe on one task holding every class (``--num_tasks 1``; its ACC is the accuracy on the
 whole test set, its Forgetting 0 by definition), then writes ``<output_dir>/results.json`` (every run) and
-``<output_dir>/table.md`` (mean +- std over orders)::
+``<output_dir>/table.md`` (mean +- std over orders) and ``<output_dir>/paradigms.png`` (the same as bars)::
 
     python benchmarks/paradigms.py                       # embedded MNIST-5k, random-init ViT, class order 0
     python benchmarks/paradigms.py --seeds 0 1 2         # 3 class orders
@@ -22,9 +22,11 @@ import json
 import sys
 from pathlib import Path
 
+import numpy as np
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import headline, mean_std, split_recipe_flags  # noqa: E402
+from benchmarks._common import finished, headline, mean_std, pyplot, split_recipe_flags  # noqa: E402
 from recipes import vit_class_incremental  # noqa: E402
 
 PETS = ("lora", "adapter", "prefix", "prompt")
@@ -34,26 +36,56 @@ SMOKE = ["--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "
 
 
 def table(runs: list[dict]) -> str:
-    """Mean +- std per (PET, method). Joint is one task: its task-incremental columns would only repeat its ACC."""
-    lines = ["| PET | method | CIL ACC | CIL Forgetting | TIL ACC | TIL Forgetting |", "|---|---|---|---|---|---|"]
+    """Mean +- std per (PET, method). Joint is one task: its task-incremental columns would only repeat its ACC.
+
+    For ``pegp``, two time ratios (mean over orders): its training time against ``sequential``'s on the same order
+    (the per-step projection, end to end), and its feature capture + basis growth against its own training time.
+    """
+    lines = ["| PET | method | CIL ACC | CIL Forgetting | TIL ACC | TIL Forgetting | train time / sequential "
+             "| capture / train time |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for pet in PETS:
         for method in METHODS:
             chosen = [r for r in runs if r["pet"] == pet and r["method"] == method]
-            if chosen:
-                cells = [
-                    "-" if method == "joint" and m.startswith("til") else
-                    mean_std([r[m] for r in chosen])
-                    for m in METRICS
-                ]  # fmt: skip
-                lines.append(f"| {pet} | {method} | " + " | ".join(cells) + " |")
+            if not chosen:
+                continue
+            cells = [
+                "-" if method == "joint" and m.startswith("til") else
+                mean_std([r[m] for r in chosen])
+                for m in METRICS
+            ]  # fmt: skip
+            times = ["-", "-"]
+            if method == "pegp":
+                plain = {r["seed"]: r["train_seconds"] for r in runs if r["pet"] == pet and r["method"] == "sequential"}
+                paired = [r["train_seconds"] / plain[r["seed"]] for r in chosen if r["seed"] in plain]
+                times = [f"{np.mean(paired):.2f}" if paired else "-",
+                         f"{np.mean([r['capture_seconds'] / r['train_seconds'] for r in chosen]):.2f}"]  # fmt: skip
+            lines.append(f"| {pet} | {method} | " + " | ".join(cells + times) + " |")
     return "\n".join(lines)
 
 
-def finished(out: Path) -> dict | None:
-    """The summary a finished run left in ``out`` (the recipe writes ``results.json`` last), so an interrupted
-    benchmark picks up where it stopped; ``None`` if that run has not finished."""
-    path = out / "results.json"
-    return json.loads(path.read_text()) if path.exists() else None
+def plot(runs: list[dict], path: Path) -> None:
+    """Bars per PET and method, mean with the std over class orders as error bars: CIL ACC (with ``joint``, the upper
+    bound), CIL Forgetting and TIL Forgetting (``pegp`` against ``sequential``)."""
+    plt = pyplot()
+    pets = [p for p in PETS if any(r["pet"] == p for r in runs)]
+    panels = (("acc", "class-incremental ACC", METHODS), ("forgetting", "class-incremental Forgetting", METHODS[:2]),
+              ("til_forgetting", "task-incremental Forgetting", METHODS[:2]))  # fmt: skip
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5))
+    for axis, (metric, title, methods) in zip(axes, panels, strict=True):
+        width = 0.8 / len(methods)
+        for i, method in enumerate(methods):
+            values = [[r[metric] for r in runs if r["pet"] == pet and r["method"] == method] for pet in pets]
+            x = np.arange(len(pets)) + (i - (len(methods) - 1) / 2) * width
+            means = [np.mean(v) if v else np.nan for v in values]
+            stds = [np.std(v) if v else 0.0 for v in values]
+            axis.bar(x, means, width, yerr=stds, capsize=3, label=method)
+        axis.set_xticks(np.arange(len(pets)), pets)
+        axis.set(title=title, ylabel="%")
+        axis.grid(axis="y", alpha=0.3)
+    axes[0].legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -85,11 +117,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for method, results in summary.items():
                 runs.append({"pet": pet, "method": method, "seed": seed, **headline(results),
                              "saturated": len(results["saturated"]),
-                             "protected_tensors": len(results["subspace_dims"])})  # fmt: skip
+                             "protected_tensors": len(results["subspace_dims"]),
+                             "train_seconds": sum(t["train_seconds"] for t in results["timings"]),
+                             "capture_seconds": sum(t["capture_seconds"] for t in results["timings"])})  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs)
     (root / "table.md").write_text(text + "\n")
+    plot(runs, root / "paradigms.png")
     print(f"\nclass-incremental and task-incremental ACC / Forgetting per PET paradigm, {len(seeds)} class order(s)\n")
     print(text)
     return runs

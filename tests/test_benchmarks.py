@@ -11,6 +11,8 @@ def test_cost_benchmark_smoke(tmp_path):
     assert stored["step"]["ratio_median"] == results["step"]["ratio_median"] > 0
     assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
     assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
+    if stored["step"]["capture_peak_bytes"] is not None:  # Linux: the capture holds its covariances at the peak
+        assert stored["step"]["capture_peak_bytes"] >= stored["step"]["covariance_bytes"] > 0
     assert [row["d"] for row in stored["scaling"]] == [64, 128]
     assert [row["task"] for row in stored["scaling_tasks"]] == [1, 2, 3]
     ranks = [row["k"] for row in stored["scaling_tasks"]]
@@ -33,6 +35,10 @@ def test_paradigms_benchmark_smoke(tmp_path, monkeypatch):
     assert all(r["protected_tensors"] > 0 for r in pegp)
     assert json.loads((tmp_path / "results.json").read_text()) == runs
     assert (tmp_path / "table.md").read_text().count("| adapter |") == 3  # sequential, pegp, joint
+    assert (tmp_path / "paradigms.png").stat().st_size > 0
+    row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| adapter | pegp"))
+    train_ratio, capture_share = (float(cell) for cell in row.strip("| ").split(" | ")[-2:])
+    assert train_ratio > 0 and capture_share > 0  # pegp's times against sequential's and its own training
 
     def no_more_training(argv):
         raise AssertionError("a finished run was trained again")
@@ -42,7 +48,7 @@ def test_paradigms_benchmark_smoke(tmp_path, monkeypatch):
     assert again == runs  # an interrupted grid continues from the runs it finished
 
 
-def test_ablations_benchmark_smoke(tmp_path):
+def test_ablations_benchmark_smoke(tmp_path, monkeypatch):
     runs = ablations.main(["--smoke", "--output_dir", str(tmp_path)])
     settings = {r["setting"] for r in runs}
     thresholds = (ablations.THRESHOLDS[0], ablations.THRESHOLDS[-1])  # the smoke run's
@@ -54,3 +60,9 @@ def test_ablations_benchmark_smoke(tmp_path):
     assert low < high  # higher eps protects more
     assert (tmp_path / "threshold.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text()) == runs
+
+    def no_more_training(argv):
+        raise AssertionError("a finished run was trained again")
+
+    monkeypatch.setattr(ablations.vit_class_incremental, "main", no_more_training)
+    assert ablations.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # continues from the finished runs
