@@ -64,19 +64,20 @@ def build(backbone: str, image_size: int) -> tuple[torch.nn.Module, int, int]:
     return get_peft_model(model, lora), channels, patch
 
 
-def synchronize() -> None:
-    """Wait for queued GPU work, so a wall-clock time covers it (a no-op on CPU)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+def synchronize(device: torch.device | None) -> None:
+    """Wait for the work queued on a GPU ``device``, so a wall-clock time covers it (a no-op on CPU)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
-def timed(fn, repeats: int) -> list[float]:
+def timed(fn: Callable[[], object], repeats: int, device: torch.device | None = None) -> list[float]:
+    """Wall-clock seconds of ``repeats`` calls of ``fn``, each synchronised with ``device`` before and after."""
     times = []
     for _ in range(repeats):
-        synchronize()
+        synchronize(device)
         start = time.perf_counter()
         fn()
-        synchronize()
+        synchronize(device)
         times.append(time.perf_counter() - start)
     return times
 
@@ -91,11 +92,11 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | 
     memory on CPU (Linux: the peak ``VmHWM`` is reset through ``/proc/self/clear_refs``); ``None`` where that cannot
     be measured."""
     if device.type == "cuda":
-        synchronize()
+        synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
         before = torch.cuda.memory_allocated(device)
         fn()
-        synchronize()
+        synchronize(device)
         return torch.cuda.max_memory_allocated(device) - before
 
     def status(key: str) -> int:
@@ -105,11 +106,11 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | 
     try:
         Path("/proc/self/clear_refs").write_text("5")
         before = status("VmRSS:")
+        reset = status("VmHWM:") <= before + 2**20  # the peak now starts from the current resident memory
     except (OSError, StopIteration):
-        fn()
-        return None
+        reset = False
     fn()
-    return status("VmHWM:") - before
+    return status("VmHWM:") - before if reset else None
 
 
 def step_cost(
@@ -135,14 +136,15 @@ def step_cost(
     projector.grow(capture.covariances, threshold)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
-    projection_only: list[float] = []
-
-    def step(with_pegp: bool) -> None:
+    def backward() -> None:
         with autocast():
             loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
         loss.backward()
+
+    def step(with_pegp: bool) -> None:
+        backward()
         if with_pegp:
-            projection_only.extend(timed(projector.project_gradients, 1))
+            projector.project_gradients()
             projector.snapshot()
         optimizer.step()
         if with_pegp:
@@ -152,11 +154,13 @@ def step_cost(
     for _ in range(3):  # warm-up
         step(True)
         step(False)
-    projection_only.clear()
     plain, pegp = [], []
     for _ in range(repeats):  # interleaved
-        plain += timed(lambda: step(False), 1)
-        pegp += timed(lambda: step(True), 1)
+        plain += timed(lambda: step(False), 1, device)
+        pegp += timed(lambda: step(True), 1, device)
+    backward()  # gradients in place: the projection alone, timed apart from the steps
+    projection_only = timed(projector.project_gradients, repeats, device)
+    optimizer.zero_grad()
     ratios = [p / q for p, q in zip(pegp, plain, strict=True)]
     tokens = batch * ((image_size // patch) ** 2 + 1)
     parameters = sum(p.numel() for p in model.parameters())

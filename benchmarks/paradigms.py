@@ -9,7 +9,8 @@ whole test set, its Forgetting 0 by definition), then writes ``<output_dir>/resu
     python benchmarks/paradigms.py                       # embedded MNIST-5k, random-init ViT, class order 0
     python benchmarks/paradigms.py --seeds 0 1 2         # 3 class orders
     python benchmarks/paradigms.py --smoke               # seconds: digits, 2 tasks, 1 epoch
-    python benchmarks/paradigms.py -- --backbone dinov2-small --num_train_epochs 1 --learning_rate 0.03
+    python benchmarks/paradigms.py -- --backbone dinov2-small --num_train_epochs 1 --optim adamw_torch \
+        --learning_rate 0.001 --threshold 0.97          # the pretrained DINOv2-S/14 (docs/benchmarks.md)
 
 Runs whose ``results.json`` already exists under ``--output_dir`` are read back, not run again: an interrupted grid
 continues where it stopped (use a fresh ``--output_dir`` after changing settings).
@@ -35,11 +36,17 @@ METRICS = ("acc", "forgetting", "til_acc", "til_forgetting")
 SMOKE = ["--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "--feature_samples", "64"]
 
 
+def spread(values: list[float]) -> str:
+    """``"mean (min - max)"`` of ratios, two decimals."""
+    return f"{np.mean(values):.2f} ({min(values):.2f} - {max(values):.2f})"
+
+
 def table(runs: list[dict]) -> str:
     """Mean +- std per (PET, method). Joint is one task: its task-incremental columns would only repeat its ACC.
 
-    For ``pegp``, two time ratios (mean over orders): its training time against ``sequential``'s on the same order
-    (the per-step projection, end to end), and its feature capture + basis growth against its own training time.
+    For ``pegp``, two time ratios, mean (min - max) over orders: its training time against ``sequential``'s on the
+    same order (the per-step projection, end to end), and its feature capture + basis growth against its own
+    training time.
     """
     lines = ["| PET | method | CIL ACC | CIL Forgetting | TIL ACC | TIL Forgetting | train time / sequential "
              "| capture / train time |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -57,8 +64,8 @@ def table(runs: list[dict]) -> str:
             if method == "pegp":
                 plain = {r["seed"]: r["train_seconds"] for r in runs if r["pet"] == pet and r["method"] == "sequential"}
                 paired = [r["train_seconds"] / plain[r["seed"]] for r in chosen if r["seed"] in plain]
-                times = [f"{np.mean(paired):.2f}" if paired else "-",
-                         f"{np.mean([r['capture_seconds'] / r['train_seconds'] for r in chosen]):.2f}"]  # fmt: skip
+                shares = [r["capture_seconds"] / r["train_seconds"] for r in chosen]
+                times = [spread(paired) if paired else "-", spread(shares)]
             lines.append(f"| {pet} | {method} | " + " | ".join(cells + times) + " |")
     return "\n".join(lines)
 

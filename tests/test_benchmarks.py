@@ -3,8 +3,20 @@
 import json
 
 import pytest
+import torch
 
 from benchmarks import ablations, class_incremental_heads, cost, paradigms
+
+
+def _no_more_training(argv):
+    raise AssertionError("a finished run was trained again")
+
+
+def test_peak_memory_growth_sees_a_fresh_allocation():
+    growth = cost.peak_memory_growth(lambda: torch.ones(8 * 2**20, dtype=torch.float64), torch.device("cpu"))
+    if growth is None:
+        pytest.skip("this system cannot reset the resident-memory peak")
+    assert growth >= 60e6  # the 64 MB tensor, written page by page, was resident at the peak
 
 
 @pytest.mark.parametrize("bf16", [False, True])
@@ -15,8 +27,7 @@ def test_cost_benchmark_smoke(tmp_path, bf16):
     assert stored["step"]["ratio_median"] == results["step"]["ratio_median"] > 0
     assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
     assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
-    if stored["step"]["capture_peak_bytes"] is not None:  # Linux: the capture holds its covariances at the peak
-        assert stored["step"]["capture_peak_bytes"] >= stored["step"]["covariance_bytes"] > 0
+    assert stored["step"]["covariance_bytes"] > 0
     assert [row["d"] for row in stored["scaling"]] == [64, 128]
     assert [row["task"] for row in stored["scaling_tasks"]] == [1, 2, 3]
     ranks = [row["k"] for row in stored["scaling_tasks"]]
@@ -41,13 +52,10 @@ def test_paradigms_benchmark_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "table.md").read_text().count("| adapter |") == 3  # sequential, pegp, joint
     assert (tmp_path / "paradigms.png").stat().st_size > 0
     row = next(line for line in (tmp_path / "table.md").read_text().splitlines() if line.startswith("| adapter | pegp"))
-    train_ratio, capture_share = (float(cell) for cell in row.strip("| ").split(" | ")[-2:])
+    train_ratio, capture_share = (float(cell.split()[0]) for cell in row.strip("| ").split(" | ")[-2:])
     assert train_ratio > 0 and capture_share > 0  # pegp's times against sequential's and its own training
 
-    def no_more_training(argv):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(paradigms.vit_class_incremental, "main", no_more_training)
+    monkeypatch.setattr(paradigms.vit_class_incremental, "main", _no_more_training)
     again = paradigms.main(["--smoke", "--output_dir", str(tmp_path), "--pets", "adapter", "prompt"])
     assert again == runs  # an interrupted grid continues from the runs it finished
 
@@ -65,8 +73,5 @@ def test_ablations_benchmark_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "threshold.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text()) == runs
 
-    def no_more_training(argv):
-        raise AssertionError("a finished run was trained again")
-
-    monkeypatch.setattr(ablations.vit_class_incremental, "main", no_more_training)
+    monkeypatch.setattr(ablations.vit_class_incremental, "main", _no_more_training)
     assert ablations.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # continues from the finished runs
