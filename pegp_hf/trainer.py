@@ -431,11 +431,11 @@ class ContinualPEGPTrainer(Trainer):
         finally:
             if handle is not None:
                 handle.remove()
-        if not labels:
-            dim = _trainable_linear(self.head_module).in_features if reads_features else 0
-            return (torch.zeros(0, dim) if reads_features else None), torch.zeros(0, self.num_labels), (
-                torch.zeros(0, dtype=torch.long)
-            )  # fmt: skip
+        if not labels:  # this process got no batch: empty tensors of the right widths
+            if reads_features:
+                features.append(torch.zeros(0, _trainable_linear(self.head_module).in_features))
+            logits.append(torch.zeros(0, self.num_labels))
+            labels.append(torch.zeros(0, dtype=torch.long))
         return (torch.cat(features) if reads_features else None), torch.cat(logits), torch.cat(labels)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
