@@ -7,7 +7,8 @@ stability-plasticity curve).
 - ``threshold``: eps in 0.5 ... 0.99 with the recipe's optimizer. Reports ACC, Forgetting and the protected share
   ``k / d`` per tensor kind after the last task.
 
-Each setting runs ``recipes/vit_class_incremental.py --methods pegp`` per class order and writes
+Each setting runs the image experiment of ``recipes/vit_class_incremental.py`` (:mod:`pegp_hf.experiments.image`)
+with ``--methods pegp`` per class order and writes
 ``<output_dir>/results.json``, ``<output_dir>/table.md`` and ``<output_dir>/threshold.png``::
 
     python benchmarks/ablations.py                          # embedded MNIST-5k, random-init ViT, LoRA, 1 order
@@ -28,10 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import finished, headline, mean_std, pyplot, split_recipe_flags  # noqa: E402
-from recipes import vit_class_incremental  # noqa: E402
+from pegp_hf.experiments import image
+from pegp_hf.experiments.grid import finished, headline, mean_std, split_flags
+from pegp_hf.plots import pyplot, save_figure
 
 OPTIMIZERS = {
     "sgd_momentum": ["--optim", "sgd", "--optim_args", "momentum=0.9", "--update_reprojection", "auto"],
@@ -46,7 +46,7 @@ def run(setting: str, flags: list[str], seed: int, root: Path, common: list[str]
     out = root / f"{setting}-seed{seed}"
     results = (
         finished(out)
-        or vit_class_incremental.main(
+        or image.run_from_flags(
             [*common, "--methods", "pegp", "--class_order_seed", str(seed), "--output_dir", str(out), *flags]
         )
     )["pegp"]
@@ -92,14 +92,12 @@ def plot_thresholds(runs: list[dict], path: Path) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend()
     figure.suptitle("pegp: protecting more (higher eps) against learning more")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = split_recipe_flags(argv)
+    own, passthrough = split_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/ablations")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="class-order seeds")

@@ -1,6 +1,7 @@
 """Class-incremental ACC / Forgetting for every (head, method) pair over several class orders.
 
-Runs ``recipes/vit_class_incremental.py`` once per (head, seed) with ``--methods head_only sequential pegp`` and
+Runs the image experiment of ``recipes/vit_class_incremental.py`` (:mod:`pegp_hf.experiments.image`) once per
+(head, seed) with ``--methods head_only sequential pegp`` and
 writes ``<output_dir>/results.json`` (every run) and ``<output_dir>/table.md`` (mean +- std over seeds)::
 
     python benchmarks/class_incremental_heads.py                      # embedded MNIST-5k, 3 class orders
@@ -16,12 +17,10 @@ import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import headline, mean_std, split_recipe_flags  # noqa: E402
-from recipes import vit_class_incremental  # noqa: E402
+from pegp_hf.continual import HEADS
+from pegp_hf.experiments import image
+from pegp_hf.experiments.grid import headline, mean_std, split_flags
 
-HEADS = ("masked_linear", "prototype", "aligned")
 METHODS = ("head_only", "sequential", "pegp")
 # The LoRA setting of docs/results.md (it predates --pet and the paper's rank 5 on the first 5/12 of the blocks).
 PUBLISHED_LORA = ["--pet", "lora", "--pet_width", "8", "--pet_layers", "all"]
@@ -43,7 +42,7 @@ def table(runs: list[dict], metrics: tuple[str, ...]) -> str:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = split_recipe_flags(argv)
+    own, passthrough = split_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/class_incremental_heads")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="class-order seeds")
@@ -56,7 +55,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for head in options.heads:
         for seed in seeds:
             out = root / f"{head}-seed{seed}"
-            summary = vit_class_incremental.main(
+            summary = image.run_from_flags(
                 ["--methods", *METHODS, "--head", head, "--class_order_seed", str(seed), "--output_dir", str(out),
                  "--disable_tqdm", "true", "--logging_steps", "1000", *PUBLISHED_LORA]
                 + (SMOKE if options.smoke else []) + passthrough

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
 from functools import partial
@@ -35,12 +34,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import ViTConfig, ViTForImageClassification
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from pegp_hf.features import FeatureCovariances  # noqa: E402
-from pegp_hf.projection import GradientProjector  # noqa: E402
-from pegp_hf.subspace import accumulate_covariance, grow_basis, project_out  # noqa: E402
-from pegp_hf.tuners import find_protected_tensors  # noqa: E402
+from pegp_hf.core import FeatureCovariances, GradientProjector, accumulate_covariance, grow_basis, project_out
+from pegp_hf.tuners import find_protected_tensors
 
 BACKBONES = {"vit-tiny": 28, "dinov2-small": 56, "vit-base": 224}  # backbone -> default image size
 
@@ -50,7 +45,7 @@ def build(backbone: str, image_size: int) -> tuple[torch.nn.Module, int, int]:
     (86M parameters) from its config, random-init: the step time does not depend on the weights."""
     torch.manual_seed(0)
     if backbone == "dinov2-small":
-        from pegp_hf.offline_models import load_dinov2_small_for_classification
+        from pegp_hf.offline.models import load_dinov2_small_for_classification
 
         model, channels, patch = load_dinov2_small_for_classification(10), 3, 14
     elif backbone == "vit-base":

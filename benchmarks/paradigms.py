@@ -1,7 +1,8 @@
 """ACC / Forgetting of ``pegp`` against ``sequential`` (lower bound) and ``joint`` (upper bound) for each PET
 paradigm (LoRA, adapter, prefix, prompt).
 
-Runs ``recipes/vit_class_incremental.py --pet <pet> --methods sequential pegp`` once per (paradigm, class order),
+Runs the image experiment of ``recipes/vit_class_incremental.py`` (:mod:`pegp_hf.experiments.image`) with
+``--pet <pet> --methods sequential pegp`` once per (paradigm, class order),
 and ``joint``: the same recipe on one task holding every class (``--num_tasks 1``; its ACC is the accuracy on the
 whole test set, its Forgetting 0 by definition), then writes ``<output_dir>/results.json`` (every run) and
 ``<output_dir>/table.md`` (mean +- std over orders) and ``<output_dir>/paradigms.png`` (the same as bars)::
@@ -25,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # run from anywhere: the recipes live at the repository root
-from benchmarks._common import finished, headline, mean_std, pyplot, split_recipe_flags  # noqa: E402
-from recipes import vit_class_incremental  # noqa: E402
+from pegp_hf.experiments import image
+from pegp_hf.experiments.grid import finished, headline, mean_std, split_flags
+from pegp_hf.plots import pyplot, save_figure
+from pegp_hf.tuners import PAPER_PARADIGMS, available_pets
 
-PETS = ("lora", "adapter", "prefix", "prompt")
 METHODS = ("sequential", "pegp", "joint")
 METRICS = ("acc", "forgetting", "til_acc", "til_forgetting")
 SMOKE = ["--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "--feature_samples", "64"]
@@ -50,7 +50,7 @@ def table(runs: list[dict]) -> str:
     """
     lines = ["| PET | method | CIL ACC | CIL Forgetting | TIL ACC | TIL Forgetting | train time / sequential "
              "| capture / train time |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
-    for pet in PETS:
+    for pet in available_pets():
         for method in METHODS:
             chosen = [r for r in runs if r["pet"] == pet and r["method"] == method]
             if not chosen:
@@ -74,7 +74,7 @@ def plot(runs: list[dict], path: Path) -> None:
     """Bars per PET and method, mean with the std over class orders as error bars: CIL ACC (with ``joint``, the upper
     bound), CIL Forgetting and TIL Forgetting (``pegp`` against ``sequential``)."""
     plt = pyplot()
-    pets = [p for p in PETS if any(r["pet"] == p for r in runs)]
+    pets = [p for p in available_pets() if any(r["pet"] == p for r in runs)]
     panels = (("acc", "class-incremental ACC", METHODS), ("forgetting", "class-incremental Forgetting", METHODS[:2]),
               ("til_forgetting", "task-incremental Forgetting", METHODS[:2]))  # fmt: skip
     figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.5))
@@ -90,18 +90,16 @@ def plot(runs: list[dict], path: Path) -> None:
         axis.set(title=title, ylabel="%")
         axis.grid(axis="y", alpha=0.3)
     axes[0].legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+    save_figure(figure, path, dpi=120)
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
     argv = sys.argv[1:] if argv is None else argv
-    own, passthrough = split_recipe_flags(argv)
+    own, passthrough = split_flags(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/paradigms")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="class-order seeds")
-    parser.add_argument("--pets", nargs="+", default=list(PETS), choices=PETS)
+    parser.add_argument("--pets", nargs="+", default=list(PAPER_PARADIGMS), choices=available_pets())
     parser.add_argument("--no_joint", action="store_true", help="skip the joint upper bound")
     parser.add_argument("--smoke", action="store_true", help="digits, 2 tasks, 1 epoch, first seed only")
     options = parser.parse_args(own)
@@ -113,11 +111,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             out = root / f"{pet}-seed{seed}"
             common = ["--pet", pet, "--class_order_seed", str(seed), "--disable_tqdm", "true", "--logging_steps",
                       "1000"] + (SMOKE if options.smoke else []) + passthrough  # fmt: skip
-            summary = finished(out) or vit_class_incremental.main(
+            summary = finished(out) or image.run_from_flags(
                 [*common, "--methods", "sequential", "pegp", "--output_dir", str(out)]
             )
             if not options.no_joint:
-                joint = finished(out / "joint") or vit_class_incremental.main(
+                joint = finished(out / "joint") or image.run_from_flags(
                     [*common, "--methods", "sequential", "--num_tasks", "1", "--output_dir", str(out / "joint")]
                 )
                 summary["joint"] = joint["sequential"]

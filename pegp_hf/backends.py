@@ -7,10 +7,26 @@
 | DeepSpeed ZeRO 1 / 2 | tensor hooks on the PET leaf parameters | it steps inside ``backward``: too late after |
 | FSDP1 | refused | flat parameters split rows of a weight across ranks |
 
-Projection is linear, so projecting every micro-batch's gradient in a hook equals projecting their sum.
+Projection is linear, so projecting every micro-batch's gradient in a hook equals projecting their sum. After each
+task the feature covariances are summed over processes and the bases grown on the main process and broadcast, so
+every rank holds the same bits (:func:`grow_bases_on_every_rank`).
 """
 
 from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+from accelerate.utils import broadcast_object_list
+
+from pegp_hf.core.projector import GradientProjector
+
+if TYPE_CHECKING:
+    from transformers import Trainer
+
+logger = logging.getLogger(__name__)
 
 PROJECTION_MODES = ("auto", "training_step", "hooks")
 
@@ -69,3 +85,52 @@ def effective_optimizer(optim: str, weight_decay: float, deepspeed_config: dict 
         return optim, weight_decay
     decay = section.get("params", {}).get("weight_decay", "auto")
     return str(section.get("type", optim)).lower(), weight_decay if decay == "auto" else float(decay)
+
+
+def resolve_projection_mode(trainer: Trainer, projector: GradientProjector) -> str:
+    """The projection mode for ``trainer``'s Accelerate backend, after every refusal of this module (and FSDP2 with a
+    tensor whose feature axis is its sharded first axis, such as IA3's output scaling)."""
+    args = trainer.args
+    fsdp_version = trainer.accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None
+    deepspeed = trainer.is_deepspeed_enabled
+    zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
+    mode = select_projection_mode(args.projection_mode, deepspeed, fsdp_version, zero_stage)
+    config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else None
+    optim, decay = effective_optimizer(getattr(args.optim, "value", args.optim), args.weight_decay, config)
+    check_update_reprojection(args.update_reprojection, optim, decay, deepspeed)
+    transposed = [name for name, tensor in projector.tensors.items() if tensor.transposed]
+    if fsdp_version == 2 and transposed:
+        raise ValueError(
+            f"FSDP2 shards dim 0, which is the feature axis of {transposed[0]} (and {len(transposed) - 1} more): "
+            "its projection would not be exact on a shard. Use DDP or DeepSpeed ZeRO-2 for this PET."
+        )
+    return mode
+
+
+def grow_bases_on_every_rank(
+    projector: GradientProjector, covariances: Mapping[str, torch.Tensor], threshold: float, accelerator
+) -> None:
+    """Sum the per-process covariances, grow the bases on the main process (logging tensors that became full) and
+    broadcast them, so every rank holds the same bits."""
+    summed = {name: accelerator.reduce(covariance, "sum") for name, covariance in covariances.items()}
+    if accelerator.is_main_process:
+        for name in projector.grow(summed, threshold):
+            logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
+    if accelerator.num_processes > 1:
+        cpu_bases = {name: basis.cpu() for name, basis in projector.bases.items()}
+        projector.load_bases(broadcast_object_list([cpu_bases])[0])
+
+
+def check_frozen_after_first_task(trainer: Trainer, frozen: list[torch.nn.Parameter]) -> None:
+    """Under DDP, weights frozen after the first task stop receiving gradients inside the wrapper built for task 1:
+    refuse unless ``ddp_find_unused_parameters`` lets DDP skip them."""
+    args = trainer.args
+    if not frozen or args.world_size <= 1:
+        return
+    checkpointing = args.activation_checkpointing or args.gradient_checkpointing
+    checkpointing = checkpointing or getattr(trainer.model, "is_activation_checkpointing", False)
+    if args.ddp_find_unused_parameters is False or (args.ddp_find_unused_parameters is None and checkpointing):
+        raise ValueError(
+            "value prefixes frozen after the first task stop receiving gradients inside the DDP wrapper built for "
+            "task 1: set ddp_find_unused_parameters=True (or use value_prefix='free')"
+        )

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from pegp_hf.backends import PROJECTION_MODES
-from pegp_hf.heads import HEADS
+from pegp_hf.continual.heads import HEADS
 
 METHODS = ("pegp", "sequential", "head_only")
 REPROJECTION = ("auto", "on", "off")
@@ -18,7 +18,13 @@ LOSS_CLASSES = ("task", "seen")
 @dataclass
 class PEGPTrainingArguments(TrainingArguments):
     """Arguments of :class:`~pegp_hf.ContinualPEGPTrainer`. Epochs, batch size, learning rate, optimizer ... apply
-    to every task; a fresh optimizer and scheduler are made for each one."""
+    to every task; a fresh optimizer and scheduler are made for each one.
+
+    Parameters by group: the method (``method``, ``threshold``, ``feature_samples``, ``protect``,
+    ``update_reprojection``, ``projection_mode``) and the classification objective (``loss_classes``, ``head``,
+    ``head_module``, ``head_shrinkage``, ``align_*``: read by
+    :class:`~pegp_hf.continual.classification.ClassificationObjective`, unused by other objectives).
+    """
 
     method: str = field(
         default="pegp",

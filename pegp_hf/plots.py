@@ -12,10 +12,11 @@ from typing import Any
 
 import numpy as np
 
-from pegp_hf.metrics import summarize
+from pegp_hf.continual.metrics import summarize
 
 
-def _pyplot():
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the file-only Agg backend (plots are written, never shown)."""
     try:
         import matplotlib
     except ImportError as error:
@@ -37,7 +38,7 @@ def running_summary(matrix: list[list[float | None]]) -> dict[str, list[float]]:
 
 def plot_accuracy_matrix(matrix: list[list[float | None]], path: str | Path, title: str) -> Path:
     """Heatmap of ``A[i, t]`` (rows: task, columns: after task), values printed in the cells."""
-    plt = _pyplot()
+    plt = pyplot()
     a = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
     figure, axes = plt.subplots(figsize=(1.0 + 0.8 * len(a), 0.8 + 0.7 * len(a)))
     image = axes.imshow(a, vmin=0, vmax=100, cmap="viridis")
@@ -49,25 +50,23 @@ def plot_accuracy_matrix(matrix: list[list[float | None]], path: str | Path, tit
     axes.set_yticks(ticks, [str(i + 1) for i in ticks])
     axes.set(xlabel="after training task", ylabel="task", title=title)
     figure.colorbar(image, ax=axes, label="accuracy (%)")
-    return _save(figure, path)
+    return save_figure(figure, path, integer_ticks=True)
 
 
-def plot_method_curves(
-    results: Mapping[str, Mapping[str, Any]], path: str | Path, matrix: str = "accuracy_matrix"
-) -> Path:
-    """ACC and Forgetting after each task, one line per method (e.g. ``pegp`` against ``sequential``)."""
-    plt = _pyplot()
+def plot_method_curves(results: Mapping[str, Mapping[str, Any]], path: str | Path, matrix: str | None = None) -> Path:
+    """ACC and Forgetting after each task, one line per method (e.g. ``pegp`` against ``sequential``), of the
+    accuracy matrix ``matrix`` (default: each run's headline)."""
+    plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for method, result in results.items():
-        source = result[matrix] if matrix != "accuracy_matrix" else result
-        running = running_summary(source["accuracy_matrix"])
+        running = running_summary(result["accuracy_matrix"] if matrix is None else result[matrix]["matrix"])
         tasks = range(1, len(running["acc"]) + 1)
         left.plot(tasks, running["acc"], marker="o", label=method)
         right.plot(tasks, running["forgetting"], marker="o", label=method)
     left.set(xlabel="after task", ylabel="ACC (%)", title="average accuracy so far")
     right.set(xlabel="after task", ylabel="Forgetting (%)", title="forgetting so far")
     left.legend()
-    return _save(figure, path)
+    return save_figure(figure, path, integer_ticks=True)
 
 
 def plot_task_metrics(
@@ -75,7 +74,7 @@ def plot_task_metrics(
 ) -> Path:
     """One panel per key of ``task_metrics`` (e.g. ``zero_shot_acc``, ``hallucination_rate``), one line per method;
     with ``initial``, that figure before the sequence is drawn at task 0 of the matching panel."""
-    plt = _pyplot()
+    plt = pyplot()
     figure, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.5), squeeze=False)
     for panel, key in zip(axes[0], keys, strict=True):
         for method, result in results.items():
@@ -86,18 +85,21 @@ def plot_task_metrics(
                 panel.plot(*zip(*points, strict=True), marker="o", label=method)
         panel.set(xlabel="after task (0: before the sequence)" if key == initial else "after task", title=key)
         panel.legend()
-    return _save(figure, path)
+    return save_figure(figure, path, integer_ticks=True)
 
 
-def _save(figure: Any, path: str | Path) -> Path:
+def save_figure(figure: Any, path: str | Path, integer_ticks: bool = False, dpi: int = 110) -> Path:
+    """Lay out ``figure``, write it to ``path`` (folders made as needed) and close it; ``integer_ticks`` for x axes
+    that count tasks."""
     from matplotlib.ticker import MaxNLocator
 
-    for axes in figure.axes:
-        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # tasks are whole numbers
+    if integer_ticks:
+        for axes in figure.axes:
+            axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=dpi)
     figure.clear()
     import matplotlib.pyplot as plt
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import AtTaskStart, distributed_case
+from helpers import AtTaskStart, distributed_case, matrices
 
 from pegp_hf import ContinualPEGPTrainer
 
@@ -29,7 +29,7 @@ def main(output_dir: str, phase: str) -> None:
             "params": {n: p.detach().cpu() for n, p in model.named_parameters() if p.requires_grad},
             "overlaps": [log["pegp_update_overlap"] for log in steps],
             "update_max": [log["pegp_update_max"] for log in steps],
-            "accuracy": {k: torch.tensor(v) for k, v in trainer.accuracy.items()},
+            "accuracy": {k: torch.tensor(v) for k, v in matrices(trainer).items()},
         },
         Path(output_dir) / f"{phase}-rank{rank}.pt",
     )

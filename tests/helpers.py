@@ -164,3 +164,8 @@ def with_captions(split: Dataset, names: list[str], seed: int = 0) -> Dataset:
     labels = np.asarray(split.with_format(None)["label"])
     captions = [templates[k].format(names[y]) for k, y in zip(rng.integers(2, size=len(labels)), labels, strict=True)]
     return split.with_format(None).add_column("caption", captions).with_format("torch")
+
+
+def matrices(trainer) -> dict[str, np.ndarray]:
+    """Every ``T x T`` matrix of a trainer's results, by name (NaN where not measured)."""
+    return {name: matrix.values for name, matrix in trainer.results.matrices.items()}

@@ -6,7 +6,7 @@ from helpers import synthetic_images, tiny_vit, training_args
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.backends import check_update_reprojection, effective_optimizer, select_projection_mode
-from pegp_hf.subspace import grow_basis, project_out
+from pegp_hf.core.subspace import grow_basis, project_out
 
 TASKS = class_incremental_tasks(synthetic_images(per_class=16), synthetic_images(per_class=8, seed=1), 2, seed=0)
 
@@ -130,9 +130,9 @@ def test_fsdp2_sharded_parameters_are_found_and_projected(tmp_path):
     fsdp = pytest.importorskip("torch.distributed.fsdp")
     from torch.distributed.device_mesh import init_device_mesh
 
-    from pegp_hf.features import FeatureCovariances
-    from pegp_hf.projection import GradientProjector
-    from pegp_hf.subspace import max_overlap
+    from pegp_hf.core.capture import FeatureCovariances
+    from pegp_hf.core.projector import GradientProjector
+    from pegp_hf.core.subspace import max_overlap
     from pegp_hf.tuners import find_protected_tensors
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

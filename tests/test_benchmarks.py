@@ -55,7 +55,7 @@ def test_paradigms_benchmark_smoke(tmp_path, monkeypatch):
     train_ratio, capture_share = (float(cell.split()[0]) for cell in row.strip("| ").split(" | ")[-2:])
     assert train_ratio > 0 and capture_share > 0  # pegp's times against sequential's and its own training
 
-    monkeypatch.setattr(paradigms.vit_class_incremental, "main", _no_more_training)
+    monkeypatch.setattr(paradigms.image, "run_from_flags", _no_more_training)
     again = paradigms.main(["--smoke", "--output_dir", str(tmp_path), "--pets", "adapter", "prompt"])
     assert again == runs  # an interrupted grid continues from the runs it finished
 
@@ -73,5 +73,5 @@ def test_ablations_benchmark_smoke(tmp_path, monkeypatch):
     assert (tmp_path / "threshold.png").stat().st_size > 0
     assert json.loads((tmp_path / "results.json").read_text()) == runs
 
-    monkeypatch.setattr(ablations.vit_class_incremental, "main", _no_more_training)
+    monkeypatch.setattr(ablations.image, "run_from_flags", _no_more_training)
     assert ablations.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # continues from the finished runs

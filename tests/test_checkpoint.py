@@ -7,12 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import AtTaskStart, synthetic_images, tiny_vit, training_args
+from helpers import AtTaskStart, matrices, synthetic_images, tiny_vit, training_args
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
-from pegp_hf.checkpoint import SUBSPACES_NAME, CheckpointError, atomic_directory, read_adapter_weights
+from pegp_hf.io.checkpoint import SUBSPACES_NAME, CheckpointError, atomic_directory
+from pegp_hf.tuners import pet_handle
 
 TASKS = class_incremental_tasks(synthetic_images(num_labels=6), synthetic_images(num_labels=6, seed=1), 3, seed=0)
 
@@ -54,7 +55,7 @@ def test_every_task_leaves_a_complete_checkpoint(uninterrupted):
         state = json.loads(Path(f"{folder}/pegp_state.json").read_text())
         assert state["finished_tasks"] == k
         assert state["task_classes"] == TASKS.task_classes
-        matrix = state["results"]["class_incremental"]["accuracy_matrix"]
+        matrix = state["results"]["class_incremental"]["matrix"]
         assert all(matrix[i][t] is not None for t in range(k) for i in range(t + 1))
         bases = load_file(f"{folder}/{SUBSPACES_NAME}")
         assert all(".default." not in key for key in bases)  # named like the keys of adapter_model.safetensors
@@ -73,8 +74,8 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, uninter
 
     resumed = make_trainer(tmp_path)
     resumed.train(resume_from_checkpoint=True)
-    for name, matrix in uninterrupted.accuracy.items():
-        np.testing.assert_array_equal(resumed.accuracy[name], matrix)
+    for name, matrix in matrices(uninterrupted).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], matrix)
     expected = trainable(uninterrupted.model)
     for name, value in trainable(resumed.model).items():
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
@@ -86,18 +87,18 @@ def test_resume_from_an_explicit_task_folder(tmp_path, uninterrupted):
     shutil.copytree(f"{uninterrupted.args.output_dir}/task-1", tmp_path / "task-1")
     resumed = make_trainer(tmp_path)
     resumed.train(resume_from_checkpoint=str(tmp_path / "task-1"))
-    for name, matrix in uninterrupted.accuracy.items():
-        np.testing.assert_array_equal(resumed.accuracy[name], matrix)
+    for name, matrix in matrices(uninterrupted).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], matrix)
 
 
 def test_a_crash_while_writing_leaves_no_partial_checkpoint(tmp_path, monkeypatch):
-    import pegp_hf.trainer
+    import pegp_hf.io.checkpoint
 
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
     trainer = make_trainer(tmp_path)
-    monkeypatch.setattr(pegp_hf.trainer, "save_subspaces", broken)
+    monkeypatch.setattr(pegp_hf.io.checkpoint, "save_subspaces", broken)
     with pytest.raises(OSError, match="disk full"):
         trainer.train()
     assert list(tmp_path.iterdir()) == []  # neither task-1 nor a hidden staging folder
@@ -150,7 +151,7 @@ def test_subspace_file_for_other_tensors_is_named(tmp_path, task_1):
 def test_adapter_with_wrong_shapes_is_named(task_1):
     wider = tiny_vit(num_labels=6, rank=8)
     with pytest.raises(CheckpointError, match=r"lora_A.weight has shape \(4, 32\) but the model's is \(8, 32\)"):
-        read_adapter_weights(wider, task_1, "default")
+        pet_handle(wider).read_pretrained(task_1)
 
 
 def test_checkpoint_of_another_task_sequence_is_refused(tmp_path, task_1):

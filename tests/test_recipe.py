@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from recipes import vit_class_incremental
 
@@ -27,3 +28,19 @@ def test_recipe_runs_both_methods_and_writes_results(tmp_path, capsys):
         assert len(results["timings"]) == 2 and all(t["train_seconds"] > 0 for t in results["timings"])
         assert (tmp_path / method / "task-2" / "adapter_model.safetensors").is_file()
     assert sum(stored["pegp"]["subspace_dims"].values()) > 0
+
+
+def test_the_recipe_defaults_are_the_parser_defaults_that_help_shows(capsys):
+    from pegp_hf.experiments.image import TRAINING_DEFAULTS, parse_args
+
+    script, args = parse_args([])
+    assert (args.learning_rate, args.optim.value, args.threshold, args.output_dir) == (
+        0.05, "sgd", 0.99, "outputs/vit_class_incremental"
+    )  # fmt: skip
+    assert script.methods == ["pegp", "sequential"]
+    assert parse_args(["--learning_rate", "0.1"])[1].learning_rate == 0.1  # a flag still wins
+    with pytest.raises(SystemExit):
+        parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "default: 0.05" in shown and "default: outputs/vit_class_incremental" in shown
+    assert set(TRAINING_DEFAULTS) <= set(vars(args))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pegp_hf.subspace import accumulate_covariance, empty_basis, grow_basis, max_overlap, project_out
+from pegp_hf.core.subspace import accumulate_covariance, empty_basis, grow_basis, max_overlap, project_out
 
 
 def rotated_covariance(eigenvalues, seed=0):

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from helpers import synthetic_images, training_args
+from helpers import matrices, synthetic_images, training_args
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
 from transformers import (
@@ -22,8 +22,8 @@ from transformers import (
 )
 
 from pegp_hf import ContinualPEGPTrainer, GradientProjector, class_incremental_tasks
-from pegp_hf.checkpoint import CheckpointError
-from pegp_hf.features import FeatureCovariances
+from pegp_hf.core.capture import FeatureCovariances
+from pegp_hf.io.checkpoint import CheckpointError
 from pegp_hf.tuners import (
     AdapterConfig,
     PrefixConfig,
@@ -395,7 +395,7 @@ def test_two_task_continual_run_per_paradigm(tmp_path, config):
     # eps 0.9: with eps near 1 the 16-dim per-head query spaces of this tiny ViT fill after task 1
     trainer = ContinualPEGPTrainer(model=pet_vit(config), args=training_args(tmp_path, threshold=0.9), tasks=tasks)
     trainer.train()
-    matrix = trainer.accuracy["class_incremental"]
+    matrix = matrices(trainer)["class_incremental"]
     assert np.isfinite(matrix[np.triu_indices(2)]).all() and np.isnan(matrix[1, 0])
     assert matrix[0, 0] > 50  # two classes, learned
     results = trainer.continual_results()
@@ -430,7 +430,7 @@ def test_frozen_value_prefix_and_resume_reproduce_the_uninterrupted_run(tmp_path
     resumed.train(resume_from_checkpoint=True)
     for name, tensor in get_pet_state_dict(resumed.model).items():
         torch.testing.assert_close(tensor, after_2[name], rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(resumed.accuracy["class_incremental"], full.accuracy["class_incremental"])
+    np.testing.assert_array_equal(matrices(resumed)["class_incremental"], matrices(full)["class_incremental"])
 
     other = PrefixConfig(length=3, value_prefix="free", modules_to_save=["classifier"])  # same shapes, other rule
     mismatched = ContinualPEGPTrainer(model=pet_vit(other), args=training_args(tmp_path / "other"), tasks=tasks)

@@ -1,22 +1,21 @@
-"""PET modules and the tensors PEGP protects in them.
+"""PET methods and the tensors PEGP protects in them.
 
-- PEFT LoRA (``peft.get_peft_model``): :mod:`pegp_hf.tuners.lora`;
+- PEFT methods (``peft.get_peft_model``): LoRA and IA3 are protected (:mod:`pegp_hf.tuners.peft`); any other PEFT
+  method trains without projection;
 - pegp_hf's own tuners, attached with :func:`inject_pet`: visual / CoOp prompts (:class:`PromptConfig`), key / value
-  prefixes (:class:`PrefixConfig`) and bottleneck adapters (:class:`AdapterConfig`).
+  prefixes (:class:`PrefixConfig`) and bottleneck adapters (:class:`AdapterConfig`), each in its own module, which
+  registers it (:func:`register_tuner`); a new tuner is one more module doing the same.
 
-Each reports, for every trainable weight it wants protected, a :class:`ProtectedTensor`: the parameter and the
-forward activation whose span is that weight's old feature space. Feature capture and projection are generic over
-this one interface.
+Each method reports, for every trainable weight it wants protected, a :class:`~pegp_hf.core.ProtectedTensor`: the
+parameter and the forward activation whose span is that weight's old feature space. :func:`pet_handle` is how the
+trainer sees a model's PET, whichever library made it.
 """
 
-from __future__ import annotations
-
-from torch import nn
-
+from pegp_hf.core.protected import ProtectedTensor
 from pegp_hf.tuners.adapter import AdapterConfig, BottleneckAdapter
-from pegp_hf.tuners.base import PETConfig, PETModule, ProtectedTensor
-from pegp_hf.tuners.factory import PAPER_WIDTHS, PETS, get_pet_model, parse_layers
-from pegp_hf.tuners.lora import lora_protected_tensors
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule
+from pegp_hf.tuners.factory import PAPER_PARADIGMS, default_width, get_pet_model, parse_layers
+from pegp_hf.tuners.handle import PETHandle, find_protected_tensors, pet_handle
 from pegp_hf.tuners.model import (
     get_pet_state_dict,
     inject_pet,
@@ -26,45 +25,51 @@ from pegp_hf.tuners.model import (
     save_pet_pretrained,
     set_pet_state_dict,
 )
+from pegp_hf.tuners.peft import ia3_protected_tensors, lora_protected_tensors
 from pegp_hf.tuners.prefix import Prefix, PrefixConfig
 from pegp_hf.tuners.prompt import Prompt, PromptConfig
+from pegp_hf.tuners.registry import (
+    PEFT_METHODS,
+    TUNERS,
+    PeftMethodSpec,
+    TunerSpec,
+    available_pets,
+    register_peft_method,
+    register_tuner,
+)
 
 __all__ = [
-    "PAPER_WIDTHS",
-    "PETS",
+    "PAPER_PARADIGMS",
+    "PEFT_METHODS",
+    "TUNERS",
     "AdapterConfig",
+    "Attachment",
     "BottleneckAdapter",
     "PETConfig",
+    "PETHandle",
     "PETModule",
+    "PeftMethodSpec",
     "Prefix",
     "PrefixConfig",
     "Prompt",
     "PromptConfig",
     "ProtectedTensor",
+    "TunerSpec",
+    "available_pets",
+    "default_width",
     "find_protected_tensors",
-    "frozen_after_first_task",
     "get_pet_model",
     "get_pet_state_dict",
+    "ia3_protected_tensors",
     "inject_pet",
     "load_pet_pretrained",
     "lora_protected_tensors",
     "parse_layers",
     "pet_configs",
+    "pet_handle",
     "read_pet_configs",
+    "register_peft_method",
+    "register_tuner",
     "save_pet_pretrained",
     "set_pet_state_dict",
 ]
-
-
-def find_protected_tensors(model: nn.Module) -> list[ProtectedTensor]:
-    """Every protectable PET tensor of ``model``: PEFT LoRA factors and the weights of pegp_hf tuners."""
-    tensors = lora_protected_tensors(model)
-    for name, module in model.named_modules():
-        if isinstance(module, PETModule):
-            tensors.extend(module.protected_tensors(name))
-    return tensors
-
-
-def frozen_after_first_task(model: nn.Module) -> list[nn.Parameter]:
-    """Tuner weights that PEGP trains on the first task only (e.g. value prefixes with ``freeze_after_first_task``)."""
-    return [p for module in model.modules() if isinstance(module, PETModule) for p in module.frozen_after_first_task()]

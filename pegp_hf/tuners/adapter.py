@@ -22,15 +22,10 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from pegp_hf.tuners.base import (
-    Attachment,
-    PETConfig,
-    PETModule,
-    ProtectedTensor,
-    check_not_adapted,
-    module_input,
-)
+from pegp_hf.core.protected import ProtectedTensor, module_input
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, check_not_adapted
 from pegp_hf.tuners.discovery import attention_module, find_block_stacks, hidden_size, mlp_module, select_layers
+from pegp_hf.tuners.registry import register_tuner
 
 
 @dataclass
@@ -142,3 +137,6 @@ def plan_adapters(model: nn.Module, config: AdapterConfig) -> list[Attachment]:
 
 def _install(module: nn.Module) -> None:
     module.register_forward_hook(_add_adapter, with_kwargs=True)
+
+
+register_tuner(AdapterConfig, plan_adapters, size_field="width")

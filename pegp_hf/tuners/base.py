@@ -1,4 +1,6 @@
-"""The one interface between PET modules and PEGP: a weight, and where its input features come from."""
+"""What every pegp_hf tuner is made of: a config (an ``adapter_config.json`` entry), PET modules that list the
+:class:`~pegp_hf.core.ProtectedTensor` objects they hold, and planned attachments (so every check runs before a model
+changes)."""
 
 from __future__ import annotations
 
@@ -9,47 +11,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-FeatureFn = Callable[[tuple[Any, ...], Any], torch.Tensor]
-
-
-@dataclass(frozen=True, eq=False)
-class ProtectedTensor:
-    """A PET weight ``W`` (``(out, d)``, acting as ``W x``) and the activation that spans its old subspace.
-
-    Attributes:
-        name: the parameter's name in ``model.named_parameters()`` (PEFT naming, adapter name included).
-        kind: the role of the weight in its PET module (``"lora_A"``, ``"lora_B"``, ...), for reports.
-        owner: the module that holds the weight as attribute ``attribute``. The weight is looked up there each time
-            (:attr:`parameter`), because wrappers such as FSDP2's ``fully_shard`` replace parameter objects.
-        module: where to hook: a forward hook on it sees the features.
-        features: ``(args, output) -> (..., d)``: the feature vectors ``W`` multiplies in that forward call.
-    """
-
-    name: str
-    kind: str
-    owner: nn.Module
-    attribute: str
-    module: nn.Module
-    features: FeatureFn
-
-    @property
-    def parameter(self) -> nn.Parameter:
-        """The weight as the model holds it now: its gradient is projected on its last axis (size ``d``)."""
-        return getattr(self.owner, self.attribute)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.parameter.shape[-1]
-
-
-def module_input(args: tuple[Any, ...], output: Any) -> torch.Tensor:
-    """Features = the first positional input of the hooked module."""
-    return args[0]
-
-
-def module_output(args: tuple[Any, ...], output: Any) -> torch.Tensor:
-    """Features = the output of the hooked module."""
-    return output
+from pegp_hf.core.protected import ProtectedTensor
 
 
 @dataclass

@@ -1,19 +1,28 @@
-"""One call for any of the four paradigms with PEGP's defaults, as the recipes and benchmarks choose them."""
+"""One call for any registered PET method with its default size (the paper's), as the recipes and benchmarks choose
+them."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from torch import nn
 
-from pegp_hf.tuners.adapter import AdapterConfig
 from pegp_hf.tuners.discovery import find_block_stacks, select_layers
 from pegp_hf.tuners.model import inject_pet
-from pegp_hf.tuners.prefix import PrefixConfig
-from pegp_hf.tuners.prompt import PromptConfig
+from pegp_hf.tuners.registry import PEFT_METHODS, TUNERS, available_pets
 
-PETS = ("lora", "adapter", "prefix", "prompt")
-PAPER_WIDTHS = {"lora": 5, "adapter": 5, "prefix": 10, "prompt": 10}  # LoRA rank, adapter width, prefix / prompt length
+PAPER_PARADIGMS = ("lora", "adapter", "prefix", "prompt")  # the four PET paradigms of the PEGP paper
+
+
+def default_width(pet: str) -> int | None:
+    """The size ``get_pet_model`` uses when ``width`` is ``None``: LoRA rank 5, adapter width 5, prefix and prompt
+    length 10 (the paper's); ``None`` for a method without a size."""
+    if pet in PEFT_METHODS:
+        return PEFT_METHODS[pet].default_size
+    if pet in TUNERS:
+        return TUNERS[pet].default_size
+    raise ValueError(f"unknown pet {pet!r}: one of {', '.join(available_pets())}")
 
 
 def get_pet_model(
@@ -23,48 +32,38 @@ def get_pet_model(
     layers: list[int] | str | None = None,
     modules_to_save: Sequence[str] = (),
     layers_pattern: str | None = None,
-    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
-    **options,
+    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    **options: Any,
 ) -> nn.Module:
-    """``model`` with one PET paradigm on the chosen blocks.
+    """``model`` with one registered PET method on the chosen blocks.
 
     Args:
-        pet: ``"lora"`` (PEFT, returns a ``PeftModel``), ``"adapter"``, ``"prefix"`` or ``"prompt"`` (pegp_hf tuners,
-            injected in place).
-        width: LoRA rank / adapter width / prefix or prompt length; ``None``: the paper's (5 / 5 / 10 / 10).
+        pet: a PEFT method (``"lora"``, ``"ia3"``: returns a ``PeftModel``) or a pegp_hf tuner (``"adapter"``,
+            ``"prefix"``, ``"prompt"``, or any registered one: injected in place); see
+            :func:`~pegp_hf.tuners.registry.available_pets`.
+        width: LoRA rank / adapter width / prefix or prompt length; ``None``: :func:`default_width`.
         layers: block indices, ``"all"``, or ``None`` for the paper's layers 0-4 of 12 scaled to the depth.
         modules_to_save: trained in full and saved with the adapter (e.g. ``["classifier"]``).
         layers_pattern: regex on block-stack names (e.g. ``"vision_model"``); ``None``: every stack.
-        lora_targets: leaf names of the linear layers LoRA adapts in the chosen blocks.
-        **options: any other field of the tuner's config (``placement``, ``value_prefix``, ``insert``, ...).
+        target_modules: leaf names of the linear layers a PEFT method adapts in the chosen blocks.
+        **options: any other field of the method's config (``placement``, ``value_prefix``, ``lora_alpha``, ...).
     """
-    if pet not in PETS:
-        raise ValueError(f"unknown pet {pet!r}: one of {', '.join(PETS)}")
-    width = PAPER_WIDTHS[pet] if width is None else width
-    common = dict(layers=layers, layers_pattern=layers_pattern, modules_to_save=list(modules_to_save))
-    if pet == "lora":
-        from peft import LoraConfig, get_peft_model
-
+    width = default_width(pet) if width is None else width
+    if pet in PEFT_METHODS:
         targets = [
             f"{stack_name}.{index}.{name}"
             for stack_name, stack in find_block_stacks(model, layers_pattern)
             for index in select_layers(len(stack), layers)
             for name, _ in stack[index].named_modules()
-            if name.rsplit(".", 1)[-1] in lora_targets
+            if name.rsplit(".", 1)[-1] in target_modules
         ]
         if not targets:
-            raise ValueError(f"no linear layer named {list(lora_targets)} in the chosen blocks")
-        config = LoraConfig(
-            r=width,
-            lora_alpha=options.pop("lora_alpha", None) or width,
-            target_modules=targets,
-            modules_to_save=list(modules_to_save) or None,
-            **options,
-        )
-        return get_peft_model(model, config)
-    config_class = {"adapter": AdapterConfig, "prefix": PrefixConfig, "prompt": PromptConfig}[pet]
-    size = {"adapter": "width"}.get(pet, "length")
-    return inject_pet(model, config_class(**common, **{size: width}, **options))
+            raise ValueError(f"no linear layer named {list(target_modules)} in the chosen blocks")
+        return PEFT_METHODS[pet].build(model, targets, width, modules_to_save, **options)
+    spec = TUNERS[pet]
+    sizes = {} if spec.size_field is None else {spec.size_field: width}
+    common = dict(layers=layers, layers_pattern=layers_pattern, modules_to_save=list(modules_to_save))
+    return inject_pet(model, spec.config_class(**common, **sizes, **options))
 
 
 def parse_layers(text: str) -> list[int] | str | None:

@@ -12,27 +12,16 @@ from __future__ import annotations
 
 import json
 import os
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
+from safetensors.torch import save_file
 from torch import nn
 
-from pegp_hf._keys import state_mismatch
-from pegp_hf.tuners.adapter import AdapterConfig, plan_adapters
 from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, device_of
-from pegp_hf.tuners.prefix import PrefixConfig, plan_prefixes
-from pegp_hf.tuners.prompt import PromptConfig, plan_prompts
-
-TUNERS = {
-    PromptConfig.pet_type: (PromptConfig, plan_prompts),
-    PrefixConfig.pet_type: (PrefixConfig, plan_prefixes),
-    AdapterConfig.pet_type: (AdapterConfig, plan_adapters),
-}
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+from pegp_hf.tuners.registry import TUNERS
+from pegp_hf.utils import CheckpointError, library_versions, read_safetensors, state_mismatch
 
 
 def pet_configs(model: nn.Module) -> list[PETConfig]:
@@ -63,9 +52,12 @@ def _plan(model: nn.Module, configs: tuple[PETConfig, ...] | list[PETConfig]) ->
     if not configs:
         raise ValueError("inject_pet needs at least one config")
     for config in configs:
-        if config.pet_type not in TUNERS:
-            raise TypeError(f"{type(config).__name__} is not a pegp_hf tuner config ({', '.join(TUNERS)})")
-    attachments = [a for config in configs for a in TUNERS[config.pet_type][1](model, config)]
+        if config.pet_type not in TUNERS or not isinstance(config, TUNERS[config.pet_type].config_class):
+            raise TypeError(
+                f"{type(config).__name__} is not a registered pegp_hf tuner config ({', '.join(TUNERS)}); register "
+                "new tuners with pegp_hf.tuners.register_tuner"
+            )
+    attachments = [a for config in configs for a in TUNERS[config.pet_type].plan(model, config)]
     if len({(id(a.owner), a.attribute) for a in attachments}) < len(attachments):
         raise ValueError("two configs put a tuner of the same kind on the same module")
     _saved_modules(model, [*pet_configs(model), *configs])
@@ -117,58 +109,44 @@ def save_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {name: t.cpu().contiguous() for name, t in get_pet_state_dict(model).items()}
-    save_file(tensors, str(directory / WEIGHTS_NAME), metadata={"format": "pt"})
+    save_file(tensors, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     document = {
         "library_name": "pegp_hf",
-        "pegp_hf_version": _installed_version(),
+        "pegp_hf_version": library_versions()["pegp_hf"],
         "base_model_name_or_path": base,
         "tuners": [config.to_dict() for config in configs],
     }
     (directory / CONFIG_NAME).write_text(json.dumps(document, indent=2) + "\n")
 
 
-def _installed_version() -> str:
-    try:
-        return version("pegp_hf")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def read_pet_configs(directory: str | os.PathLike) -> list[PETConfig]:
-    """The tuner configs of a folder written by :func:`save_pet_pretrained`."""
+    """The tuner configs of a folder written by :func:`save_pet_pretrained`.
+
+    Raises:
+        CheckpointError: a missing or broken ``adapter_config.json``, or a tuner type that is not registered.
+    """
     path = Path(directory) / CONFIG_NAME
     if not path.is_file():
-        raise ValueError(f"{path} does not exist")
+        raise CheckpointError(f"{path} does not exist")
     try:
         document = json.loads(path.read_text())
         entries = document["tuners"]
     except (json.JSONDecodeError, KeyError, TypeError) as error:
-        raise ValueError(f"{path} is not a pegp_hf adapter config: {error!r}") from error
+        raise CheckpointError(f"{path} is not a pegp_hf adapter config: {error!r}") from error
     configs = []
     for entry in entries:
         if not isinstance(entry, dict):
-            raise ValueError(f"{path}: a tuner entry is {type(entry).__name__}, not a JSON object")
+            raise CheckpointError(f"{path}: a tuner entry is {type(entry).__name__}, not a JSON object")
         entry = dict(entry)
         kind = entry.pop("pet_type", None)
         if kind not in TUNERS:
-            raise ValueError(f"{path}: unknown pet_type {kind!r} (known: {', '.join(TUNERS)})")
+            raise CheckpointError(f"{path}: unknown pet_type {kind!r} (registered: {', '.join(TUNERS)})")
         try:
-            configs.append(TUNERS[kind][0](**entry))
+            configs.append(TUNERS[kind].config_class(**entry))
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: the {kind} tuner config is invalid: {error}") from error
+            raise CheckpointError(f"{path}: the {kind} tuner config is invalid: {error}") from error
     return configs
-
-
-def read_pet_weights(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """``adapter_model.safetensors`` of ``directory``, with a clear error for a missing or broken file."""
-    path = Path(directory) / WEIGHTS_NAME
-    if not path.is_file():
-        raise ValueError(f"{path} does not exist")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError) as error:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupt?): {error}") from error
 
 
 def load_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Module:
@@ -179,7 +157,7 @@ def load_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> nn.Mo
         ValueError: for a missing / broken file, different tuner configs, or weights that do not fit the model.
     """
     configs = read_pet_configs(directory)
-    weights = read_pet_weights(directory)
+    weights = read_safetensors(Path(directory) / SAFETENSORS_WEIGHTS_NAME)
     present = pet_configs(model)
     if present and [c.to_dict() for c in present] != [c.to_dict() for c in configs]:
         raise ValueError(f"the model already has other pegp_hf tuners than those saved in {directory}")

@@ -26,8 +26,10 @@ from torch import nn
 from transformers import AttentionInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, ProtectedTensor, check_not_adapted
+from pegp_hf.core.protected import ProtectedTensor
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, check_not_adapted
 from pegp_hf.tuners.discovery import attention_heads, attention_module, find_block_stacks, select_layers
+from pegp_hf.tuners.registry import register_tuner
 
 ATTENTION_NAME = "pegp_prefix"
 
@@ -156,3 +158,6 @@ def _route_through_prefix(attention: nn.Module) -> None:
     """Give ``attention`` a private config copy that selects :func:`prefix_attention`."""
     attention.config = copy.copy(attention.config)
     attention.config._attn_implementation = ATTENTION_NAME
+
+
+register_tuner(PrefixConfig, plan_prefixes, size_field="length")

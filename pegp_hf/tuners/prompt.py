@@ -25,8 +25,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, ProtectedTensor, check_not_adapted
+from pegp_hf.core.protected import ProtectedTensor
+from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, check_not_adapted
 from pegp_hf.tuners.discovery import find_block_stacks, hidden_size, select_layers
+from pegp_hf.tuners.registry import register_tuner
 
 
 @dataclass
@@ -125,3 +127,6 @@ def _install(block: nn.Module, last: nn.Module | None, length: int) -> None:
     if last is not None:
         last.pegp_inserted_tokens = length
         last.register_forward_hook(_remove_inserted)
+
+
+register_tuner(PromptConfig, plan_prompts, size_field="length")

@@ -1,8 +1,8 @@
-"""Task sequences built from any labelled ``datasets.Dataset``.
+"""Task sequences built from ``datasets.Dataset`` splits.
 
 A :class:`TaskSequence` is an ordered tuple of :class:`ContinualTask` (train split, test split, the label ids the task
-owns) plus the scenario it was built for. The scenario decides how the trainer masks logits and which accuracy
-matrix is the headline one:
+owns, if any) plus the scenario it was built for. For the classification objective, the scenario decides how logits
+are masked and which accuracy matrix is the headline one:
 
 - ``class_incremental``: disjoint class sets; no task id at test time (logits of every seen class compete).
 - ``task_incremental``: the same splits; the task id is given at test time (logits restricted to the task's classes).
@@ -11,11 +11,14 @@ matrix is the headline one:
 
 Labels keep their dataset ids: the model's head covers every label id, and the trainer masks the ones a task does
 not own, so no relabelling is needed and a checkpoint's head means the same thing in every task.
+
+Tasks of a model that computes its own loss (a causal LM's ``-100``-masked token labels) own no classes:
+:func:`dataset_tasks` makes a domain-incremental sequence of them, one task per named pair of splits.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,9 +29,12 @@ __all__ = [
     "ContinualTask",
     "TaskSequence",
     "class_incremental_tasks",
-    "task_incremental_tasks",
-    "online_tasks",
+    "dataset_tasks",
     "domain_incremental_tasks",
+    "make_tasks",
+    "online_tasks",
+    "split_per_class",
+    "task_incremental_tasks",
 ]
 
 SCENARIOS = ("class_incremental", "task_incremental", "domain_incremental", "online")
@@ -37,12 +43,12 @@ _DISJOINT_SCENARIOS = ("class_incremental", "task_incremental", "online")
 
 @dataclass(frozen=True)
 class ContinualTask:
-    """One task: its splits and the label ids it owns (sorted)."""
+    """One task: its splits and the label ids it owns (sorted; empty for tasks without class labels)."""
 
     name: str
     train: Dataset
     test: Dataset
-    classes: tuple[int, ...]
+    classes: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -51,7 +57,7 @@ class TaskSequence(Sequence):
 
     tasks: tuple[ContinualTask, ...]
     scenario: str
-    label_column: str = "label"
+    label_column: str | None = "label"
 
     def __post_init__(self) -> None:
         if self.scenario not in SCENARIOS:
@@ -74,12 +80,27 @@ class TaskSequence(Sequence):
         """The label ids of every task, in order (what a checkpoint records to recognise its sequence)."""
         return [list(task.classes) for task in self.tasks]
 
-    def validate(self, num_labels: int) -> None:
-        """Raise ``ValueError`` naming the problem if a task is empty, lacks the label column, uses a label outside
-        ``[0, num_labels)`` or outside its own classes, or (class- / task-incremental, online) shares a class with
-        another task."""
+    def seen_classes(self, index: int) -> list[int]:
+        """Sorted label ids of tasks ``0 .. index``."""
+        return sorted(set().union(*(task.classes for task in self.tasks[: index + 1])))
+
+    def check_splits(self) -> None:
+        """Raise ``ValueError`` naming the problem if the sequence or a task's split is empty."""
         if not self.tasks:
             raise ValueError("the task sequence is empty")
+        for task in self.tasks:
+            for split_name, split in (("train", task.train), ("test", task.test)):
+                if len(split) == 0:
+                    raise ValueError(f"task {task.name!r} has an empty {split_name} split")
+
+    def validate(self, num_labels: int) -> None:
+        """Raise ``ValueError`` naming the problem if a task is empty, owns no classes, lacks the label column, uses a
+        label outside ``[0, num_labels)`` or outside its own classes, or (class- / task-incremental, online) shares a
+        class with another task."""
+        if not self.tasks:
+            raise ValueError("the task sequence is empty")
+        if self.label_column is None:
+            raise ValueError("the tasks have no label column: classification needs class-labelled tasks")
         owner: dict[int, str] = {}
         for task in self.tasks:
             if not task.classes:
@@ -215,3 +236,53 @@ def domain_incremental_tasks(
         for domain in order
     ]
     return TaskSequence(tuple(tasks), scenario="domain_incremental", label_column=label_column)
+
+
+def dataset_tasks(splits: Mapping[str, tuple[Dataset, Dataset]]) -> TaskSequence:
+    """One task per ``name: (train, test)`` item, in order, owning no classes: the sequence of a model that computes
+    its own loss (e.g. instruction data sets for a causal LM, each row with ``input_ids`` and ``labels``).
+
+    Its scenario is ``domain_incremental``: every task shares the model's output space.
+    """
+    tasks = tuple(ContinualTask(name, train, test) for name, (train, test) in splits.items())
+    return TaskSequence(tasks, scenario="domain_incremental", label_column=None)
+
+
+def split_per_class(
+    dataset: Dataset, per_class: int, label_column: str = "label", seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """``(held, rest)``: ``per_class`` rows of each class drawn with ``seed``, and every other row (e.g. a base split
+    kept apart from the continual tasks).
+
+    Raises:
+        ValueError: a class has no more than ``per_class`` rows, so none would be left.
+    """
+    labels = np.asarray(dataset.with_format(None)[label_column])
+    rng = np.random.default_rng(seed)
+    held = np.zeros(len(labels), dtype=bool)
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        if len(members) <= per_class:
+            raise ValueError(f"class {c} has {len(members)} rows: none would be left after {per_class} are held out")
+        held[rng.choice(members, per_class, replace=False)] = True
+    return dataset.select(np.flatnonzero(held)), dataset.select(np.flatnonzero(~held))
+
+
+def make_tasks(
+    scenario: str,
+    train: Dataset,
+    test: Dataset,
+    num_tasks: int,
+    label_column: str = "label",
+    seed: int = 0,
+    domain_column: str | None = None,
+) -> TaskSequence:
+    """The task sequence of ``scenario`` from two splits: ``num_tasks`` class splits (class order drawn with
+    ``seed``) for the class-split scenarios, one task per value of ``domain_column`` for ``domain_incremental``."""
+    if scenario == "domain_incremental":
+        if domain_column is None:
+            raise ValueError("the domain_incremental scenario needs a domain column (one task per domain)")
+        return domain_incremental_tasks(train, test, domain_column, label_column)
+    if scenario not in _DISJOINT_SCENARIOS:
+        raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
+    return class_incremental_tasks(train, test, num_tasks, label_column, seed=seed, scenario=scenario)

@@ -6,8 +6,8 @@ from collections.abc import Iterable
 
 import torch
 
-from pegp_hf.subspace import accumulate_covariance
-from pegp_hf.tuners.base import ProtectedTensor
+from pegp_hf.core.protected import ProtectedTensor
+from pegp_hf.core.subspace import accumulate_covariance
 
 
 class FeatureCovariances:

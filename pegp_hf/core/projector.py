@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Mapping
+from collections import defaultdict
+from collections.abc import Iterator, Mapping
 
 import torch
 
-from pegp_hf._keys import key_mismatch
-from pegp_hf.subspace import empty_basis, grow_basis, max_overlap, project_out
-from pegp_hf.tuners.base import ProtectedTensor
-
-logger = logging.getLogger(__name__)
+from pegp_hf.core.protected import ProtectedTensor
+from pegp_hf.core.subspace import empty_basis, grow_axis_basis, grow_basis, max_overlap, project_out
+from pegp_hf.utils import key_mismatch
 
 
 class GradientProjector:
@@ -52,6 +50,17 @@ class GradientProjector:
         they are frozen in effect (``r x r`` spaces such as LoRA B or adapter up fill after a few tasks)."""
         return [name for name, basis in self.bases.items() if basis.shape[1] == self.tensors[name].feature_dim]
 
+    def dims_by_kind(self) -> dict[str, tuple[int, int, int]]:
+        """Per tensor kind (``lora_A``, ``prompt``, ...): protected dims ``k`` and feature dims ``d`` summed over its
+        tensors, and their count."""
+        totals: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])
+        for name, basis in self.bases.items():
+            tensor = self.tensors[name]
+            totals[tensor.kind][0] += basis.shape[1]
+            totals[tensor.kind][1] += tensor.feature_dim
+            totals[tensor.kind][2] += 1
+        return {kind: (k, d, n) for kind, (k, d, n) in sorted(totals.items())}
+
     def grow(self, covariances: Mapping[str, torch.Tensor], threshold: float) -> list[str]:
         """Grow every basis with the feature covariance of the task just finished (GPM rule, ``threshold`` = eps).
 
@@ -66,7 +75,8 @@ class GradientProjector:
         newly_full = []
         for name, tensor in self.tensors.items():
             old = self.bases[name]
-            new = grow_basis(covariances[name], threshold, old.cpu()).to(tensor.parameter.device)
+            grow = grow_axis_basis if tensor.axis_aligned else grow_basis
+            new = grow(covariances[name], threshold, old.cpu()).to(tensor.parameter.device)
             if new.shape[1] == tensor.feature_dim and old.shape[1] < tensor.feature_dim:
                 newly_full.append(name)
             self.bases[name] = new
@@ -94,27 +104,27 @@ class GradientProjector:
     def project_gradient(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
         """The projection of one gradient of tensor ``name``, for ``Tensor.register_hook`` (DeepSpeed): a new
         tensor, or ``gradient`` itself while the basis is empty."""
-        basis = self.bases[name]
-        return gradient if basis.shape[1] == 0 else project_out(gradient, basis)
+        basis, tensor = self.bases[name], self.tensors[name]
+        return gradient if basis.shape[1] == 0 else tensor.rows(project_out(tensor.rows(gradient), basis))
 
-    def _with_basis(self):
+    def _with_basis(self) -> Iterator[tuple[str, ProtectedTensor, torch.Tensor]]:
         for name, tensor in self.tensors.items():
             basis = self.bases[name]
             if basis.shape[1] > 0:
-                yield name, tensor.parameter, basis
+                yield name, tensor, basis
 
     @torch.no_grad()
     def project_gradients(self) -> None:
         """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math; inf / NaN pass through)."""
-        for _, parameter, basis in self._with_basis():
-            if parameter.grad is not None:
-                gradient = _local(parameter.grad)
+        for _, tensor, basis in self._with_basis():
+            if tensor.parameter.grad is not None:
+                gradient = tensor.rows(_local(tensor.parameter.grad))
                 gradient.copy_(project_out(gradient, basis))
 
     @torch.no_grad()
     def snapshot(self) -> None:
         """Remember the protected parameters before the optimizer step."""
-        self._before = {name: _local(parameter).detach().clone() for name, parameter, _ in self._with_basis()}
+        self._before = {name: _local(tensor.parameter).detach().clone() for name, tensor, _ in self._with_basis()}
 
     @torch.no_grad()
     def finish_update(self, reproject: bool) -> torch.Tensor:
@@ -125,16 +135,17 @@ class GradientProjector:
         holds, the second gives its scale.
         """
         measured = []
-        for name, parameter, basis in self._with_basis():
+        for name, tensor, basis in self._with_basis():
             before = self._before.get(name)
             if before is None:
                 continue
-            local = _local(parameter)
+            local = _local(tensor.parameter)
             delta = local - before
             if reproject:
-                local.copy_(before + project_out(delta, basis))
+                local.copy_(before + tensor.rows(project_out(tensor.rows(delta), basis)))
                 delta = local - before
-            measured.append(torch.stack([max_overlap(delta, basis).float(), delta.float().abs().amax()]))
+            overlap = max_overlap(tensor.rows(delta), basis).float()
+            measured.append(torch.stack([overlap, delta.float().abs().amax()]))
         self._before = {}
         return torch.stack(measured).amax(0) if measured else torch.zeros(2)
 

@@ -8,9 +8,12 @@ ensembling), computed at every forward pass, so PET on the text tower moves it. 
 ``logit_scale.exp() * image_embeds @ class_embeds.T`` ``(batch, num_classes)``: the class-name-text classification of
 CLIP's zero-shot protocol, trained with the trainer's cross-entropy.
 
-Only the classes made known with :meth:`~CLIPForClassNameClassification.reveal_classes` (the trainer does it at the
-start of each task) are encoded in the classifier; the others get the lowest logit. So a future class name never
-reaches a gradient or the features the PEGP bases are grown from.
+Only the classes made known with :meth:`~CLIPForClassNameClassification.reveal_classes` are encoded in the
+classifier; the others get the lowest logit. :class:`RevealSeenClasses`, a task-level callback, reveals the classes
+seen so far at the start of each task, so a future class name never reaches a gradient or the features the PEGP
+bases are grown from.
+
+:func:`get_clip_pet_model` puts any registered PET on the image tower, the text tower or both.
 """
 
 from __future__ import annotations
@@ -18,12 +21,16 @@ from __future__ import annotations
 import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.utils import ModelOutput
+
+from pegp_hf.continual.callbacks import ContinualCallback
+from pegp_hf.tuners.factory import get_pet_model
 
 DEFAULT_TEMPLATES = (  # a few of CLIP's ImageNet prompts
     "a photo of a {}.",
@@ -145,8 +152,49 @@ class CLIPForClassNameClassification(nn.Module):
             output.image_embeds = self.encode_image(pixel_values)
             if class_logits:
                 if not self.known.any():
-                    raise RuntimeError("no class is known yet: call reveal_classes(label ids) first")
+                    raise RuntimeError(
+                        "no class is known yet: call reveal_classes(label ids) first, or train with "
+                        "ContinualPEGPTrainer(callbacks=[pegp_hf.multimodal.RevealSeenClasses()])"
+                    )
                 classes = self.class_embeddings().to(output.image_embeds.dtype)
                 logits = self.clip.logit_scale.exp() * output.image_embeds @ classes.T
                 output.logits = logits.masked_fill(~self.known, torch.finfo(logits.dtype).min)
         return output
+
+
+class RevealSeenClasses(ContinualCallback):
+    """At the start of each task, reveal every class seen so far to the trained
+    :class:`CLIPForClassNameClassification` (inside a ``PeftModel`` or not): the class-name classifier then covers
+    the task's classes and the old ones, never a future one."""
+
+    def on_task_begin(self, args, state, control, model: nn.Module, tasks: Any, task_index: int, **kwargs) -> None:
+        classifier = next((m for m in model.modules() if isinstance(m, CLIPForClassNameClassification)), None)
+        if classifier is None:
+            raise TypeError("RevealSeenClasses needs a model holding a CLIPForClassNameClassification")
+        classifier.reveal_classes(tasks.seen_classes(task_index))
+
+
+TOWERS = {"vision": "vision_model", "text": "text_model", "both": None}
+PROJECTIONS = ("visual_projection", "text_projection")
+
+
+def get_clip_pet_model(
+    classifier: CLIPForClassNameClassification, pet: str, towers: str = "both", **options: Any
+) -> nn.Module:
+    """``classifier`` with PET ``pet`` (any registered method, :func:`~pegp_hf.tuners.get_pet_model`) on the chosen
+    ``towers`` (``vision``, ``text`` or ``both``). The two projections ride along as frozen ``modules_to_save``:
+    every checkpoint and Hub commit then holds the aligned joint space next to the adapter, and a resume loads it
+    from there. Prompts on the text tower overwrite placeholder tokens (``insert=False``) unless told otherwise.
+
+    Args:
+        **options: ``width``, ``layers``, ``target_modules`` and any field of the method's config.
+    """
+    if towers not in TOWERS:
+        raise ValueError(f"towers must be one of {list(TOWERS)}, not {towers!r}")
+    if pet == "prompt" and towers == "text":
+        options.setdefault("insert", False)
+    model = get_pet_model(classifier, pet, modules_to_save=PROJECTIONS, layers_pattern=TOWERS[towers], **options)
+    for name, parameter in model.named_parameters():
+        if any(projection in name for projection in PROJECTIONS):
+            parameter.requires_grad_(False)
+    return model

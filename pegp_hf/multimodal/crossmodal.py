@@ -26,8 +26,8 @@ import numpy as np
 import torch
 from datasets import Dataset
 
-from pegp_hf.clip import ensemble_prompts
-from pegp_hf.evaluation import ContinualEvaluator, Evaluation
+from pegp_hf.continual.evaluators import ContinualEvaluator, Evaluation
+from pegp_hf.multimodal.clip import ensemble_prompts
 
 if TYPE_CHECKING:
     from pegp_hf.trainer import ContinualPEGPTrainer
@@ -80,7 +80,8 @@ class ZeroShotSet:
 
 
 class CrossModalEvaluator(ContinualEvaluator):
-    """The measurements of the module docstring, for a :class:`~pegp_hf.clip.CLIPForClassNameClassification`
+    """The measurements of the module docstring, for a
+    :class:`~pegp_hf.multimodal.clip.CLIPForClassNameClassification`
     (possibly inside a ``PeftModel``) whose tasks' test sets have a ``caption_column``.
 
     Args:
@@ -172,15 +173,16 @@ class CrossModalEvaluator(ContinualEvaluator):
             text_to_image.append(text_to_image_precision(pool_embeds[rows], pool_labels[rows], all_images, all_labels))
 
         scalars: dict[str, Any] = self._zero_shot_accuracy(trainer)
-        if "zero_shot_acc" in scalars and "zero_shot_acc" in trainer.initial_metrics:
-            scalars["zero_shot_drop"] = trainer.initial_metrics["zero_shot_acc"] - scalars["zero_shot_acc"]
+        initial = trainer.results.initial_metrics
+        if "zero_shot_acc" in scalars and "zero_shot_acc" in initial:
+            scalars["zero_shot_drop"] = initial["zero_shot_acc"] - scalars["zero_shot_acc"]
         if index == 0:
             images, labels = embeds[0]
             own = pool_embeds[torch.tensor([row_of[c] for c in captions[0]])]
             threshold = float(torch.quantile((images * own).sum(dim=1), 1.0 - self.acceptance))
             scalars.update(match_threshold=threshold, hallucination_rate=None, false_match_rate=None)
         else:
-            threshold = trainer.task_metrics[0]["match_threshold"]
+            threshold = trainer.results.task_metrics[0]["match_threshold"]
             old_images = torch.cat([images for images, _ in embeds[:index]])
             old_labels = torch.cat([labels for _, labels in embeds[:index]])
             scalars["match_threshold"] = threshold

@@ -7,7 +7,9 @@ tasks not yet seen, are NaN and never read). With ``T`` tasks:
 - Forgetting = mean_{i < T-1} (max_{i <= t < T-1} A[i, t] - A[i, T-1])
 - BWT = mean_{i < T-1} (A[i, T-1] - A[i, i])
 
-Forgetting and BWT are 0.0 for a single task (nothing old to forget).
+Forgetting and BWT are 0.0 for a single task (nothing old to forget). For a matrix where lower is better (a loss),
+``higher_is_better=False`` turns the signs so that Forgetting stays "how much worse than the best earlier value"
+(``A[i, T-1] - min_t A[i, t]``) and a negative BWT still means forgetting.
 """
 
 from __future__ import annotations
@@ -32,9 +34,10 @@ def average_accuracy(matrix: np.ndarray | list) -> float:
     return float(a[:, -1].mean())
 
 
-def forgetting(matrix: np.ndarray | list) -> float:
-    """Average forgetting: best earlier accuracy minus final accuracy, over all tasks but the last."""
-    a = _square(matrix)
+def forgetting(matrix: np.ndarray | list, higher_is_better: bool = True) -> float:
+    """Average forgetting: best earlier value minus final value (final minus best for a loss), over all tasks but
+    the last."""
+    a = _square(matrix) * (1.0 if higher_is_better else -1.0)
     last = a.shape[0] - 1
     if last == 0:
         return 0.0
@@ -42,9 +45,10 @@ def forgetting(matrix: np.ndarray | list) -> float:
     return float(np.mean(drops))
 
 
-def backward_transfer(matrix: np.ndarray | list) -> float:
-    """BWT: final accuracy minus accuracy just after learning, over all tasks but the last (negative = forgetting)."""
-    a = _square(matrix)
+def backward_transfer(matrix: np.ndarray | list, higher_is_better: bool = True) -> float:
+    """BWT: final value minus the value just after learning (the opposite for a loss), over all tasks but the last
+    (negative = forgetting)."""
+    a = _square(matrix) * (1.0 if higher_is_better else -1.0)
     last = a.shape[0] - 1
     if last == 0:
         return 0.0

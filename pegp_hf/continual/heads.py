@@ -16,11 +16,16 @@ Statistics live in :class:`ClassStatistics` with one row per label id; rows of u
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 from torch import nn
+
+from pegp_hf.utils import CheckpointError, read_safetensors
 
 HEADS = ("masked_linear", "prototype", "aligned")
 
@@ -82,6 +87,30 @@ class ClassStatistics:
         if self.covariances is not None:
             state["covariances"] = self.covariances
         return state
+
+    def save(self, path: str | os.PathLike, head: str) -> None:
+        """Write the statistics (counts, means and, for the aligned head, covariances) with the head's name, class
+        count and feature dim as metadata."""
+        meta = {"head": head, "num_labels": self.num_labels, "feature_dim": self.dim}
+        tensors = {key: value.contiguous() for key, value in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": "pt", "pegp_hf": json.dumps(meta)})
+
+    def read_like(self, path: str | os.PathLike) -> ClassStatistics:
+        """Statistics written by :meth:`save`, whose class count, feature dim and covariances (present or not) must
+        be this object's.
+
+        Raises:
+            CheckpointError: an unreadable file, or statistics of other shapes.
+        """
+        stored = read_safetensors(path)
+        expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        found = {key: tuple(value.shape) for key, value in stored.items()}
+        if found != expected:
+            raise CheckpointError(
+                f"{path} holds head statistics of shapes {found}; this model and head need {expected} "
+                f"({self.num_labels} classes, feature dim {self.dim})"
+            )
+        return ClassStatistics(stored["counts"], stored["means"], stored.get("covariances"))
 
 
 def prototype_logits(features: torch.Tensor, statistics: ClassStatistics) -> torch.Tensor:

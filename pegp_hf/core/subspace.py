@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["accumulate_covariance", "grow_basis", "project_out", "max_overlap", "empty_basis"]
+__all__ = ["accumulate_covariance", "empty_basis", "grow_axis_basis", "grow_basis", "max_overlap", "project_out"]
 
 
 def empty_basis(dim: int) -> torch.Tensor:
@@ -86,6 +86,37 @@ def grow_basis(covariance: torch.Tensor, threshold: float, basis: torch.Tensor |
     new = new - u @ (u.T @ new)  # re-orthogonalise against the old basis (eigh of C_r is only numerically orthogonal)
     new, _ = torch.linalg.qr(new)
     return torch.cat([u, new], dim=1).to(torch.float32)
+
+
+def grow_axis_basis(covariance: torch.Tensor, threshold: float, basis: torch.Tensor | None = None) -> torch.Tensor:
+    """Grow a basis of coordinate axes by the same energy rule, for weights that scale each coordinate on its own.
+
+    An elementwise scaling ``h_j = w_j x_j`` keeps old outputs when ``delta w_j = 0`` on every coordinate old features
+    use: the condition is per coordinate, so directions mixing coordinates mean nothing. Coordinates are ranked by
+    their energy ``C_jj`` (the diagonal of the uncentred covariance); those not yet in ``basis`` are added, most
+    energetic first, until the protected coordinates hold ``threshold`` of ``trace(C)``.
+
+    Args:
+        covariance: ``(d, d)`` uncentred feature covariance (only its diagonal is read).
+        threshold: energy share ``eps`` in ``(0, 1]``.
+        basis: ``(d, k)`` one-hot columns from earlier tasks, or ``None``.
+
+    Returns:
+        ``(d, k')`` float32 one-hot columns (``e_j``), the old ones first, ``k <= k' <= d``.
+    """
+    if not 0.0 < threshold <= 1.0:
+        raise ValueError(f"threshold must be in (0, 1], got {threshold}")
+    dim = covariance.shape[0]
+    old = empty_basis(dim) if basis is None else basis.to("cpu", torch.float32)
+    energy = torch.diagonal(covariance.detach().to("cpu", torch.float64)).clamp_min(0.0)
+    total = float(energy.sum())
+    taken = old.abs().sum(dim=1) > 0.5
+    if total <= 0.0:
+        return old
+    already = float(energy[taken].sum()) / total
+    candidates = torch.argsort(energy.masked_fill(taken, -1.0), descending=True)[: dim - int(taken.sum())]
+    added = _leading_count(energy[candidates], already, total, threshold) if already < threshold else 0
+    return torch.cat([old, torch.eye(dim)[:, candidates[:added]]], dim=1)
 
 
 def project_out(tensor: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:

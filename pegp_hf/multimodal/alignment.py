@@ -1,6 +1,6 @@
 """A short contrastive stage that aligns a dual encoder's two projections on a base split, before any continual task.
 
-A dual encoder assembled from separately pretrained towers (:func:`pegp_hf.offline_models.load_offline_dual_encoder`)
+A dual encoder assembled from separately pretrained towers (:func:`pegp_hf.offline.models.load_offline_dual_encoder`)
 has no joint space yet: its zero-shot matching is at chance, so zero-shot retention would measure nothing. The
 towers stay frozen; only ``visual_projection`` and ``text_projection`` learn, on the towers' pooled outputs (computed
 once), with CLIP's symmetric contrastive loss where every pair of the same class counts as a positive (a batch of
@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from datasets import Dataset
 from torch.utils.data import DataLoader
 
-from pegp_hf.clip import CLIPForClassNameClassification
+from pegp_hf.multimodal.clip import CLIPForClassNameClassification
 
 
 @torch.no_grad()

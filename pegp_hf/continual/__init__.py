@@ -1,0 +1,61 @@
+"""The continual protocol around the method: tasks, objectives, heads, evaluators, results and task-level events.
+
+- :mod:`~pegp_hf.continual.tasks`: :class:`TaskSequence` and its builders;
+- :mod:`~pegp_hf.continual.objectives`: :class:`ContinualObjective` (how tasks are trained and judged) and
+  :class:`ModelLossObjective`; :mod:`~pegp_hf.continual.classification`: :class:`ClassificationObjective`;
+- :mod:`~pegp_hf.continual.heads`: class statistics and the prototype / aligned heads;
+- :mod:`~pegp_hf.continual.evaluators`: :class:`ContinualEvaluator`, :class:`TaskLossEvaluator`;
+- :mod:`~pegp_hf.continual.results`: :class:`ContinualResults`, typed;
+- :mod:`~pegp_hf.continual.metrics`: ACC, Forgetting, BWT;
+- :mod:`~pegp_hf.continual.callbacks`: :class:`ContinualCallback`, the task events.
+"""
+
+from pegp_hf.continual.callbacks import ContinualCallback
+from pegp_hf.continual.classification import ClassificationObjective, ClassIncrementalAccuracy
+from pegp_hf.continual.evaluators import ContinualEvaluator, Evaluation, TaskLossEvaluator
+from pegp_hf.continual.heads import HEADS, ClassStatistics
+from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
+from pegp_hf.continual.objectives import ContinualObjective, ModelLossObjective
+from pegp_hf.continual.results import ContinualMatrix, ContinualResults, MatrixSpec
+from pegp_hf.continual.tasks import (
+    SCENARIOS,
+    ContinualTask,
+    TaskSequence,
+    class_incremental_tasks,
+    dataset_tasks,
+    domain_incremental_tasks,
+    make_tasks,
+    online_tasks,
+    split_per_class,
+    task_incremental_tasks,
+)
+
+__all__ = [
+    "HEADS",
+    "SCENARIOS",
+    "ClassIncrementalAccuracy",
+    "ClassStatistics",
+    "ClassificationObjective",
+    "ContinualCallback",
+    "ContinualEvaluator",
+    "ContinualMatrix",
+    "ContinualObjective",
+    "ContinualResults",
+    "ContinualTask",
+    "Evaluation",
+    "MatrixSpec",
+    "ModelLossObjective",
+    "TaskLossEvaluator",
+    "TaskSequence",
+    "average_accuracy",
+    "backward_transfer",
+    "class_incremental_tasks",
+    "dataset_tasks",
+    "domain_incremental_tasks",
+    "forgetting",
+    "make_tasks",
+    "online_tasks",
+    "split_per_class",
+    "summarize",
+    "task_incremental_tasks",
+]

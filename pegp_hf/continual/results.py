@@ -1,0 +1,176 @@
+"""What a continual run measured, as a typed object: matrices by name, per-task figures, timings and updates.
+
+A matrix ``A[i, t]`` holds a measure of task ``i`` after training task ``t`` (``T x T``, NaN until measured):
+accuracies in percent, or a loss (``higher_is_better=False``). Every evaluator fills its own matrices; one of them,
+chosen by the objective, is the **headline** the run is judged by. :meth:`ContinualResults.to_dict` is the JSON form
+that ``continual_results()``, ``pegp_state.json`` and ``results.json`` hold; :meth:`ContinualResults.restore` reads it
+back on resume.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting
+
+
+@dataclass(frozen=True)
+class MatrixSpec:
+    """A matrix an evaluator fills: its name, and whether higher values are better (accuracies) or lower (losses)."""
+
+    name: str
+    higher_is_better: bool = True
+
+
+@dataclass
+class ContinualMatrix:
+    """``values`` ``(T, T)`` float64, NaN where not measured; ``higher_is_better`` decides the sign of Forgetting and
+    BWT (see :mod:`pegp_hf.continual.metrics`)."""
+
+    values: np.ndarray
+    higher_is_better: bool = True
+
+    def summary(self, done: int) -> dict[str, float]:
+        """``average`` (mean of column ``done - 1``), ``forgetting`` and ``bwt`` over the first ``done`` tasks;
+        empty when ``done`` is 0."""
+        if done == 0:
+            return {}
+        block = self.values[:done, :done]
+        return {
+            "average": average_accuracy(block),
+            "forgetting": forgetting(block, self.higher_is_better),
+            "bwt": backward_transfer(block, self.higher_is_better),
+        }
+
+    def to_dict(self, done: int) -> dict[str, Any]:
+        matrix = [[None if np.isnan(v) else float(v) for v in row] for row in self.values]
+        return {"matrix": matrix, "higher_is_better": self.higher_is_better, **self.summary(done)}
+
+
+@dataclass
+class ContinualResults:
+    """Everything measured so far in one task sequence.
+
+    Attributes:
+        scenario: the task sequence's scenario.
+        headline: the name of the matrix the run is judged by.
+        matrices: every evaluator's matrices by name.
+        initial_metrics: evaluators' figures before the first task (e.g. zero-shot accuracy).
+        task_metrics: per finished task, the evaluators' figures (``None`` where undefined).
+        timings: per finished task, ``train_seconds``, ``capture_seconds`` and ``eval_seconds``.
+        updates: per finished task, ``max_update_overlap`` (the largest ``max |delta W U|`` of its optimizer steps)
+            and ``max_update`` (the largest ``|delta W|``), ``None`` while no basis exists.
+    """
+
+    scenario: str
+    headline: str
+    matrices: dict[str, ContinualMatrix]
+    initial_metrics: dict[str, float] = field(default_factory=dict)
+    task_metrics: list[dict[str, float | None]] = field(default_factory=list)
+    timings: list[dict[str, float]] = field(default_factory=list)
+    updates: list[dict[str, float | None]] = field(default_factory=list)
+
+    @classmethod
+    def empty(cls, scenario: str, headline: str, specs: Sequence[MatrixSpec], num_tasks: int) -> ContinualResults:
+        """NaN matrices of ``num_tasks x num_tasks`` for ``specs``.
+
+        Raises:
+            ValueError: two matrices share a name, or ``headline`` is none of them.
+        """
+        names = [spec.name for spec in specs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"two evaluators' matrices share a name: {names}")
+        if headline not in names:
+            raise ValueError(f"the headline matrix {headline!r} is not measured by any evaluator ({names})")
+        matrices = {
+            spec.name: ContinualMatrix(np.full((num_tasks, num_tasks), np.nan), spec.higher_is_better) for spec in specs
+        }
+        return cls(scenario, headline, matrices)
+
+    @property
+    def finished_tasks(self) -> int:
+        return len(self.timings)
+
+    def record_task(
+        self,
+        index: int,
+        columns: Mapping[str, Sequence[float]],
+        scalars: Mapping[str, float | None],
+        timing: Mapping[str, float],
+        update: Mapping[str, float | None],
+    ) -> None:
+        """Store what was measured after task ``index``: column ``index`` of each matrix (rows ``0 .. index``), the
+        figures, timing and update record.
+
+        Raises:
+            ValueError: ``index`` is not the next task, or a matrix column is missing or of the wrong length.
+        """
+        if index != self.finished_tasks:
+            raise ValueError(f"task {index + 1} recorded after {self.finished_tasks} finished tasks")
+        for name, matrix in self.matrices.items():
+            column = columns.get(name)
+            if column is None or len(column) != index + 1:
+                raise ValueError(f"matrix {name!r} needs {index + 1} values after task {index + 1}, got {column}")
+            matrix.values[: index + 1, index] = column
+        self.task_metrics.append(dict(scalars))
+        self.timings.append(dict(timing))
+        self.updates.append(dict(update))
+
+    def summary(self, name: str | None = None) -> dict[str, float]:
+        """``average`` / ``forgetting`` / ``bwt`` of matrix ``name`` (default the headline) over the finished
+        tasks."""
+        return self.matrices[name or self.headline].summary(self.finished_tasks)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form: one block per matrix (``matrix``, ``higher_is_better``, ``average``, ``forgetting``,
+        ``bwt``), the figures, timings and updates, and the headline's matrix and summary again at the top level as
+        ``accuracy_matrix``, ``acc``, ``forgetting`` and ``bwt`` (NaN before the first task is finished)."""
+        done = self.finished_tasks
+        blocks = {name: matrix.to_dict(done) for name, matrix in self.matrices.items()}
+        headline = blocks[self.headline]
+        return {
+            "scenario": self.scenario,
+            "finished_tasks": done,
+            "headline": self.headline,
+            "accuracy_matrix": headline["matrix"],
+            "acc": headline.get("average", math.nan),
+            "forgetting": headline.get("forgetting", math.nan),
+            "bwt": headline.get("bwt", math.nan),
+            **blocks,
+            "initial_metrics": self.initial_metrics,
+            "task_metrics": self.task_metrics[:done],
+            "timings": self.timings,
+            "updates": self.updates,
+        }
+
+    def restore(self, stored: Mapping[str, Any], done: int) -> ContinualResults:
+        """The results of the first ``done`` tasks in ``stored`` (a :meth:`to_dict`), with this object's matrices.
+
+        Raises:
+            ValueError: ``stored`` lacks one of this run's matrices, or records fewer than ``done`` tasks.
+        """
+        missing = [name for name in self.matrices if name not in stored]
+        if missing:
+            raise ValueError(f"no {missing} matrices are stored: the checkpoint was made without the same evaluators")
+        if len(stored["timings"]) < done:
+            raise ValueError(f"the stored results record {len(stored['timings'])} tasks, not {done}")
+        size = len(next(iter(self.matrices.values())).values)
+        restored = ContinualResults.empty(
+            self.scenario,
+            self.headline,
+            [MatrixSpec(name, matrix.higher_is_better) for name, matrix in self.matrices.items()],
+            size,
+        )
+        for name, matrix in restored.matrices.items():
+            values = np.array(stored[name]["matrix"], dtype=np.float64)
+            matrix.values[:done, :done] = values[:done, :done]
+        restored.initial_metrics = dict(stored.get("initial_metrics", {}))
+        restored.task_metrics = list(stored["task_metrics"])[:done]
+        restored.timings = list(stored["timings"])[:done]
+        restored.updates = list(stored["updates"])[:done]
+        return restored

@@ -1,0 +1,63 @@
+"""The one interface between PET modules and PEGP: a weight, and where its input features come from."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+FeatureFn = Callable[[tuple[Any, ...], Any], torch.Tensor]
+
+
+@dataclass(frozen=True, eq=False)
+class ProtectedTensor:
+    """A PET weight ``W`` (``(out, d)``, acting as ``W x``) and the activation that spans its old subspace.
+
+    Attributes:
+        name: the parameter's name in ``model.named_parameters()`` (PEFT naming, adapter name included).
+        kind: the role of the weight in its PET module (``"lora_A"``, ``"lora_B"``, ...), for reports.
+        owner: the module that holds the weight as attribute ``attribute``. The weight is looked up there each time
+            (:attr:`parameter`), because wrappers such as FSDP2's ``fully_shard`` replace parameter objects.
+        module: where to hook: a forward hook on it sees the features.
+        features: ``(args, output) -> (..., d)``: the feature vectors ``W`` multiplies in that forward call.
+        transposed: the feature axis is the first one, not the last: a column ``(d, 1)`` such as IA3's output
+            scaling. Gradients are projected on ``W.mT``.
+        axis_aligned: ``W`` scales each feature coordinate on its own (``h_j = w_j x_j``, IA3), so the condition is
+            per coordinate and the basis is made of coordinate axes (:func:`~pegp_hf.core.subspace.grow_axis_basis`),
+            not of eigenvectors that mix coordinates.
+    """
+
+    name: str
+    kind: str
+    owner: nn.Module
+    attribute: str
+    module: nn.Module
+    features: FeatureFn
+    transposed: bool = False
+    axis_aligned: bool = False
+
+    @property
+    def parameter(self) -> nn.Parameter:
+        """The weight as the model holds it now: its gradient is projected on its feature axis (size ``d``)."""
+        return getattr(self.owner, self.attribute)
+
+    @property
+    def feature_dim(self) -> int:
+        return self.parameter.shape[0 if self.transposed else -1]
+
+    def rows(self, tensor: torch.Tensor) -> torch.Tensor:
+        """``tensor`` (the weight, its gradient or an update) as ``(..., d)`` rows: a view, so writes reach it."""
+        return tensor.mT if self.transposed else tensor
+
+
+def module_input(args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    """Features = the first positional input of the hooked module."""
+    return args[0]
+
+
+def module_output(args: tuple[Any, ...], output: Any) -> torch.Tensor:
+    """Features = the output of the hooked module."""
+    return output

@@ -1,0 +1,40 @@
+"""Running a grid of experiments (the benchmarks): the grid's own flags apart from the experiment's, reading back
+the runs an interrupted grid finished, and the cells of its tables."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+
+def split_flags(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``[own flags] -- [experiment flags]`` -> ``(own, experiment)``; without ``--`` every flag is the grid's own."""
+    argv = list(argv)
+    if "--" not in argv:
+        return argv, []
+    cut = argv.index("--")
+    return argv[:cut], argv[cut + 1 :]
+
+
+def finished(output_dir: str | Path) -> dict[str, Any] | None:
+    """The summary a finished run left in ``output_dir`` (:func:`~pegp_hf.experiments.runner.run_methods` writes
+    ``results.json`` last), so an interrupted grid picks up where it stopped; ``None`` if that run has not
+    finished."""
+    path = Path(output_dir) / "results.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def headline(results: Mapping[str, Any]) -> dict[str, float]:
+    """ACC and Forgetting, class- and task-incremental, of one method's classification results."""
+    til = results["task_incremental"]
+    return {"acc": results["acc"], "forgetting": results["forgetting"], "til_acc": til["average"],
+            "til_forgetting": til["forgetting"]}  # fmt: skip
+
+
+def mean_std(values: Sequence[float]) -> str:
+    """``"mean +- std"`` with one decimal (population std, as over class orders)."""
+    return f"{np.mean(values):.1f} +- {np.std(values):.1f}"

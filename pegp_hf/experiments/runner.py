@@ -1,0 +1,83 @@
+"""What every experiment shares: its argument parser with the experiment's defaults, and the loop that runs several
+methods (``pegp``, ``sequential``, ``head_only``) on the same task sequence and keeps their results."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import HfArgumentParser
+
+from pegp_hf.config import PEGPTrainingArguments
+from pegp_hf.continual.evaluators import ContinualEvaluator
+from pegp_hf.continual.tasks import TaskSequence
+from pegp_hf.trainer import ContinualPEGPTrainer
+
+
+def parse_with_defaults(
+    dataclass_types: Sequence[type], defaults: Mapping[str, Any], argv: Sequence[str] | None
+) -> tuple[Any, ...]:
+    """``HfArgumentParser(dataclass_types)`` whose defaults are first replaced by ``defaults`` (so ``--help`` shows
+    them), then ``argv`` parsed into the dataclasses (``None``: the command line)."""
+    parser = HfArgumentParser(list(dataclass_types))
+    parser.set_defaults(**defaults)
+    return parser.parse_args_into_dataclasses(args=None if argv is None else list(argv))
+
+
+def run_methods(
+    tasks: TaskSequence,
+    model_init: Callable[[PEGPTrainingArguments], torch.nn.Module],
+    args: PEGPTrainingArguments,
+    methods: Sequence[str],
+    describe: Mapping[str, Any],
+    resume: str | bool | None = None,
+    evaluators_init: Callable[[], list[ContinualEvaluator]] = list,
+    callbacks: Sequence[Any] = (),
+) -> dict[str, dict[str, Any]]:
+    """Train a fresh model per method on ``tasks`` and return ``{method: results}``.
+
+    Each method runs with ``args`` except ``method`` and ``output_dir = <output_dir>/<method>`` (and, when pushing
+    several, ``hub_model_id = <id>-<method>``). Its results are ``describe`` (what the experiment is), the task
+    classes, the process count and :meth:`~pegp_hf.ContinualPEGPTrainer.continual_results`; the main process writes
+    them to ``<output_dir>/<method>/results.json`` and all of them to ``<output_dir>/results.json``.
+
+    Args:
+        model_init: ``args -> model with its PET``, called once per method (seed it inside for equal starts).
+        resume: ``True`` resumes every method from its own newest ``task-<k>``; a path or Hub repo id belongs to one
+            method.
+        evaluators_init: a fresh list of extra evaluators per method.
+        callbacks: passed to every trainer.
+    """
+    if resume not in (None, True) and len(methods) > 1:
+        raise ValueError("a checkpoint path belongs to one method: run a single method, or resume with 'true'")
+    root = Path(args.output_dir)
+    summary: dict[str, dict[str, Any]] = {}
+    for method in methods:
+        method_args = dataclasses.replace(args, method=method, output_dir=str(root / method))
+        if args.push_to_hub and args.hub_model_id and len(methods) > 1:
+            method_args = dataclasses.replace(method_args, hub_model_id=f"{args.hub_model_id}-{method}")
+        trainer = ContinualPEGPTrainer(model=model_init(method_args), args=method_args, tasks=tasks,
+                                       evaluators=evaluators_init(), callbacks=list(callbacks))  # fmt: skip
+        trainer.train(resume_from_checkpoint=resume)
+        results = {"method": method, **describe, "task_classes": tasks.task_classes,
+                   "num_processes": trainer.accelerator.num_processes, **trainer.continual_results()}  # fmt: skip
+        if trainer.args.should_save:
+            (root / method / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        summary[method] = results
+    if args.should_save:
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
+
+
+def format_matrix(matrix: list[list[float | None]]) -> str:
+    """A ``T x T`` matrix as text: rows are tasks, columns "after task t", ``-`` where not measured."""
+    size = len(matrix)
+    lines = ["task  " + "".join(f"  after {t + 1:<3d}" for t in range(size))]
+    for i, row in enumerate(matrix):
+        lines.append(f"{i + 1:<6d}" + "".join("        -  " if v is None else f"{v:10.1f} " for v in row))
+    return "\n".join(lines)

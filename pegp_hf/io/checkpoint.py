@@ -1,0 +1,271 @@
+"""Per-task checkpoints: written atomically, read back with checks that name what is wrong.
+
+``output_dir/task-<k>/`` (state after ``k`` finished tasks) holds
+
+- ``adapter_model.safetensors`` + ``adapter_config.json``: the PEFT adapter or the pegp_hf tuners, head included
+  (``modules_to_save``), written by the library that loads them (:class:`~pegp_hf.tuners.handle.PETHandle`);
+- ``pegp_subspaces.safetensors``: one ``(d, k)`` float32 basis per protected tensor, keyed by the tensor's
+  name in ``adapter_model.safetensors`` (for PEFT, its naming without the adapter name); metadata ``pegp_hf`` is a
+  JSON string with the threshold, feature dims, ranks and library versions;
+- what the objective keeps across tasks, e.g. ``pegp_head.safetensors`` for the prototype / aligned heads;
+- ``pegp_state.json``: finished task count, scenario, task names and classes, results, config, versions;
+- ``README.md``: the model card.
+
+A checkpoint is built in a hidden temporary folder next to its target and renamed into place, so a crash leaves
+either the previous checkpoint or the new one, never half of one. Reading one checks every file against the model,
+the task sequence and the run's settings before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from pegp_hf.continual.objectives import ContinualObjective
+from pegp_hf.continual.results import ContinualResults
+from pegp_hf.continual.tasks import TaskSequence
+from pegp_hf.core.projector import GradientProjector
+from pegp_hf.tuners.handle import PETHandle
+from pegp_hf.utils import CheckpointError, key_mismatch, library_versions, read_safetensors
+
+logger = logging.getLogger(__name__)
+
+SUBSPACES_NAME = "pegp_subspaces.safetensors"
+STATE_NAME = "pegp_state.json"
+STATE_KEYS = ("finished_tasks", "scenario", "task_classes", "results", "config")
+_TASK_DIR = re.compile(r"^task-(\d+)$")
+
+__all__ = [
+    "STATE_NAME",
+    "SUBSPACES_NAME",
+    "CheckpointError",
+    "StoredTask",
+    "atomic_directory",
+    "latest_task_checkpoint",
+    "load_subspaces",
+    "read_state",
+    "read_task_checkpoint",
+    "save_subspaces",
+    "task_dir_name",
+    "write_state",
+    "write_task_checkpoint",
+]
+
+
+def task_dir_name(finished_tasks: int) -> str:
+    """``task-<k>``: the checkpoint after ``k`` finished tasks."""
+    return f"task-{finished_tasks}"
+
+
+def latest_task_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The ``task-<k>`` folder of ``output_dir`` with the largest ``k`` that holds a state file, or ``None``."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return None
+    found = [
+        (int(m.group(1)), path)
+        for path in root.iterdir()
+        if (m := _TASK_DIR.match(path.name)) and (path / STATE_NAME).is_file()
+    ]
+    return max(found)[1] if found else None
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of ``folder`` and the folder itself to disk."""
+    for path in [*folder.iterdir(), folder]:
+        descriptor = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty staging folder beside ``target``; on success it replaces ``target``, on error it is removed
+    and ``target`` is left as it was.
+
+    The staging folder is flushed to disk before it is renamed. When ``target`` exists it is first renamed aside
+    and put back if the final rename fails, so some complete version of ``target`` always exists on disk except
+    between those two renames.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a checkpoint folder gets the usual permissions
+    try:
+        yield staging
+        _fsync_tree(staging)
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, retired / target.name)
+            try:
+                os.replace(staging, target)
+            except BaseException:
+                os.replace(retired / target.name, target)
+                retired.rmdir()
+                raise
+            shutil.rmtree(retired)
+        else:
+            os.replace(staging, target)
+        _fsync_tree(target.parent)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
+def save_subspaces(
+    path: str | os.PathLike, bases: Mapping[str, torch.Tensor], key: Callable[[str], str], threshold: float
+) -> None:
+    """Write ``bases`` (parameter name -> ``(d, k)``) to ``path`` under the adapter-file keys ``key(name)``, with
+    metadata."""
+    tensors = {key(name): basis.detach().cpu().contiguous() for name, basis in bases.items()}
+    meta = {
+        "threshold": threshold,
+        "feature_dims": {k: basis.shape[0] for k, basis in tensors.items()},
+        "ranks": {k: basis.shape[1] for k, basis in tensors.items()},
+        "versions": library_versions(),
+    }
+    save_file(tensors, str(path), metadata={"format": "pt", "pegp_hf": json.dumps(meta)})
+
+
+def load_subspaces(path: str | os.PathLike, names: list[str], key: Callable[[str], str]) -> dict[str, torch.Tensor]:
+    """Read the bases written by :func:`save_subspaces` for the parameters ``names``; check names and orthonormality.
+
+    Shapes against the model are checked by :meth:`GradientProjector.check_bases`.
+    """
+    stored = read_safetensors(path)
+    keys = {name: key(name) for name in names}
+    mismatch = key_mismatch(keys.values(), stored)
+    if mismatch:
+        raise CheckpointError(f"{path} does not match the model's protected tensors: {mismatch}")
+    bases = {name: stored[k] for name, k in keys.items()}
+    for name, basis in bases.items():
+        if basis.ndim != 2:
+            raise CheckpointError(f"{path}: basis {keys[name]} has shape {tuple(basis.shape)}, expected (d, k)")
+        gram = basis.T.double() @ basis.double()
+        if not torch.allclose(gram, torch.eye(basis.shape[1], dtype=torch.float64), atol=1e-3):
+            raise CheckpointError(f"{path}: basis {keys[name]} is not orthonormal (corrupt file?)")
+    return bases
+
+
+def write_state(directory: str | os.PathLike, state: Mapping[str, Any]) -> None:
+    """Write ``pegp_state.json`` (strict JSON: no NaN) into ``directory``."""
+    (Path(directory) / STATE_NAME).write_text(json.dumps(state, indent=2, allow_nan=False) + "\n")
+
+
+def read_state(directory: str | os.PathLike) -> dict[str, Any]:
+    """Read ``pegp_state.json`` of a task checkpoint; ``CheckpointError`` if it is missing, not JSON, or lacks a
+    field of :data:`STATE_KEYS`."""
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
+        raise CheckpointError(f"{directory} is not a pegp_hf task checkpoint: {STATE_NAME} is missing")
+    try:
+        state = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise CheckpointError(f"{path} is not valid JSON (truncated?): {error}") from error
+    missing = [key for key in STATE_KEYS if key not in state]
+    if missing:
+        raise CheckpointError(f"{path} lacks the fields {missing}")
+    return state
+
+
+def write_task_checkpoint(
+    target: str | os.PathLike,
+    pet: PETHandle,
+    projector: GradientProjector,
+    objective: ContinualObjective,
+    state: Mapping[str, Any],
+    card: str,
+) -> None:
+    """Write the whole ``task-<k>`` folder atomically: adapter, bases, the objective's files, state and card."""
+    with atomic_directory(target) as staging:
+        pet.save_pretrained(staging)
+        save_subspaces(staging / SUBSPACES_NAME, projector.bases, pet.weight_key, state["config"]["threshold"])
+        objective.save_checkpoint(staging)
+        write_state(staging, state)
+        (staging / "README.md").write_text(card)
+
+
+@dataclass
+class StoredTask:
+    """A task checkpoint read and checked against the model, the task sequence and the run, not loaded yet."""
+
+    path: Path
+    finished_tasks: int
+    adapter: dict[str, torch.Tensor]
+    bases: dict[str, torch.Tensor] | None
+    objective_state: Any
+    results: ContinualResults
+
+    def load_into(self, pet: PETHandle, projector: GradientProjector, objective: ContinualObjective) -> None:
+        """Copy the adapter weights, bases and the objective's state into the run (nothing can fail any more)."""
+        pet.load_weights(self.adapter)
+        if self.bases is not None:
+            projector.load_bases(self.bases)
+        objective.load_checkpoint(self.objective_state)
+
+
+def read_task_checkpoint(
+    path: str | os.PathLike,
+    tasks: TaskSequence,
+    config: Mapping[str, Any],
+    strict: tuple[str, ...],
+    pet: PETHandle,
+    projector: GradientProjector,
+    objective: ContinualObjective,
+    results: ContinualResults,
+) -> StoredTask:
+    """Read every file of a task checkpoint and check it, changing nothing.
+
+    Args:
+        tasks: the run's sequence: the checkpoint's finished tasks must be its first ones (same scenario, classes).
+        config: the run's settings; those named in ``strict`` must equal the stored ones, others only warn.
+        results: the run's empty results, whose matrices the checkpoint must hold.
+
+    Raises:
+        CheckpointError: a missing or broken file, or a checkpoint of another sequence, settings, evaluators, model
+            or adapter.
+    """
+    path = Path(path)
+    state = read_state(path)
+    done = int(state["finished_tasks"])
+    finished_classes = state["task_classes"][:done]
+    if state["scenario"] != tasks.scenario or finished_classes != tasks.task_classes[:done] or done > len(tasks):
+        raise CheckpointError(
+            f"{path} was made for a different task sequence: its {done} finished {state['scenario']} tasks have "
+            f"classes {finished_classes}, this {tasks.scenario} sequence of {len(tasks)} starts with "
+            f"{tasks.task_classes[:done]}"
+        )
+    stored_config = state["config"]
+    for key in strict:
+        if stored_config.get(key) != config[key]:
+            raise CheckpointError(f"{path} was trained with {key}={stored_config.get(key)!r}, not {config[key]!r}")
+    changed = {k: v for k, v in stored_config.items() if k not in strict and k in config and config[k] != v}
+    if changed:
+        logger.warning("continuing %s with settings that differ from the checkpoint's %s", path, changed)
+    try:
+        restored = results.restore(state["results"], done)
+    except (KeyError, ValueError) as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    bases = None
+    if config["method"] == "pegp":
+        bases = load_subspaces(path / SUBSPACES_NAME, list(projector.tensors), pet.weight_key)
+        projector.check_bases(bases)
+    objective_state = objective.read_checkpoint(path)
+    adapter = pet.read_pretrained(path)
+    return StoredTask(path, done, adapter, bases, objective_state, restored)

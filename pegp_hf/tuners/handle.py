@@ -1,0 +1,203 @@
+"""The PET a model carries, as the continual trainer and its checkpoints see it: PEFT's or pegp_hf's tuners.
+
+:func:`pet_handle` returns a :class:`PETHandle` that lists the protected tensors, and saves, checks and loads the
+adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) with the library that made it: PEFT for a
+``PeftModel`` (any PEFT method; LoRA and IA3 can be protected, see :mod:`pegp_hf.tuners.peft`), pegp_hf for
+:func:`~pegp_hf.tuners.model.inject_pet` tuners. Nothing outside this module asks which of the two it is.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+
+import torch
+from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from torch import nn
+
+from pegp_hf.core.protected import ProtectedTensor
+from pegp_hf.tuners.base import PETModule
+from pegp_hf.tuners.model import (
+    get_pet_state_dict,
+    pet_configs,
+    read_pet_configs,
+    save_pet_pretrained,
+    set_pet_state_dict,
+)
+from pegp_hf.tuners.peft import peft_protected_tensors
+from pegp_hf.tuners.registry import peft_method
+from pegp_hf.utils import CheckpointError, read_safetensors, state_mismatch
+
+
+class PETHandle(ABC):
+    """One model's PET: what PEGP protects in it and how its adapter folder is written and read back.
+
+    Attributes:
+        model: the model carrying the PET.
+        library_name: ``"peft"`` or ``"pegp_hf"``: the library that loads the adapter folder.
+    """
+
+    library_name: str
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    @property
+    @abstractmethod
+    def methods(self) -> list[str]:
+        """The PET methods, e.g. ``["lora"]`` or ``["prefix", "prompt"]``."""
+
+    @abstractmethod
+    def protected_tensors(self, strict: bool = True) -> list[ProtectedTensor]:
+        """Every trainable PET weight PEGP protects. ``strict=False`` returns ``[]`` for a method pegp_hf cannot
+        protect instead of raising (for methods that do not project)."""
+
+    def frozen_after_first_task(self) -> list[nn.Parameter]:
+        """Weights PEGP trains on the first task only (e.g. value prefixes with ``freeze_after_first_task``)."""
+        return []
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The adapter weights keyed as in ``adapter_model.safetensors``."""
+
+    @abstractmethod
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+
+    def read_pretrained(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Read ``directory``'s adapter weights and check every key and shape against the model's adapter (PEFT
+        would skip unknown keys silently); nothing changes. Load the result with :meth:`load_weights`.
+
+        Raises:
+            CheckpointError: a missing / broken file, or weights that do not fit.
+        """
+        path = Path(directory) / SAFETENSORS_WEIGHTS_NAME
+        stored = read_safetensors(path)
+        mismatch = state_mismatch({key: tuple(t.shape) for key, t in self.state_dict().items()}, stored)
+        if mismatch:
+            raise CheckpointError(f"{path} does not match the model's adapter: {mismatch}")
+        return stored
+
+    @abstractmethod
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        """Copy weights checked by :meth:`read_pretrained` into the model."""
+
+    def weight_key(self, parameter_name: str) -> str:
+        """The key of parameter ``parameter_name`` in ``adapter_model.safetensors``."""
+        return parameter_name
+
+    def base_model_name(self) -> str | None:
+        """The base model's Hub id, or ``None`` for a local folder or a model built from a config."""
+        name = getattr(getattr(self._base_model(), "config", None), "_name_or_path", None)
+        return name if name and not os.path.isdir(name) else None
+
+    def _base_model(self) -> nn.Module:
+        return self.model
+
+
+class PeftHandle(PETHandle):
+    """A ``peft.PeftModel``'s active adapter, saved and loaded with PEFT."""
+
+    library_name = "peft"
+
+    @property
+    def adapter_name(self) -> str:
+        return self.model.active_adapter
+
+    @property
+    def methods(self) -> list[str]:
+        peft_type = self.model.peft_config[self.adapter_name].peft_type
+        spec = peft_method(peft_type)
+        return [spec.name if spec else str(getattr(peft_type, "value", peft_type)).lower()]
+
+    def protected_tensors(self, strict: bool = True) -> list[ProtectedTensor]:
+        if not strict and peft_method(self.model.peft_config[self.adapter_name].peft_type) is None:
+            return []
+        return peft_protected_tensors(self.model)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        from peft.utils import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        self.model.save_pretrained(directory)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(self.model, weights, adapter_name=self.adapter_name)
+
+    def weight_key(self, parameter_name: str) -> str:
+        """PEFT's naming without the adapter name: ``...lora_A.<adapter>.weight`` -> ``...lora_A.weight``, and
+        ``...ia3_l.<adapter>`` -> ``...ia3_l``."""
+        name = re.escape(self.adapter_name)
+        return re.sub(rf"\.{name}(\.[^.]+)?$", lambda m: m.group(1) or "", parameter_name)
+
+    def _base_model(self) -> nn.Module:
+        return self.model.get_base_model()
+
+
+class TunerHandle(PETHandle):
+    """pegp_hf tuners (:func:`~pegp_hf.tuners.model.inject_pet`), saved and loaded with pegp_hf."""
+
+    library_name = "pegp_hf"
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({config.pet_type for config in pet_configs(self.model)})
+
+    def _modules(self) -> list[tuple[str, PETModule]]:
+        return [(name, module) for name, module in self.model.named_modules() if isinstance(module, PETModule)]
+
+    def protected_tensors(self, strict: bool = True) -> list[ProtectedTensor]:
+        return [tensor for name, module in self._modules() for tensor in module.protected_tensors(name)]
+
+    def frozen_after_first_task(self) -> list[nn.Parameter]:
+        return [p for _, module in self._modules() for p in module.frozen_after_first_task()]
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return get_pet_state_dict(self.model)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        save_pet_pretrained(self.model, directory)
+
+    def read_pretrained(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Also checks that ``directory`` holds the model's tuner configs."""
+        stored = [config.to_dict() for config in read_pet_configs(directory)]
+        current = [config.to_dict() for config in pet_configs(self.model)]
+        if stored != current:
+            raise CheckpointError(f"{directory} holds tuners {stored}, the model has {current}")
+        return super().read_pretrained(directory)
+
+    def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
+        set_pet_state_dict(self.model, weights)
+
+
+def pet_handle(model: nn.Module) -> PETHandle:
+    """The :class:`PETHandle` of ``model``.
+
+    Raises:
+        TypeError: the model carries no PET, or both a PEFT adapter and pegp_hf tuners (one checkpoint format
+            could not hold both).
+    """
+    from peft import PeftModel
+
+    is_peft, has_tuners = isinstance(model, PeftModel), bool(pet_configs(model))
+    if is_peft and has_tuners:
+        raise TypeError("the model carries a PEFT adapter and pegp_hf tuners; pegp_hf trains and saves one kind")
+    if is_peft:
+        return PeftHandle(model)
+    if has_tuners:
+        return TunerHandle(model)
+    raise TypeError(
+        "model must carry a PET adapter: a PEFT model (peft.get_peft_model(model, LoraConfig(...))) or a model with "
+        "pegp_hf tuners (pegp_hf.tuners.inject_pet(model, PromptConfig(...)))"
+    )
+
+
+def find_protected_tensors(model: nn.Module) -> list[ProtectedTensor]:
+    """Every protectable PET tensor of ``model`` (PEFT LoRA / IA3 weights, or the weights of pegp_hf tuners)."""
+    return pet_handle(model).protected_tensors()
