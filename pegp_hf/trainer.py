@@ -50,12 +50,12 @@ from pegp_hf.io.checkpoint import (
     latest_task_checkpoint,
     read_task_checkpoint,
     task_dir_name,
+    task_state,
     write_task_checkpoint,
 )
 from pegp_hf.io.hub import PushTaskToHubCallback, resolve_checkpoint
 from pegp_hf.io.model_card import model_card
 from pegp_hf.tuners.handle import pet_handle
-from pegp_hf.utils import library_versions
 
 logger = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ class ContinualPEGPTrainer(Trainer):
         self._task_event("on_task_end", index, results=self.results)
         target = Path(self.args.output_dir) / task_dir_name(index + 1)
         if self.args.should_save:  # the main process writes; every process waits for it, so any rank can resume
-            state = self._checkpoint_state()
+            state = task_state(self.tasks, self.results.finished_tasks, self.continual_results(), self._config())
             card = model_card(state, self.results, self.pet.base_model_name(), self.pet.library_name, self.pet.methods)
             write_task_checkpoint(target, self.pet, self.projector, self.objective, state, card)
         self.accelerator.wait_for_everyone()
@@ -313,27 +313,11 @@ class ContinualPEGPTrainer(Trainer):
         self.objective.after_feature_pass(self, index)
 
     def _log_task(self, index: int) -> None:
-        summaries = {name: self.results.summary(name) for name in self.results.matrices}
-        headline = summaries[self.results.headline]
-        figures = {name: value for name, value in self.results.task_metrics[index].items() if value is not None}
-        logs = {"task": index + 1, "continual_acc": headline["average"],
-                "continual_forgetting": headline["forgetting"], "continual_bwt": headline["bwt"]}  # fmt: skip
-        for name, summary in summaries.items():
-            logs.update({f"{name}_average": summary["average"], f"{name}_forgetting": summary["forgetting"]})
-        self.log({**logs, **figures})
+        self.log(self.results.task_log(index))
         if self.is_world_process_zero():
-            measured = " | ".join(f"{name} {s['average']:.2f} (Forgetting {s['forgetting']:.2f})"
-                                  for name, s in summaries.items())  # fmt: skip
-            logger.info("after task %d/%d: %s | headline %s | protected dims %s", index + 1, len(self.tasks),
-                        measured, self.results.headline, self._dims_summary())  # fmt: skip
-            if figures:
-                logger.info("after task %d: %s", index + 1, ", ".join(f"{k} {v:.2f}" for k, v in figures.items()))
-
-    def _dims_summary(self) -> str:
-        """``kind k/d`` summed over the tensors of each kind, e.g. ``lora_A 410/1536 (x16)``."""
-        if self.args.method != "pegp":
-            return f"none ({self.args.method})"
-        return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in self.projector.dims_by_kind().items())
+            dims = self.projector.describe() if self.args.method == "pegp" else f"none ({self.args.method})"
+            logger.info("after task %d/%d: %s | protected dims %s", index + 1, len(self.tasks),
+                        self.results.describe(index), dims)  # fmt: skip
 
     # ---- results and checkpoints ----------------------------------------------------------------------------------
 
@@ -353,18 +337,6 @@ class ContinualPEGPTrainer(Trainer):
     def _config(self) -> dict[str, Any]:
         """The settings a checkpoint records; ``method`` and the objective's must match on resume."""
         return {**{key: getattr(self.args, key) for key in CONFIG_KEYS}, **self.objective.config()}
-
-    def _checkpoint_state(self) -> dict[str, Any]:
-        return {
-            "finished_tasks": self.results.finished_tasks,
-            "scenario": self.tasks.scenario,
-            "label_column": self.tasks.label_column,
-            "task_names": [task.name for task in self.tasks],
-            "task_classes": self.tasks.task_classes,
-            "results": self.continual_results(),
-            "config": self._config(),
-            "versions": library_versions(),
-        }
 
     def _resume(self, checkpoint: str | bool) -> int:
         """Load a task checkpoint; return how many tasks it finished. Every file is read and checked before any

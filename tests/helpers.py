@@ -13,22 +13,19 @@ from pegp_hf import PEGPTrainingArguments
 IMAGE = 8
 
 
+def plain_vit(num_labels: int = 4, seed: int = 0, hidden: int = 32) -> ViTForImageClassification:
+    """A 2-layer ViT for 8x8 one-channel images (4x4 patches: 5 tokens), no PET yet."""
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=hidden, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                       image_size=IMAGE, patch_size=4, num_channels=1, num_labels=num_labels)  # fmt: skip
+    return ViTForImageClassification(config)
+
+
 def tiny_vit(
     num_labels: int = 4, seed: int = 0, rank: int = 4, hidden: int = 32, targets=("q_proj", "v_proj"), dropout=0.0
 ):
-    """A 2-layer ViT (8x8 one-channel images, 4x4 patches: 5 tokens) with LoRA on ``targets`` and a trainable head."""
-    torch.manual_seed(seed)
-    config = ViTConfig(
-        hidden_size=hidden,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=IMAGE,
-        patch_size=4,
-        num_channels=1,
-        num_labels=num_labels,
-    )
-    model = ViTForImageClassification(config)
+    """:func:`plain_vit` with LoRA on ``targets`` and a trainable head."""
+    model = plain_vit(num_labels, seed, hidden)
     lora = LoraConfig(
         r=rank, lora_alpha=rank, lora_dropout=dropout, target_modules=list(targets), modules_to_save=["classifier"]
     )

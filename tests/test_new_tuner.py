@@ -8,9 +8,9 @@ from functools import partial
 
 import pytest
 import torch
-from helpers import AtTaskStart, synthetic_images, training_args
+from helpers import AtTaskStart, plain_vit, synthetic_images, training_args
 from torch import nn
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.core import ProtectedTensor, module_input
@@ -76,10 +76,7 @@ TASKS = class_incremental_tasks(synthetic_images(num_labels=4), synthetic_images
 
 
 def vit(seed: int = 0) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=8,
-                       patch_size=4, num_channels=1, num_labels=4)  # fmt: skip
-    return ViTForImageClassification(config)
+    return plain_vit(seed=seed)
 
 
 @torch.no_grad()

@@ -4,10 +4,10 @@
 import numpy as np
 import pytest
 import torch
-from helpers import matrices, synthetic_images, training_args
+from helpers import matrices, plain_vit, synthetic_images, training_args
 from peft import IA3Config, LoHaConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import ViTForImageClassification
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.core import FeatureCovariances, GradientProjector, grow_axis_basis
@@ -17,10 +17,7 @@ TASKS = class_incremental_tasks(synthetic_images(num_labels=4), synthetic_images
 
 
 def vit(seed: int = 0) -> ViTForImageClassification:
-    torch.manual_seed(seed)
-    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=8,
-                       patch_size=4, num_channels=1, num_labels=4)  # fmt: skip
-    return ViTForImageClassification(config)
+    return plain_vit(seed=seed)
 
 
 def ia3_vit(seed: int = 0) -> PeftModel:

@@ -126,6 +126,27 @@ class ContinualResults:
         tasks."""
         return self.matrices[name or self.headline].summary(self.finished_tasks)
 
+    def task_log(self, index: int) -> dict[str, float]:
+        """What the trainer logs after task ``index``: ``task``, the headline's ``continual_acc`` (its average),
+        ``continual_forgetting`` and ``continual_bwt``, ``<matrix>_average`` / ``<matrix>_forgetting`` of every
+        matrix, and the task's figures that are defined."""
+        headline = self.summary()
+        logs = {"task": index + 1, "continual_acc": headline["average"],
+                "continual_forgetting": headline["forgetting"], "continual_bwt": headline["bwt"]}  # fmt: skip
+        for name in self.matrices:
+            summary = self.summary(name)
+            logs.update({f"{name}_average": summary["average"], f"{name}_forgetting": summary["forgetting"]})
+        return {**logs, **{key: value for key, value in self.task_metrics[index].items() if value is not None}}
+
+    def describe(self, index: int) -> str:
+        """One readable line after task ``index``: every matrix's average and Forgetting, the headline first, then
+        the task's figures."""
+        names = [self.headline, *(name for name in self.matrices if name != self.headline)]
+        parts = [f"{name} {self.summary(name)['average']:.2f} (Forgetting {self.summary(name)['forgetting']:.2f})"
+                 for name in names]  # fmt: skip
+        figures = [f"{key} {value:.2f}" for key, value in self.task_metrics[index].items() if value is not None]
+        return " | ".join(parts + figures)
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form: one block per matrix (``matrix``, ``higher_is_better``, ``average``, ``forgetting``,
         ``bwt``), the figures, timings and updates, and the headline's matrix and summary again at the top level as

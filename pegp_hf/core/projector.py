@@ -61,6 +61,10 @@ class GradientProjector:
             totals[tensor.kind][2] += 1
         return {kind: (k, d, n) for kind, (k, d, n) in sorted(totals.items())}
 
+    def describe(self) -> str:
+        """``kind k/d (xn)`` per tensor kind, e.g. ``lora_A 410/1536 (x16)``: protected over feature dims."""
+        return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in self.dims_by_kind().items()) or "none"
+
     def grow(self, covariances: Mapping[str, torch.Tensor], threshold: float) -> list[str]:
         """Grow every basis with the feature covariance of the task just finished (GPM rule, ``threshold`` = eps).
 

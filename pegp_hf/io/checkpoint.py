@@ -59,6 +59,7 @@ __all__ = [
     "read_task_checkpoint",
     "save_subspaces",
     "task_dir_name",
+    "task_state",
     "write_state",
     "write_task_checkpoint",
 ]
@@ -182,6 +183,22 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} lacks the fields {missing}")
     return state
+
+
+def task_state(
+    tasks: TaskSequence, finished_tasks: int, results: Mapping[str, Any], config: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The content of ``pegp_state.json`` after ``finished_tasks`` tasks of ``tasks``."""
+    return {
+        "finished_tasks": finished_tasks,
+        "scenario": tasks.scenario,
+        "label_column": tasks.label_column,
+        "task_names": [task.name for task in tasks],
+        "task_classes": tasks.task_classes,
+        "results": dict(results),
+        "config": dict(config),
+        "versions": library_versions(),
+    }
 
 
 def write_task_checkpoint(
