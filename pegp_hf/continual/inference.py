@@ -51,5 +51,5 @@ def feature_sample_loader(trainer: Trainer, dataset: Dataset, samples: int, seed
         batch_size=trainer.args.eval_batch_size,
         collate_fn=trainer._get_collator_with_removed_columns(trainer.data_collator, "feature capture"),
         num_workers=trainer.args.dataloader_num_workers,
-        pin_memory=trainer.args.dataloader_pin_memory,
+        pin_memory=trainer.args.dataloader_pin_memory and trainer.args.device.type != "cpu",
     )
