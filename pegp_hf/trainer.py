@@ -305,7 +305,7 @@ class ContinualPEGPTrainer(Trainer):
         ):
             if pegp or observe is not None:
                 loader = feature_sample_loader(self, self.tasks[index].train, self.args.feature_samples, self.args.seed)
-                for inputs, outputs in forward_batches(self, loader):
+                for inputs, outputs in forward_batches(self, loader, self.objective.model_takes_labels):
                     if observe is not None:
                         observe(inputs, outputs)
         if pegp:

@@ -106,3 +106,26 @@ def test_sequential_moves_task_1_loss_and_logits(runs):
     loss = trainer.results.matrices["loss"].values
     assert abs(loss[0, 1] - loss[0, 0]) > 1e-3
     assert after["new"][1] < before["new"][1] - 0.3
+
+
+def test_a_seq2seq_model_trains_with_its_own_loss_and_its_decoder_is_protected(tmp_path):
+    """T5 needs the labels to build its decoder inputs, in training and in the feature pass alike."""
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=32, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                      pad_token_id=0)  # fmt: skip
+    model = get_peft_model(T5ForConditionalGeneration(config), LoraConfig(r=4, target_modules=["q", "v"]))
+    sequence = dataset_tasks({
+        "copy-1": (sequences(1, 1, 32, seed=0), sequences(1, 1, 8, seed=1)),
+        "copy-3": (sequences(9, 3, 32, seed=2), sequences(9, 3, 8, seed=3)),
+    })  # fmt: skip
+    args = training_args(tmp_path, optim="adamw_torch", learning_rate=0.01, threshold=0.99, feature_samples=32)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=sequence)
+    trainer.train()
+    loss = trainer.results.matrices["loss"].values
+    assert np.isfinite(loss[np.triu_indices(2)]).all()
+    dims = trainer.projector.dims()
+    assert any(".decoder." in name and k > 0 for name, k in dims.items())  # features came from the decoder too
+    assert any(".encoder." in name and k > 0 for name, k in dims.items())
+    assert trainer.continual_results()["updates"][1]["max_update_overlap"] < 1e-6

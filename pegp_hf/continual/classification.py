@@ -47,12 +47,15 @@ class ClassificationObjective(ContinualObjective):
     module docstring), configured by the trainer's ``PEGPTrainingArguments`` (``loss_classes``, ``head``,
     ``head_module``, ``head_shrinkage``, ``align_*``)."""
 
+    model_takes_labels = False  # the loss is the objective's; a class-name classifier takes no labels at all
+
     def __init__(self) -> None:
         self.args: PEGPTrainingArguments | None = None
         self.model: nn.Module | None = None
         self.head_module: nn.Module | None = None
         self.statistics: ClassStatistics | None = None
         self.train_classes: torch.Tensor | None = None
+        self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (head inputs, labels) of the feature pass
 
     @property
     def num_labels(self) -> int:
@@ -162,11 +165,11 @@ class ClassificationObjective(ContinualObjective):
         if self.statistics is None:
             yield None
             return
-        self._pass: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._observed = []
         with self._head_inputs() as captured:
 
             def observe(inputs: dict[str, Any], outputs: Any) -> None:
-                self._pass.append((captured.pop().float().cpu(), inputs["labels"].cpu()))
+                self._observed.append((captured.pop().float().cpu(), inputs["labels"].cpu()))
 
             yield observe
 
@@ -174,11 +177,11 @@ class ClassificationObjective(ContinualObjective):
         """Merge every process's head inputs into the class statistics, and re-fit the aligned head."""
         if self.statistics is None:
             return
-        features = torch.cat([f for f, _ in self._pass])
-        labels = torch.cat([y for _, y in self._pass])
+        features = torch.cat([f for f, _ in self._observed])
+        labels = torch.cat([y for _, y in self._observed])
         parts = gather_object([(features, labels)])  # every process's samples, in process order
         self.statistics.update(torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
-        self._pass = []
+        self._observed = []
         if self.args.head == "aligned":
             align_linear_head(
                 _trainable_linear(self.head_module), self.statistics, self.args.head_shrinkage,

@@ -14,18 +14,21 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def forward_batches(trainer: Trainer, loader: Iterable[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], Any]]:
+def forward_batches(
+    trainer: Trainer, loader: Iterable[dict[str, Any]], with_labels: bool = False
+) -> Iterator[tuple[dict[str, Any], Any]]:
     """Run every batch of ``loader`` through ``trainer.model`` in eval mode, without gradients, under the trainer's
     autocast; yield ``(inputs, outputs)`` with ``inputs`` on the model's device.
 
-    ``labels`` stay in ``inputs`` but are not given to the model (the model's own loss is not computed); forward
-    hooks installed on the model fire as usual (feature capture).
+    ``labels`` stay in ``inputs``; the model gets them only ``with_labels`` (a seq2seq model builds its decoder
+    inputs from them). Forward hooks installed on the model fire as usual (feature capture).
     """
     trainer.model.eval()
     for batch in loader:
         inputs = trainer._prepare_inputs(batch)
+        given = inputs if with_labels else {key: value for key, value in inputs.items() if key != "labels"}
         with trainer.autocast_smart_context_manager():
-            outputs = trainer.model(**{key: value for key, value in inputs.items() if key != "labels"})
+            outputs = trainer.model(**given)
         yield inputs, outputs
 
 

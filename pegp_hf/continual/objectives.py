@@ -41,9 +41,13 @@ class ContinualObjective(ContinualCallback):
     Attributes:
         compute_loss: ``(outputs, labels, num_items_in_batch) -> loss`` given to the Trainer as
             ``compute_loss_func``, or ``None`` to train with the loss the model returns.
+        model_takes_labels: whether the batch's ``labels`` go into the model outside training too (the feature
+            pass): a seq2seq model builds its decoder inputs from them; a classifier judged by its logits does not
+            need them.
     """
 
     compute_loss: Callable[..., Any] | None = None
+    model_takes_labels: bool = True
 
     def setup(self, trainer: ContinualPEGPTrainer) -> None:
         """Called once from the trainer's ``__init__``: check that the model fits (raise ``ValueError`` / ``TypeError``
