@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import finished, headline, mean_std, split_flags
+from pegp_hf.experiments.grid import classification_figures, finished, mean_std, split_flags
 from pegp_hf.plots import pyplot, save_figure
 
 OPTIMIZERS = {
@@ -54,7 +54,7 @@ def run(setting: str, flags: list[str], seed: int, root: Path, common: list[str]
     return {
         "setting": setting,
         "seed": seed,
-        **headline(results),
+        **classification_figures(results),
         "max_update_overlap": max(overlaps) if overlaps else None,
         "protected_share": results["protected_share"],
     }

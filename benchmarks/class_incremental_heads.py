@@ -19,7 +19,7 @@ from pathlib import Path
 
 from pegp_hf.continual import HEADS
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import headline, mean_std, split_flags
+from pegp_hf.experiments.grid import classification_figures, mean_std, split_flags
 
 METHODS = ("head_only", "sequential", "pegp")
 # The LoRA setting of docs/results.md (it predates --pet and the paper's rank 5 on the first 5/12 of the blocks).
@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 + (SMOKE if options.smoke else []) + passthrough
             )  # fmt: skip
             for method, results in summary.items():
-                runs.append({"head": head, "method": method, "seed": seed, **headline(results)})
+                runs.append({"head": head, "method": method, "seed": seed, **classification_figures(results)})
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs, ("acc", "forgetting", "til_acc", "til_forgetting"))

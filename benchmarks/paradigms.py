@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import finished, headline, mean_std, split_flags
+from pegp_hf.experiments.grid import classification_figures, finished, mean_std, split_flags
 from pegp_hf.plots import pyplot, save_figure
 from pegp_hf.tuners import PAPER_PARADIGMS, available_pets
 
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 )
                 summary["joint"] = joint["sequential"]
             for method, results in summary.items():
-                runs.append({"pet": pet, "method": method, "seed": seed, **headline(results),
+                runs.append({"pet": pet, "method": method, "seed": seed, **classification_figures(results),
                              "saturated": len(results["saturated"]),
                              "protected_tensors": len(results["subspace_dims"]),
                              "train_seconds": sum(t["train_seconds"] for t in results["timings"]),

@@ -89,12 +89,15 @@ def effective_optimizer(optim: str, weight_decay: float, deepspeed_config: dict 
 
 def resolve_projection_mode(trainer: Trainer, projector: GradientProjector) -> str:
     """The projection mode for ``trainer``'s Accelerate backend, after every refusal of this module (and FSDP2 with a
-    tensor whose feature axis is its sharded first axis, such as IA3's output scaling)."""
+    tensor whose feature axis is its sharded first axis, such as IA3's output scaling). The refusals about
+    projecting apply to ``method="pegp"`` only: the other methods never project."""
     args = trainer.args
     fsdp_version = trainer.accelerator.state.fsdp_plugin.fsdp_version if trainer.is_fsdp_enabled else None
     deepspeed = trainer.is_deepspeed_enabled
     zero_stage = trainer.accelerator.state.deepspeed_plugin.zero_stage if deepspeed else None
     mode = select_projection_mode(args.projection_mode, deepspeed, fsdp_version, zero_stage)
+    if args.method != "pegp":
+        return mode
     config = trainer.accelerator.state.deepspeed_plugin.deepspeed_config if deepspeed else None
     optim, decay = effective_optimizer(getattr(args.optim, "value", args.optim), args.weight_decay, config)
     check_update_reprojection(args.update_reprojection, optim, decay, deepspeed)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from pegp_hf.continual.metrics import summarize
+from pegp_hf.continual.results import ContinualMatrix
 
 
 def pyplot() -> Any:
@@ -27,13 +27,13 @@ def pyplot() -> Any:
     return plt
 
 
-def running_summary(matrix: list[list[float | None]]) -> dict[str, list[float]]:
-    """ACC / Forgetting / BWT after each task ``t``, from the ``t x t`` top-left block of ``matrix`` (its finished
-    part)."""
-    a = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
-    done = int((~np.isnan(np.diag(a))).sum())
-    steps = [summarize(a[: t + 1, : t + 1]) for t in range(done)]
-    return {key: [step[key] for step in steps] for key in ("acc", "forgetting", "bwt")}
+def running_summary(matrix: list[list[float | None]], higher_is_better: bool = True) -> dict[str, list[float]]:
+    """Average / Forgetting / BWT after each task ``t``, from the ``t x t`` top-left block of ``matrix`` (its
+    finished part)."""
+    values = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=np.float64)
+    done = int((~np.isnan(np.diag(values))).sum())
+    steps = [ContinualMatrix(values, higher_is_better).summary(t + 1) for t in range(done)]
+    return {key: [step[key] for step in steps] for key in ("average", "forgetting", "bwt")}
 
 
 def plot_accuracy_matrix(matrix: list[list[float | None]], path: str | Path, title: str) -> Path:
@@ -54,17 +54,19 @@ def plot_accuracy_matrix(matrix: list[list[float | None]], path: str | Path, tit
 
 
 def plot_method_curves(results: Mapping[str, Mapping[str, Any]], path: str | Path, matrix: str | None = None) -> Path:
-    """ACC and Forgetting after each task, one line per method (e.g. ``pegp`` against ``sequential``), of the
-    accuracy matrix ``matrix`` (default: each run's headline)."""
+    """Average and Forgetting after each task, one line per method (e.g. ``pegp`` against ``sequential``), of matrix
+    ``matrix`` (default: each run's headline): ACC for an accuracy, the average loss for a loss."""
     plt = pyplot()
     figure, (left, right) = plt.subplots(1, 2, figsize=(9, 3.5))
     for method, result in results.items():
-        running = running_summary(result["accuracy_matrix"] if matrix is None else result[matrix]["matrix"])
-        tasks = range(1, len(running["acc"]) + 1)
-        left.plot(tasks, running["acc"], marker="o", label=method)
+        block = result[matrix or result["headline"]]
+        running = running_summary(block["matrix"], block["higher_is_better"])
+        tasks = range(1, len(running["average"]) + 1)
+        left.plot(tasks, running["average"], marker="o", label=method)
         right.plot(tasks, running["forgetting"], marker="o", label=method)
-    left.set(xlabel="after task", ylabel="ACC (%)", title="average accuracy so far")
-    right.set(xlabel="after task", ylabel="Forgetting (%)", title="forgetting so far")
+    unit = "(%)" if block["higher_is_better"] else f"({matrix or result['headline']})"
+    left.set(xlabel="after task", ylabel=f"average {unit}", title="average over the tasks so far")
+    right.set(xlabel="after task", ylabel=f"Forgetting {unit}", title="forgetting so far")
     left.legend()
     return save_figure(figure, path, integer_ticks=True)
 

@@ -38,7 +38,7 @@ from pegp_hf.backends import check_frozen_after_first_task, grow_bases_on_every_
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.callbacks import call_task_event
 from pegp_hf.continual.classification import ClassificationObjective
-from pegp_hf.continual.evaluators import ContinualEvaluator
+from pegp_hf.continual.evaluators import ContinualEvaluator, merge_evaluations
 from pegp_hf.continual.inference import feature_sample_loader, forward_batches
 from pegp_hf.continual.objectives import ContinualObjective, ModelLossObjective
 from pegp_hf.continual.results import ContinualResults
@@ -59,7 +59,7 @@ from pegp_hf.tuners.handle import pet_handle
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEYS = ("method", "threshold", "feature_samples", "protect", "update_reprojection", "loss_classes", "seed")
+CONFIG_KEYS = ("method", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
 
 
 class _OptimizerStepBracket(TrainerCallback):
@@ -153,32 +153,34 @@ class ContinualPEGPTrainer(Trainer):
                 "every task needs a fresh optimizer, so optimizers=(...) cannot be reused: choose it with "
                 "args.optim / args.optim_args, or pass optimizer_cls_and_kwargs=(cls, kwargs)"
             )
+        # Every check that needs no Trainer runs first: a refused model is left as it was.
         self.pet = pet_handle(model)
         self.tasks = tasks
         self.objective = _default_objective(tasks) if objective is None else objective
-        super().__init__(model=model, args=args, compute_loss_func=self.objective.compute_loss, **kwargs)
-        self.objective.setup(self)
+        self.objective.setup(model, args)
         head = {id(p) for p in self.objective.head_parameters()}
-        if args.method == "head_only":
-            if not head:
-                raise ValueError(f"method='head_only' trains the objective's head, and {type(self.objective).__name__}"
-                                 " has none")  # fmt: skip
-            for parameter in self.model.parameters():
-                parameter.requires_grad_(id(parameter) in head and parameter.requires_grad)
+        if args.method == "head_only" and not head:
+            raise ValueError(f"method='head_only' trains an objective's head, and {self.objective.config()} has none")
         pattern = re.compile(args.protect)
-        protected = [t for t in self.pet.protected_tensors(strict=args.method == "pegp") if pattern.search(t.name)]
+        listed = [] if args.method == "head_only" else self.pet.protected_tensors(strict=args.method == "pegp")
+        protected = [tensor for tensor in listed if pattern.search(tensor.name)]
         if args.method == "pegp" and not protected:
             raise ValueError(f"no trainable PET tensor matches protect={args.protect!r}: nothing would be protected")
-        self.projector = GradientProjector(protected)
-        self.projection_mode = resolve_projection_mode(self, self.projector)
-        if args.method == "pegp":
-            check_frozen_after_first_task(self, self.pet.frozen_after_first_task())
-        if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
-            for name, tensor in self.projector.tensors.items():
-                tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
         self.evaluators = [*self.objective.evaluators(), *evaluators]
         specs = [spec for evaluator in self.evaluators for spec in evaluator.matrix_specs()]
         self.results = ContinualResults.empty(tasks.scenario, self.objective.headline(tasks), specs, len(tasks))
+        super().__init__(model=model, args=args, compute_loss_func=self.objective.compute_loss, **kwargs)
+        self.projector = GradientProjector(protected)  # bases on the parameters' devices, where the Trainer put them
+        self.projection_mode = resolve_projection_mode(self, self.projector)
+        if args.method == "pegp":
+            check_frozen_after_first_task(self, self.pet.frozen_after_first_task())
+        # The model changes from here on.
+        if args.method == "head_only":
+            for parameter in self.model.parameters():
+                parameter.requires_grad_(id(parameter) in head and parameter.requires_grad)
+        if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
+            for name, tensor in self.projector.tensors.items():
+                tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
         self._bracket = _OptimizerStepBracket(self)
         self.add_callback(self._bracket)
         self.add_callback(self.objective)
@@ -222,8 +224,8 @@ class ContinualPEGPTrainer(Trainer):
             **kwargs: passed to ``Trainer.train`` for each task (``trial``, ``ignore_keys_for_eval``).
 
         Returns:
-            ``TrainOutput`` whose metrics hold ``acc`` (the headline matrix's average after the last task),
-            ``forgetting`` and ``bwt``.
+            ``TrainOutput`` whose metrics hold the headline matrix's ``average`` after the last task, ``forgetting``
+            and ``bwt`` (and ``acc`` = ``average`` for an accuracy headline).
         """
         if self.results.finished_tasks:
             raise RuntimeError(
@@ -244,8 +246,7 @@ class ContinualPEGPTrainer(Trainer):
             self._end_task(index, time.perf_counter() - start)
             steps += output.global_step
             losses.append(output.training_loss)
-        summary = self.results.summary()
-        metrics = {"acc": summary["average"], "forgetting": summary["forgetting"], "bwt": summary["bwt"]}
+        metrics = {key: value for key, value in self.results.headline_figures().items() if key != "accuracy_matrix"}
         return TrainOutput(steps, float(np.mean(losses)) if losses else math.nan, metrics)
 
     def _task_event(self, event: str, index: int, **kwargs: Any) -> None:
@@ -274,12 +275,12 @@ class ContinualPEGPTrainer(Trainer):
         start = time.perf_counter()
         self._feature_pass(index)
         captured = time.perf_counter()
-        evaluations = [evaluator.after_task(self, index) for evaluator in self.evaluators]
+        columns, scalars = merge_evaluations(self.evaluators, [e.after_task(self, index) for e in self.evaluators])
         evaluated = time.perf_counter()
         self.results.record_task(
             index,
-            columns={name: column for e in evaluations for name, column in e.columns.items()},
-            scalars={name: value for e in evaluations for name, value in e.scalars.items()},
+            columns=columns,
+            scalars=scalars,
             timing={"train_seconds": train_seconds, "capture_seconds": captured - start,
                     "eval_seconds": evaluated - captured},
             update={"max_update_overlap": overlap, "max_update": largest},
@@ -289,7 +290,8 @@ class ContinualPEGPTrainer(Trainer):
         target = Path(self.args.output_dir) / task_dir_name(index + 1)
         if self.args.should_save:  # the main process writes; every process waits for it, so any rank can resume
             state = task_state(self.tasks, self.results.finished_tasks, self.continual_results(), self._config())
-            card = model_card(state, self.results, self.pet.base_model_name(), self.pet.library_name, self.pet.methods)
+            card = functools.partial(model_card, state, self.results, self.pet.base_model_name(),
+                                     self.pet.library_name, self.pet.methods)  # fmt: skip
             write_task_checkpoint(target, self.pet, self.projector, self.objective, state, card)
         self.accelerator.wait_for_everyone()
         self._task_event("on_task_save", index, checkpoint_dir=target)
@@ -335,7 +337,8 @@ class ContinualPEGPTrainer(Trainer):
         }
 
     def _config(self) -> dict[str, Any]:
-        """The settings a checkpoint records; ``method`` and the objective's must match on resume."""
+        """The settings a checkpoint records; ``method`` and the objective's ``must_match`` ones must match on
+        resume."""
         return {**{key: getattr(self.args, key) for key in CONFIG_KEYS}, **self.objective.config()}
 
     def _resume(self, checkpoint: str | bool) -> int:
@@ -349,7 +352,7 @@ class ContinualPEGPTrainer(Trainer):
             raise CheckpointError(
                 f"resume_from_checkpoint=True but {self.args.output_dir} holds no task-<k> checkpoint"
             )
-        strict = ("method", *self.objective.config())
+        strict = ("method", *self.objective.must_match)
         stored = read_task_checkpoint(path, self.tasks, self._config(), strict, self.pet, self.projector,
                                       self.objective, self.results)  # fmt: skip
         stored.load_into(self.pet, self.projector, self.objective)

@@ -9,8 +9,6 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
 
 class CheckpointError(ValueError):
@@ -44,6 +42,9 @@ def state_mismatch(expected: Mapping[str, tuple[int, ...]], found: Mapping[str, 
 
 def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """``safetensors.torch.load_file`` with a :class:`CheckpointError` for a missing, truncated or corrupt file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path} does not exist")

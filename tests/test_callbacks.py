@@ -33,19 +33,20 @@ class Recorder(ContinualCallback):
 class Plain(TrainerCallback):
     """A callback without task events, next to the continual ones."""
 
-    calls = 0
+    def __init__(self) -> None:
+        self.calls = 0
 
     def on_train_end(self, args, state, control, **kwargs):
-        Plain.calls += 1
+        self.calls += 1
 
 
 def test_task_events_fire_in_order_with_their_arguments(tmp_path):
-    recorder = Recorder()
+    recorder, plain = Recorder(), Plain()
     trainer = ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path), tasks=TASKS,
-                                   callbacks=[recorder, Plain()])  # fmt: skip
+                                   callbacks=[recorder, plain])  # fmt: skip
     trainer.train()
     assert recorder.events == [
         ("begin", 0, "task-1", True), ("train_begin",), ("end", 0, 1), ("save", 0, "task-1", True),
         ("begin", 1, "task-2", True), ("train_begin",), ("end", 1, 2), ("save", 1, "task-2", True),
     ]  # fmt: skip
-    assert Plain.calls == 2
+    assert plain.calls == 2

@@ -163,3 +163,18 @@ def test_checkpoint_of_another_task_sequence_is_refused(tmp_path, task_1):
 def test_resume_with_nothing_to_resume_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="holds no task-<k> checkpoint"):
         make_trainer(tmp_path).train(resume_from_checkpoint=True)
+
+
+def test_a_checkpoint_written_before_objectives_resumes_to_the_same_matrices(tmp_path):
+    """``task-1`` of a run made by pegp_hf at commit 3817966 (old state format, prototype head) continues to the
+    matrices that run itself reached after task 3."""
+    old = Path(__file__).with_name("fixtures") / "checkpoint_3817966"
+    args = training_args(tmp_path, optim="sgd", optim_args="momentum=0.9", threshold=0.95, head="prototype")
+    tasks = class_incremental_tasks(synthetic_images(num_labels=6), synthetic_images(num_labels=6, seed=1), 3, seed=0)
+    trainer = ContinualPEGPTrainer(model=tiny_vit(num_labels=6), args=args, tasks=tasks)
+    trainer.train(resume_from_checkpoint=str(old / "task-1"))
+    finished = json.loads((old / "task-3" / "pegp_state.json").read_text())["results"]
+    for name in ("class_incremental", "task_incremental"):
+        expected = np.array(finished[name]["accuracy_matrix"], dtype=float)
+        np.testing.assert_array_equal(matrices(trainer)[name], expected)
+    assert trainer.continual_results()["acc"] == finished["acc"]

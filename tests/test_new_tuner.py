@@ -15,6 +15,7 @@ from transformers import ViTForImageClassification
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.core import ProtectedTensor, module_input
 from pegp_hf.tuners import (
+    TUNERS,
     Attachment,
     PETConfig,
     PETModule,
@@ -68,7 +69,14 @@ def plan_side_linear(model: nn.Module, config: SideLinearConfig) -> list[Attachm
     return attachments
 
 
-register_tuner(SideLinearConfig, plan_side_linear, size_field=None)
+@pytest.fixture(autouse=True, scope="module")
+def registered():
+    """What a tuner module does at import (``register_tuner(...)`` at its end), undone after these tests so that the
+    registry other tests see stays the library's."""
+    register_tuner(SideLinearConfig, plan_side_linear, size_field=None)
+    yield
+    TUNERS.pop(SideLinearConfig.pet_type)
+
 
 # ---- the tests ---------------------------------------------------------------------------------------------------
 
@@ -110,6 +118,8 @@ def relative_change(after: list[torch.Tensor], before: list[torch.Tensor]) -> fl
 def test_the_new_tuner_is_registered_and_built_by_name():
     assert "side_linear" in available_pets()
     model = get_pet_model(vit(), "side_linear", layers=[0])
+    with pytest.raises(ValueError, match="has no size"):
+        get_pet_model(vit(), "side_linear", width=4)
     assert sum(isinstance(m, SideLinear) for m in model.modules()) == 1
 
 

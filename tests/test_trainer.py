@@ -41,7 +41,7 @@ def test_class_incremental_run_fills_both_accuracy_matrices(tmp_path):
     assert output.metrics["acc"] == results["acc"] == np.mean(matrices(trainer)["class_incremental"][:, 1])
     assert results["accuracy_matrix"] == results["class_incremental"]["matrix"]
     assert len(results["timings"]) == 2
-    task_logs = [log for log in trainer.state.log_history if "continual_acc" in log]
+    task_logs = [log for log in trainer.state.log_history if "continual_average" in log]
     assert task_logs[-1]["task"] == 2
 
 

@@ -11,7 +11,7 @@
 """
 
 from pegp_hf.continual.callbacks import ContinualCallback
-from pegp_hf.continual.classification import ClassificationObjective, ClassIncrementalAccuracy
+from pegp_hf.continual.classification import ClassificationAccuracy, ClassificationObjective
 from pegp_hf.continual.evaluators import ContinualEvaluator, Evaluation, TaskLossEvaluator
 from pegp_hf.continual.heads import HEADS, ClassStatistics
 from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
@@ -33,7 +33,7 @@ from pegp_hf.continual.tasks import (
 __all__ = [
     "HEADS",
     "SCENARIOS",
-    "ClassIncrementalAccuracy",
+    "ClassificationAccuracy",
     "ClassStatistics",
     "ClassificationObjective",
     "ContinualCallback",

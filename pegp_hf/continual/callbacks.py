@@ -40,7 +40,7 @@ class ContinualCallback(TrainerCallback):
 def call_task_event(handler: CallbackHandler, event: str, args: TrainingArguments, state: TrainerState,
                     control: TrainerControl, **kwargs: Any) -> TrainerControl:  # fmt: skip
     """Fire ``event`` on the :class:`ContinualCallback` instances of ``handler`` (others have no task events), in
-    order, with the arguments ``CallbackHandler.call_event`` gives."""
+    order, with ``args``, ``state``, ``control``, ``model`` and ``kwargs``."""
     if event not in TASK_EVENTS:
         raise ValueError(f"unknown task event {event!r}: one of {TASK_EVENTS}")
     for callback in handler.callbacks:

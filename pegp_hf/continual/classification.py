@@ -48,6 +48,8 @@ class ClassificationObjective(ContinualObjective):
     ``head_module``, ``head_shrinkage``, ``align_*``)."""
 
     model_takes_labels = False  # the loss is the objective's; a class-name classifier takes no labels at all
+    name = "classification"
+    must_match = ("objective", "head")
 
     def __init__(self) -> None:
         self.args: PEGPTrainingArguments | None = None
@@ -61,10 +63,10 @@ class ClassificationObjective(ContinualObjective):
     def num_labels(self) -> int:
         return int(self.model.config.num_labels)
 
-    def setup(self, trainer: ContinualPEGPTrainer) -> None:
+    def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
         """Find the head module (required by the prototype / aligned heads and by ``head_only``; the masked linear
         head is judged by the model's own logits) and make the empty class statistics."""
-        self.args, self.model = trainer.args, trainer.model
+        self.args, self.model = args, model
         needs_head = self.args.head != "masked_linear" or self.args.method == "head_only"
         self.head_module = _find_module(self.model, self.args.head_module, required=needs_head)
         if self.args.head != "masked_linear":
@@ -78,7 +80,7 @@ class ClassificationObjective(ContinualObjective):
         return [] if self.head_module is None else list(self.head_module.parameters())
 
     def config(self) -> dict[str, Any]:
-        return {"objective": "classification", "head": self.args.head}
+        return {"objective": self.name, "head": self.args.head, "loss_classes": self.args.loss_classes}
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -109,7 +111,7 @@ class ClassificationObjective(ContinualObjective):
     # ---- scoring ------------------------------------------------------------------------------------------------
 
     def evaluators(self) -> list[ContinualEvaluator]:
-        return [ClassIncrementalAccuracy(self)]
+        return [ClassificationAccuracy(self)]
 
     def headline(self, tasks: TaskSequence) -> str:
         return "task_incremental" if tasks.scenario == "task_incremental" else "class_incremental"
@@ -203,7 +205,7 @@ class ClassificationObjective(ContinualObjective):
             self.statistics = stored
 
 
-class ClassIncrementalAccuracy(ContinualEvaluator):
+class ClassificationAccuracy(ContinualEvaluator):
     """Accuracy (percent) on every seen task's test set with the objective's head: ``class_incremental`` (the
     arg-max over every seen class) and ``task_incremental`` (over the task's own classes)."""
 

@@ -6,7 +6,7 @@ trainer summarises every matrix (average, Forgetting, BWT), logs the figures, st
 and model card, and restores them on resume, so a resumed run reports exactly what an uninterrupted one would.
 
 Built in: the classification objective's accuracies
-(:class:`~pegp_hf.continual.classification.ClassIncrementalAccuracy`) and :class:`TaskLossEvaluator`, the model's own
+(:class:`~pegp_hf.continual.classification.ClassificationAccuracy`) and :class:`TaskLossEvaluator`, the model's own
 loss on each task's test set (the model-loss objective's).
 """
 
@@ -54,6 +54,31 @@ class ContinualEvaluator:
         """Measure after task ``index`` (0-based) has been trained and its bases grown. Figures of earlier tasks are
         in ``trainer.results.task_metrics`` (also after a resume)."""
         raise NotImplementedError
+
+
+def merge_evaluations(
+    evaluators: Sequence[ContinualEvaluator], evaluations: Sequence[Evaluation]
+) -> tuple[dict[str, list[float]], dict[str, float | None]]:
+    """The columns and figures of every evaluator, each checked: an evaluator fills exactly the matrices it names,
+    and no two give a figure of the same name.
+
+    Raises:
+        ValueError: naming the evaluator and what it got wrong.
+    """
+    columns: dict[str, list[float]] = {}
+    scalars: dict[str, float | None] = {}
+    for evaluator, evaluation in zip(evaluators, evaluations, strict=True):
+        named = {spec.name for spec in evaluator.matrix_specs()}
+        if set(evaluation.columns) != named:
+            raise ValueError(
+                f"{type(evaluator).__name__} filled the matrices {sorted(evaluation.columns)} but names {sorted(named)}"
+            )
+        clash = sorted(set(evaluation.scalars) & set(scalars))
+        if clash:
+            raise ValueError(f"{type(evaluator).__name__} gives figures {clash} that another evaluator gives too")
+        columns.update(evaluation.columns)
+        scalars.update(evaluation.scalars)
+    return columns, scalars
 
 
 class TaskLossEvaluator(ContinualEvaluator):

@@ -30,6 +30,7 @@ from pegp_hf.continual.results import MatrixSpec
 from pegp_hf.continual.tasks import TaskSequence
 
 if TYPE_CHECKING:
+    from pegp_hf.config import PEGPTrainingArguments
     from pegp_hf.trainer import ContinualPEGPTrainer
 
 BatchObserver = Callable[[dict[str, Any], Any], None]
@@ -39,6 +40,8 @@ class ContinualObjective(ContinualCallback):
     """Base class: the model's own loss, no evaluator, nothing kept across tasks. Override what differs.
 
     Attributes:
+        name: stored as ``objective`` in every checkpoint (default: the class name).
+        must_match: the :meth:`config` keys a resume must find unchanged.
         compute_loss: ``(outputs, labels, num_items_in_batch) -> loss`` given to the Trainer as
             ``compute_loss_func``, or ``None`` to train with the loss the model returns.
         model_takes_labels: whether the batch's ``labels`` go into the model outside training too (the feature
@@ -48,10 +51,12 @@ class ContinualObjective(ContinualCallback):
 
     compute_loss: Callable[..., Any] | None = None
     model_takes_labels: bool = True
+    name: str = ""
+    must_match: tuple[str, ...] = ("objective",)
 
-    def setup(self, trainer: ContinualPEGPTrainer) -> None:
-        """Called once from the trainer's ``__init__``: check that the model fits (raise ``ValueError`` / ``TypeError``
-        naming what does not), keep what is needed later."""
+    def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
+        """Called once from the trainer's ``__init__``, before it changes anything: check that the model fits (raise
+        ``ValueError`` / ``TypeError`` naming what does not) and keep what is needed later. Change nothing."""
 
     def validate(self, tasks: TaskSequence) -> None:
         """Called at the start of ``train()``, before anything is written: raise ``ValueError`` naming what in
@@ -75,8 +80,9 @@ class ContinualObjective(ContinualCallback):
         return []
 
     def config(self) -> dict[str, Any]:
-        """Settings stored with every checkpoint; a resume with other values is refused."""
-        return {"objective": type(self).__name__}
+        """Settings stored with every checkpoint (and in ``continual_results()``); a resume is refused when those
+        named in :attr:`must_match` differ, and warns for the others."""
+        return {"objective": self.name or type(self).__name__}
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[BatchObserver | None]:
@@ -102,6 +108,8 @@ class ContinualObjective(ContinualCallback):
 class ModelLossObjective(ContinualObjective):
     """Train with the loss the model computes from the batch's ``labels`` and judge each task by that loss on its
     test set (matrix ``loss``, the headline), plus the ``compute_metrics`` results named in ``metrics``."""
+
+    name = "model_loss"
 
     def __init__(self, metrics: Sequence[MatrixSpec | str] = ()) -> None:
         self.metrics = tuple(metrics)

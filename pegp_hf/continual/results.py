@@ -18,6 +18,13 @@ import numpy as np
 
 from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting
 
+# Top-level keys of the JSON form (and of ``continual_results()``), which no matrix may take as its name.
+RESERVED = (
+    "scenario", "finished_tasks", "headline", "average", "forgetting", "bwt", "accuracy_matrix", "acc",
+    "initial_metrics", "task_metrics", "timings", "updates", "objective", "head", "loss_classes", "subspace_dims",
+    "saturated", "protected_share",
+)  # fmt: skip
+
 
 @dataclass(frozen=True)
 class MatrixSpec:
@@ -85,6 +92,9 @@ class ContinualResults:
         names = [spec.name for spec in specs]
         if len(set(names)) != len(names):
             raise ValueError(f"two evaluators' matrices share a name: {names}")
+        taken = sorted(set(names) & set(RESERVED))
+        if taken:
+            raise ValueError(f"matrix names {taken} are taken by the results themselves: rename the matrices")
         if headline not in names:
             raise ValueError(f"the headline matrix {headline!r} is not measured by any evaluator ({names})")
         matrices = {
@@ -127,11 +137,11 @@ class ContinualResults:
         return self.matrices[name or self.headline].summary(self.finished_tasks)
 
     def task_log(self, index: int) -> dict[str, float]:
-        """What the trainer logs after task ``index``: ``task``, the headline's ``continual_acc`` (its average),
+        """What the trainer logs after task ``index``: ``task``, the headline's ``continual_average``,
         ``continual_forgetting`` and ``continual_bwt``, ``<matrix>_average`` / ``<matrix>_forgetting`` of every
         matrix, and the task's figures that are defined."""
         headline = self.summary()
-        logs = {"task": index + 1, "continual_acc": headline["average"],
+        logs = {"task": index + 1, "continual_average": headline["average"],
                 "continual_forgetting": headline["forgetting"], "continual_bwt": headline["bwt"]}  # fmt: skip
         for name in self.matrices:
             summary = self.summary(name)
@@ -147,22 +157,27 @@ class ContinualResults:
         figures = [f"{key} {value:.2f}" for key, value in self.task_metrics[index].items() if value is not None]
         return " | ".join(parts + figures)
 
+    def headline_figures(self) -> dict[str, Any]:
+        """The headline's ``average``, ``forgetting`` and ``bwt`` (NaN before the first task is finished); for an
+        accuracy headline (higher is better) also ``acc`` (= ``average``) and ``accuracy_matrix``, the names of the
+        paper's metrics."""
+        block = self.matrices[self.headline].to_dict(self.finished_tasks)
+        figures = {key: block.get(key, math.nan) for key in ("average", "forgetting", "bwt")}
+        if block["higher_is_better"]:
+            figures.update(acc=figures["average"], accuracy_matrix=block["matrix"])
+        return figures
+
     def to_dict(self) -> dict[str, Any]:
-        """The JSON form: one block per matrix (``matrix``, ``higher_is_better``, ``average``, ``forgetting``,
-        ``bwt``), the figures, timings and updates, and the headline's matrix and summary again at the top level as
-        ``accuracy_matrix``, ``acc``, ``forgetting`` and ``bwt`` (NaN before the first task is finished)."""
+        """The JSON form: the scenario, the finished task count, the ``headline`` name and :meth:`headline_figures`,
+        one block per matrix (``matrix``, ``higher_is_better``, ``average``, ``forgetting``, ``bwt``), then the
+        figures, timings and updates."""
         done = self.finished_tasks
-        blocks = {name: matrix.to_dict(done) for name, matrix in self.matrices.items()}
-        headline = blocks[self.headline]
         return {
             "scenario": self.scenario,
             "finished_tasks": done,
             "headline": self.headline,
-            "accuracy_matrix": headline["matrix"],
-            "acc": headline.get("average", math.nan),
-            "forgetting": headline.get("forgetting", math.nan),
-            "bwt": headline.get("bwt", math.nan),
-            **blocks,
+            **self.headline_figures(),
+            **{name: matrix.to_dict(done) for name, matrix in self.matrices.items()},
             "initial_metrics": self.initial_metrics,
             "task_metrics": self.task_metrics[:done],
             "timings": self.timings,

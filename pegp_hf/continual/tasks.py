@@ -97,8 +97,7 @@ class TaskSequence(Sequence):
         """Raise ``ValueError`` naming the problem if a task is empty, owns no classes, lacks the label column, uses a
         label outside ``[0, num_labels)`` or outside its own classes, or (class- / task-incremental, online) shares a
         class with another task."""
-        if not self.tasks:
-            raise ValueError("the task sequence is empty")
+        self.check_splits()
         if self.label_column is None:
             raise ValueError("the tasks have no label column: classification needs class-labelled tasks")
         owner: dict[int, str] = {}

@@ -272,8 +272,6 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     """Align (unless ``--alignment_epochs 0``), then every method of ``script.methods`` from a copy of the aligned
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
     resume = script.resume_from or args.resume_from_checkpoint
-    if resume is not None and len(script.methods) > 1:
-        raise ValueError("a checkpoint belongs to one method: pass --methods with that one method")
     set_seed(args.seed)
     dual_encoder, tokenizer, processor, (mean, std) = load_dual_encoder(script)
     if script.dataset_name is None:

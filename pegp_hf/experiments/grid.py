@@ -28,7 +28,7 @@ def finished(output_dir: str | Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def headline(results: Mapping[str, Any]) -> dict[str, float]:
+def classification_figures(results: Mapping[str, Any]) -> dict[str, float]:
     """ACC and Forgetting, class- and task-incremental, of one method's classification results."""
     til = results["task_incremental"]
     return {"acc": results["acc"], "forgetting": results["forgetting"], "til_acc": til["average"],

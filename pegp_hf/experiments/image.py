@@ -160,13 +160,10 @@ def build_tasks(script: ImageExperimentArguments, train: Dataset, test: Dataset,
 
 def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
     """Every method of ``script.methods`` on the same tasks (see :func:`~pegp_hf.experiments.runner.run_methods`).
-    ``args.resume_from_checkpoint`` ``"true"`` resumes each method from its own newest ``task-<k>``."""
+    ``--resume_from_checkpoint true`` resumes each method from its own newest ``task-<k>``."""
     train, test, label_column = load_data(script)
     tasks = build_tasks(script, train, test, label_column)
     num_labels = 1 + max(max(task.classes) for task in tasks)
-    resume = args.resume_from_checkpoint
-    if resume is not None and resume.lower() in ("true", "1", "yes"):
-        resume = True
     describe = {
         "pet": script.pet,
         "pet_width": script.pet_width,
@@ -176,7 +173,7 @@ def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[s
     }
     return run_methods(
         tasks, lambda method_args: build_model(script, num_labels, method_args.seed), args, script.methods, describe,
-        resume,
+        args.resume_from_checkpoint,
     )  # fmt: skip
 
 

@@ -47,11 +47,13 @@ def run_methods(
 
     Args:
         model_init: ``args -> model with its PET``, called once per method (seed it inside for equal starts).
-        resume: ``True`` resumes every method from its own newest ``task-<k>``; a path or Hub repo id belongs to one
-            method.
+        resume: ``True`` (or the command line's ``"true"``) resumes every method from its own newest ``task-<k>``; a
+            path or Hub repo id belongs to one method.
         evaluators_init: a fresh list of extra evaluators per method.
         callbacks: passed to every trainer.
     """
+    if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
+        resume = True
     if resume not in (None, True) and len(methods) > 1:
         raise ValueError("a checkpoint path belongs to one method: run a single method, or resume with 'true'")
     root = Path(args.output_dir)

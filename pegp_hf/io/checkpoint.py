@@ -182,6 +182,18 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the fields {missing}")
+    return _upgraded(state)
+
+
+def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
+    """A state written before objectives existed (pegp_hf up to commit 3817966) in today's form: its objective was
+    classification, and each matrix block held ``accuracy_matrix`` and ``acc`` (accuracies, higher is better)."""
+    state["config"].setdefault("objective", "classification")
+    for block in state["results"].values():
+        if isinstance(block, dict) and "accuracy_matrix" in block and "matrix" not in block:
+            block["matrix"], block["higher_is_better"] = block.pop("accuracy_matrix"), True
+            if "acc" in block:
+                block["average"] = block.pop("acc")
     return state
 
 
@@ -207,22 +219,22 @@ def write_task_checkpoint(
     projector: GradientProjector,
     objective: ContinualObjective,
     state: Mapping[str, Any],
-    card: str,
+    card: Callable[[list[str]], str],
 ) -> None:
-    """Write the whole ``task-<k>`` folder atomically: adapter, bases, the objective's files, state and card."""
+    """Write the whole ``task-<k>`` folder atomically: adapter, bases, the objective's files, state, and the model
+    card ``card(names of the files written)``."""
     with atomic_directory(target) as staging:
         pet.save_pretrained(staging)
         save_subspaces(staging / SUBSPACES_NAME, projector.bases, pet.weight_key, state["config"]["threshold"])
         objective.save_checkpoint(staging)
         write_state(staging, state)
-        (staging / "README.md").write_text(card)
+        (staging / "README.md").write_text(card(sorted(path.name for path in staging.iterdir())))
 
 
 @dataclass
 class StoredTask:
     """A task checkpoint read and checked against the model, the task sequence and the run, not loaded yet."""
 
-    path: Path
     finished_tasks: int
     adapter: dict[str, torch.Tensor]
     bases: dict[str, torch.Tensor] | None
@@ -285,4 +297,4 @@ def read_task_checkpoint(
         projector.check_bases(bases)
     objective_state = objective.read_checkpoint(path)
     adapter = pet.read_pretrained(path)
-    return StoredTask(path, done, adapter, bases, objective_state, restored)
+    return StoredTask(done, adapter, bases, objective_state, restored)

@@ -15,6 +15,12 @@ CITATION = """@article{qiao2024pegp,
   journal = {arXiv preprint arXiv:2405.13383},
   year    = {2024}
 }"""
+FILES = {
+    "adapter_model.safetensors": "the adapter",
+    "pegp_subspaces.safetensors": "the subspace bases that protect the finished tasks",
+    "pegp_head.safetensors": "the class statistics of the prototype / aligned head",
+    "pegp_state.json": "the state of the sequence: tasks, settings, every matrix and figure",
+}
 LOADERS = {
     "peft": "`PeftModel.from_pretrained(base, folder)`",
     "pegp_hf": "`pegp_hf.tuners.load_pet_pretrained(base, folder)`",
@@ -24,7 +30,7 @@ LOADERS = {
 def _matrix_table(matrix: ContinualMatrix, done: int) -> str:
     lines = ["| task | " + " | ".join(f"after {t + 1}" for t in range(done)) + " |", "|---" * (done + 1) + "|"]
     for i in range(done):
-        cells = ("-" if t < i else f"{matrix.values[i, t]:.1f}" for t in range(done))
+        cells = ("-" if t < i else f"{matrix.values[i, t]:.4g}" for t in range(done))
         lines.append(f"| {i + 1} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -65,9 +71,11 @@ def model_card(
     base_model: str | None,
     library_name: str,
     methods: Sequence[str],
+    files: Sequence[str],
 ) -> str:
     """A Hub model card for the task checkpoint whose ``pegp_state.json`` is ``state``; ``library_name`` is the
-    library that loads the adapter (``"peft"`` or ``"pegp_hf"``), ``methods`` its PET methods (``["lora"]``)."""
+    library that loads the adapter (``"peft"`` or ``"pegp_hf"``), ``methods`` its PET methods (``["lora"]``),
+    ``files`` the names in the checkpoint folder."""
     config, done = state["config"], results.finished_tasks
     front = ["---", f"library_name: {library_name}", "tags:", "- pegp", "- pegp_hf", "- continual-learning"]
     front += [f"- {method}" for method in methods]
@@ -82,6 +90,7 @@ def model_card(
     headline = results.matrices[results.headline]
     summary = results.summary()
     settings = ", ".join(f"{key}: {value}" for key, value in config.items() if key not in ("threshold", "method"))
+    held = "\n".join(f"- {FILES[name]} (`{name}`);" for name in FILES if name in files)
     return (
         "\n".join(front)
         + f"""
@@ -92,10 +101,7 @@ A {kind} trained through a sequence of tasks by pegp_hf with PEGP, gradient proj
 parameter-efficient tuning ([Qiao et al., 2024](https://arxiv.org/abs/2405.13383)). PEGP projects every later
 gradient off the feature subspace of earlier tasks, so that their outputs stay put. This repository holds:
 
-- the adapter (`adapter_model.safetensors`);
-- the subspace bases that protect the finished tasks (`pegp_subspaces.safetensors`);
-- for prototype / aligned heads, the class statistics (`pegp_head.safetensors`);
-- the state of the sequence (`pegp_state.json`).
+{held}
 
 Load it with {LOADERS[library_name]}; continue the sequence with
 `ContinualPEGPTrainer(...).train(resume_from_checkpoint="<this repo id>")`.

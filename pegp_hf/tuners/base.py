@@ -40,7 +40,8 @@ class PETModule(nn.Module):
     PEGP conditions cannot cover (trained freely, or frozen after the first task when its config says so)."""
 
     def protected_tensors(self, name: str) -> list[ProtectedTensor]:
-        """The protected weights, named under ``name`` (this module's name in ``model.named_modules()``)."""
+        """The weights to protect, named under ``name`` (this module's name in ``model.named_modules()``); those
+        frozen when the trainer starts are left out by :class:`~pegp_hf.tuners.handle.PETHandle`."""
         raise NotImplementedError
 
     def frozen_after_first_task(self) -> list[nn.Parameter]:

@@ -61,6 +61,8 @@ def get_pet_model(
             raise ValueError(f"no linear layer named {list(target_modules)} in the chosen blocks")
         return PEFT_METHODS[pet].build(model, targets, width, modules_to_save, **options)
     spec = TUNERS[pet]
+    if spec.size_field is None and width is not None:
+        raise ValueError(f"the {pet} tuner has no size: leave width out")
     sizes = {} if spec.size_field is None else {spec.size_field: width}
     common = dict(layers=layers, layers_pattern=layers_pattern, modules_to_save=list(modules_to_save))
     return inject_pet(model, spec.config_class(**common, **sizes, **options))

@@ -49,10 +49,15 @@ class PETHandle(ABC):
     def methods(self) -> list[str]:
         """The PET methods, e.g. ``["lora"]`` or ``["prefix", "prompt"]``."""
 
-    @abstractmethod
     def protected_tensors(self, strict: bool = True) -> list[ProtectedTensor]:
-        """Every trainable PET weight PEGP protects. ``strict=False`` returns ``[]`` for a method pegp_hf cannot
-        protect instead of raising (for methods that do not project)."""
+        """Every trainable PET weight PEGP protects (frozen ones are left out, whatever the method lists).
+        ``strict=False`` returns ``[]`` for a method pegp_hf cannot protect instead of raising (for methods that do
+        not project)."""
+        return [tensor for tensor in self._protected_tensors(strict) if tensor.parameter.requires_grad]
+
+    @abstractmethod
+    def _protected_tensors(self, strict: bool) -> list[ProtectedTensor]:
+        """The weights the PET method protects, trainable or not."""
 
     def frozen_after_first_task(self) -> list[nn.Parameter]:
         """Weights PEGP trains on the first task only (e.g. value prefixes with ``freeze_after_first_task``)."""
@@ -112,7 +117,7 @@ class PeftHandle(PETHandle):
         spec = peft_method(peft_type)
         return [spec.name if spec else str(getattr(peft_type, "value", peft_type)).lower()]
 
-    def protected_tensors(self, strict: bool = True) -> list[ProtectedTensor]:
+    def _protected_tensors(self, strict: bool) -> list[ProtectedTensor]:
         if not strict and peft_method(self.model.peft_config[self.adapter_name].peft_type) is None:
             return []
         return peft_protected_tensors(self.model)
@@ -152,7 +157,7 @@ class TunerHandle(PETHandle):
     def _modules(self) -> list[tuple[str, PETModule]]:
         return [(name, module) for name, module in self.model.named_modules() if isinstance(module, PETModule)]
 
-    def protected_tensors(self, strict: bool = True) -> list[ProtectedTensor]:
+    def _protected_tensors(self, strict: bool) -> list[ProtectedTensor]:
         return [tensor for name, module in self._modules() for tensor in module.protected_tensors(name)]
 
     def frozen_after_first_task(self) -> list[nn.Parameter]:
