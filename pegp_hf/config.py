@@ -48,6 +48,13 @@ class PEGPTrainingArguments(TrainingArguments):
             "help": "Training samples of a finished task run through the model to capture features (paper: 768)."
         },
     )
+    feature_tokens_per_sequence: int | None = field(
+        default=None,
+        metadata={
+            "help": "At most this many real tokens of each captured sequence enter the feature covariances, spread "
+            "evenly over it, so that long documents do not dominate a basis. Padding (attention_mask 0) never does."
+        },
+    )
     protect: str = field(
         default=".*",
         metadata={
@@ -135,6 +142,8 @@ class PEGPTrainingArguments(TrainingArguments):
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
         if self.feature_samples < 1:
             raise ValueError(f"feature_samples must be at least 1, got {self.feature_samples}")
+        if self.feature_tokens_per_sequence is not None and self.feature_tokens_per_sequence < 1:
+            raise ValueError(f"feature_tokens_per_sequence must be at least 1, got {self.feature_tokens_per_sequence}")
         try:
             re.compile(self.protect)
         except re.error as error:

@@ -298,16 +298,19 @@ class ContinualPEGPTrainer(Trainer):
 
     def _feature_pass(self, index: int) -> None:
         """One eval pass over ``feature_samples`` training samples of the finished task, split across processes:
-        the protected tensors' ``x x^T`` grow the PEGP bases, and the objective observes the same batches. Skipped
-        when neither needs it."""
+        the protected tensors' ``x x^T`` over the batch's real tokens (its ``attention_mask``, at most
+        ``feature_tokens_per_sequence`` each) grow the PEGP bases, and the objective observes the same batches.
+        Skipped when neither needs it."""
         pegp = self.args.method == "pegp"
+        tensors = self.projector.tensors.values() if pegp else []
         with (
-            FeatureCovariances(self.projector.tensors.values() if pegp else []) as capture,
+            FeatureCovariances(tensors, self.args.feature_tokens_per_sequence) as capture,
             self.objective.observing() as observe,
         ):
             if pegp or observe is not None:
                 loader = feature_sample_loader(self, self.tasks[index].train, self.args.feature_samples, self.args.seed)
-                for inputs, outputs in forward_batches(self, loader, self.objective.model_takes_labels):
+                select = lambda inputs: capture.select_tokens(inputs.get("attention_mask"))  # noqa: E731
+                for inputs, outputs in forward_batches(self, loader, self.objective.model_takes_labels, select):
                     if observe is not None:
                         observe(inputs, outputs)
         if pegp:

@@ -166,3 +166,41 @@ def with_captions(split: Dataset, names: list[str], seed: int = 0) -> Dataset:
 def matrices(trainer) -> dict[str, np.ndarray]:
     """Every ``T x T`` matrix of a trainer's results, by name (NaN where not measured)."""
     return {name: matrix.values for name, matrix in trainer.results.matrices.items()}
+
+
+CHAT_WORDS = ["<|im_start|>", "<|im_end|>", "system", "user", "assistant", "\n", "which", "topic", "?", "options", ":",
+              "text", ".", ",", "answer", "with", "one", "of", "the", "red", "blue", "cat", "dog", "sun", "rain",
+              "a", "b", "c", "d", "e", "f", "g", "h", "Options", "Text", "Answer"]  # fmt: skip
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|> {{ m['role'] }} \n {{ m['content'] }} <|im_end|> \n {% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|> assistant \n {% endif %}"
+)
+
+
+def tiny_chat_tokenizer():
+    """A word-level chat tokenizer built in memory (no download): ChatML-like template, ``<|im_end|>`` ends a turn
+    and pads; words split on spaces, ``.``, ``,``, ``?`` and ``:`` are tokens of their own."""
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(["[UNK]", *CHAT_WORDS])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"\n"), "isolated"), pre_tokenizers.Split(Regex(r"[.,?:]"), "isolated"),
+        pre_tokenizers.Split(" ", "removed"),
+    ])  # fmt: skip
+    fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>")  # fmt: skip
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32):
+    """A random ``LlamaForCausalLM`` from a config (grouped-query attention, 4 heads, 2 key / value heads)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=128)  # fmt: skip
+    return LlamaForCausalLM(config).eval()

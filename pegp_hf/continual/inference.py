@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -15,17 +15,23 @@ if TYPE_CHECKING:
 
 @torch.no_grad()
 def forward_batches(
-    trainer: Trainer, loader: Iterable[dict[str, Any]], with_labels: bool = False
+    trainer: Trainer,
+    loader: Iterable[dict[str, Any]],
+    with_labels: bool = False,
+    before_forward: Callable[[dict[str, Any]], None] | None = None,
 ) -> Iterator[tuple[dict[str, Any], Any]]:
     """Run every batch of ``loader`` through ``trainer.model`` in eval mode, without gradients, under the trainer's
     autocast; yield ``(inputs, outputs)`` with ``inputs`` on the model's device.
 
     ``labels`` stay in ``inputs``; the model gets them only ``with_labels`` (a seq2seq model builds its decoder
-    inputs from them). Forward hooks installed on the model fire as usual (feature capture).
+    inputs from them). ``before_forward(inputs)`` runs before each forward pass; forward hooks installed on the model
+    fire as usual (feature capture).
     """
     trainer.model.eval()
     for batch in loader:
         inputs = trainer._prepare_inputs(batch)
+        if before_forward is not None:
+            before_forward(inputs)
         given = inputs if with_labels else {key: value for key, value in inputs.items() if key != "labels"}
         with trainer.autocast_smart_context_manager():
             outputs = trainer.model(**given)

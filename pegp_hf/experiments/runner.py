@@ -14,6 +14,7 @@ from transformers import HfArgumentParser
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.evaluators import ContinualEvaluator
+from pegp_hf.continual.objectives import ContinualObjective
 from pegp_hf.continual.tasks import TaskSequence
 from pegp_hf.trainer import ContinualPEGPTrainer
 
@@ -37,6 +38,8 @@ def run_methods(
     resume: str | bool | None = None,
     evaluators_init: Callable[[], list[ContinualEvaluator]] = list,
     callbacks: Sequence[Any] = (),
+    objective_init: Callable[[], ContinualObjective] | None = None,
+    trainer_kwargs: Mapping[str, Any] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train a fresh model per method on ``tasks`` and return ``{method: results}``.
 
@@ -51,6 +54,8 @@ def run_methods(
             path or Hub repo id belongs to one method.
         evaluators_init: a fresh list of extra evaluators per method.
         callbacks: passed to every trainer.
+        objective_init: a fresh objective per method (``None``: the trainer's default).
+        trainer_kwargs: more keyword arguments of every trainer (``data_collator``, ...).
     """
     if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
         resume = True
@@ -62,8 +67,15 @@ def run_methods(
         method_args = dataclasses.replace(args, method=method, output_dir=str(root / method))
         if args.push_to_hub and args.hub_model_id and len(methods) > 1:
             method_args = dataclasses.replace(method_args, hub_model_id=f"{args.hub_model_id}-{method}")
-        trainer = ContinualPEGPTrainer(model=model_init(method_args), args=method_args, tasks=tasks,
-                                       evaluators=evaluators_init(), callbacks=list(callbacks))  # fmt: skip
+        trainer = ContinualPEGPTrainer(
+            model=model_init(method_args),
+            args=method_args,
+            tasks=tasks,
+            objective=None if objective_init is None else objective_init(),
+            evaluators=evaluators_init(),
+            callbacks=list(callbacks),
+            **(trainer_kwargs or {}),
+        )
         trainer.train(resume_from_checkpoint=resume)
         results = {"method": method, **describe, "task_classes": tasks.task_classes,
                    "num_processes": trainer.accelerator.num_processes, **trainer.continual_results()}  # fmt: skip

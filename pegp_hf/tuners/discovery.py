@@ -21,15 +21,19 @@ MLP_NAMES = ("mlp", "ffn", "feed_forward")
 PAPER_DEPTH_SHARE = 5 / 12  # PEGP puts its tuners in layers 0-4 of a 12-layer ViT-B
 
 
+def _is_linear(module: nn.Module | None) -> bool:
+    """An ``nn.Linear``, or a PEFT layer wrapping one (``base_layer``)."""
+    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+
+
 def is_attention(module: nn.Module) -> bool:
-    """Whether ``module`` owns query, key and value ``nn.Linear`` children."""
-    return any(all(isinstance(getattr(module, n, None), nn.Linear) for n in names) for names in QKV_NAMES)
+    """Whether ``module`` owns query, key and value linear children (PEFT-wrapped or not)."""
+    return any(all(_is_linear(getattr(module, n, None)) for n in names) for names in QKV_NAMES)
 
 
 def _query_projection(attention: nn.Module) -> nn.Linear:
-    return next(
-        getattr(attention, names[0]) for names in QKV_NAMES if isinstance(getattr(attention, names[0], None), nn.Linear)
-    )
+    query = next(getattr(attention, names[0]) for names in QKV_NAMES if _is_linear(getattr(attention, names[0], None)))
+    return getattr(query, "base_layer", query)
 
 
 def find_block_stacks(model: nn.Module, layers_pattern: str | None = None) -> list[tuple[str, nn.ModuleList]]:

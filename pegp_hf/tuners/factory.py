@@ -69,12 +69,18 @@ def get_pet_model(
 
 
 def parse_layers(text: str) -> list[int] | str | None:
-    """``--pet_layers``: ``paper`` -> ``None`` (the tuners' default), ``all``, or ``0,1,2`` -> ``[0, 1, 2]``."""
+    """``--pet_layers``: ``paper`` -> ``None`` (the tuners' default), ``all``, ``last:8`` -> ``[-8, ..., -1]`` (the
+    top 8 blocks), or ``0,1,2`` -> ``[0, 1, 2]``."""
     if text in ("paper", "all"):
         return None if text == "paper" else "all"
     try:
+        if text.startswith("last:"):
+            count = int(text.removeprefix("last:"))
+            if count < 1:
+                raise ValueError(text)
+            return list(range(-count, 0))
         return [int(item) for item in text.split(",")]
     except ValueError as error:
         raise ValueError(
-            f"--pet_layers must be 'paper', 'all' or comma-separated block indices, got {text!r}"
+            f"--pet_layers must be 'paper', 'all', 'last:N' or comma-separated block indices, got {text!r}"
         ) from error
