@@ -19,7 +19,8 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
 import torch
-from accelerate.utils import broadcast_object_list
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list, reduce
 
 from pegp_hf.core.projector import GradientProjector
 
@@ -111,15 +112,16 @@ def resolve_projection_mode(trainer: Trainer, projector: GradientProjector) -> s
 
 
 def grow_bases_on_every_rank(
-    projector: GradientProjector, covariances: Mapping[str, torch.Tensor], threshold: float, accelerator
+    projector: GradientProjector, covariances: Mapping[str, torch.Tensor], threshold: float
 ) -> None:
     """Sum the per-process covariances, grow the bases on the main process (logging tensors that became full) and
-    broadcast them, so every rank holds the same bits."""
-    summed = {name: accelerator.reduce(covariance, "sum") for name, covariance in covariances.items()}
-    if accelerator.is_main_process:
+    broadcast them, so every rank holds the same bits (Accelerate's process state; one process: just grow)."""
+    state = PartialState()
+    summed = {name: reduce(covariance, "sum") for name, covariance in covariances.items()}
+    if state.is_main_process:
         for name in projector.grow(summed, threshold):
             logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
-    if accelerator.num_processes > 1:
+    if state.num_processes > 1:
         cpu_bases = {name: basis.cpu() for name, basis in projector.bases.items()}
         projector.load_bases(broadcast_object_list([cpu_bases])[0])
 

@@ -31,10 +31,11 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import Trainer, TrainerCallback, enable_full_determinism, set_seed
+from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
 
 from pegp_hf.backends import check_frozen_after_first_task, grow_bases_on_every_rank, resolve_projection_mode
+from pegp_hf.bracket import UpdateBracket
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.callbacks import call_task_event
 from pegp_hf.continual.classification import ClassificationObjective
@@ -60,52 +61,6 @@ from pegp_hf.tuners.handle import pet_handle
 logger = logging.getLogger(__name__)
 
 CONFIG_KEYS = ("method", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
-
-
-class _OptimizerStepBracket(TrainerCallback):
-    """Brackets ``optimizer.step()``: snapshot before; after, re-project the update when the optimizer needs it and
-    keep the largest ``[max |delta W U|, max |delta W|]`` since the last log line and over the task (on device, no
-    host sync). Under DeepSpeed the step happens inside backward: there is no update to bracket."""
-
-    def __init__(self, trainer: ContinualPEGPTrainer) -> None:
-        self.trainer = trainer
-        self.new_task()
-
-    def new_task(self) -> None:
-        self.reproject: bool | None = None
-        self.since_log: torch.Tensor | None = None
-        self.over_task: torch.Tensor | None = None
-
-    def _applies(self) -> bool:
-        return self.trainer.projector.active and not self.trainer.is_deepspeed_enabled
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
-        if self._applies():
-            self.trainer.projector.snapshot()
-
-    def on_optimizer_step(self, args, state, control, **kwargs) -> None:
-        if self._applies():
-            measured = self.trainer.projector.finish_update(self.reprojects(args))
-            self.since_log = measured if self.since_log is None else torch.maximum(self.since_log, measured)
-            self.over_task = measured if self.over_task is None else torch.maximum(self.over_task, measured)
-
-    def reprojects(self, args: PEGPTrainingArguments) -> bool:
-        """Whether ``W_after - W_before`` must be projected (decided once per task's optimizer): ``auto`` is off only
-        for plain torch SGD with weight decay 0 on every protected tensor."""
-        if self.reproject is None:
-            if args.update_reprojection != "auto":
-                self.reproject = args.update_reprojection == "on"
-            else:
-                optimizer = self.trainer.optimizer
-                optimizer = getattr(optimizer, "optimizer", optimizer)  # unwrap AcceleratedOptimizer
-                protected = {id(t.parameter) for t in self.trainer.projector.tensors.values()}
-                decays = any(
-                    group.get("weight_decay", 0.0) != 0.0 and any(id(p) in protected for p in group["params"])
-                    for group in optimizer.param_groups
-                )
-                self.reproject = type(optimizer) is not torch.optim.SGD or decays
-            logger.info("update re-projection %s", "on" if self.reproject else "off")
-        return self.reproject
 
 
 class ContinualPEGPTrainer(Trainer):
@@ -181,7 +136,8 @@ class ContinualPEGPTrainer(Trainer):
         if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
             for name, tensor in self.projector.tensors.items():
                 tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
-        self._bracket = _OptimizerStepBracket(self)
+        self._bracket = UpdateBracket(lambda: self.projector, args.update_reprojection,
+                                      skipped=lambda: self.is_deepspeed_enabled)  # fmt: skip
         self.add_callback(self._bracket)
         self.add_callback(self.objective)
         if args.push_to_hub:
@@ -207,9 +163,9 @@ class ContinualPEGPTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
         log (~0 when old outputs are protected) and ``pegp_update_max`` = max ``|delta W|`` for scale."""
-        if "loss" in logs and self._bracket.since_log is not None:
-            logs["pegp_update_overlap"], logs["pegp_update_max"] = self._bracket.since_log.tolist()
-            self._bracket.since_log = None
+        record = self._bracket.take_log_record() if "loss" in logs else None
+        if record is not None:
+            logs["pegp_update_overlap"], logs["pegp_update_max"] = record
         super().log(logs, start_time)
 
     # ---- the task loop --------------------------------------------------------------------------------------------
@@ -314,7 +270,7 @@ class ContinualPEGPTrainer(Trainer):
                     if observe is not None:
                         observe(inputs, outputs)
         if pegp:
-            grow_bases_on_every_rank(self.projector, capture.covariances, self.args.threshold, self.accelerator)
+            grow_bases_on_every_rank(self.projector, capture.covariances, self.args.threshold)
         self.objective.after_feature_pass(self, index)
 
     def _log_task(self, index: int) -> None:

@@ -17,11 +17,24 @@ ALLOWED = {
     "backends": {"backends", "core"},
     "config": {"config", "backends", "continual"},
     "io": {"io", "continual", "core", "tuners", "utils"},
-    "trainer": {"trainer", "backends", "config", "continual", "core", "io", "tuners", "utils"},
+    "bracket": {"bracket", "core"},
+    "callback": {"callback", "backends", "bracket", "core", "tuners"},
+    "trainer": {"trainer", "backends", "bracket", "config", "continual", "core", "io", "tuners", "utils"},
     "plots": {"plots", "continual"},
     "multimodal": {"multimodal", "continual", "tuners"},
-    "offline": {"offline"},
-    "experiments": {"experiments", "config", "continual", "multimodal", "offline", "plots", "trainer", "tuners"},
+    "language": {"language", "continual", "tuners"},
+    "offline": {"offline", "language"},
+    "experiments": {
+        "experiments",
+        "config",
+        "continual",
+        "language",
+        "multimodal",
+        "offline",
+        "plots",
+        "trainer",
+        "tuners",
+    },
 }
 
 

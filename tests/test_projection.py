@@ -116,7 +116,7 @@ def test_update_reprojection_auto_is_off_only_for_plain_sgd_without_weight_decay
     def decision(**overrides):
         trainer = ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, **overrides), tasks=small_tasks())
         trainer.create_optimizer()
-        return trainer._bracket.reprojects(trainer.args)
+        return trainer._bracket.reprojects(trainer.optimizer, trainer.projector)
 
     assert decision(optim="sgd", optim_args="momentum=0.9,nesterov=true") is False
     assert decision(optim="sgd", weight_decay=0.01) is True
