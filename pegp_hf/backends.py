@@ -117,7 +117,9 @@ def grow_bases_on_every_rank(
     """Sum the per-process covariances, grow the bases on the main process (logging tensors that became full) and
     broadcast them, so every rank holds the same bits (Accelerate's process state; one process: just grow)."""
     state = PartialState()
-    summed = {name: reduce(covariance, "sum") for name, covariance in covariances.items()}
+    distinct = {id(covariance): covariance for covariance in covariances.values()}  # shared sums are reduced once
+    reduced = {key: reduce(covariance, "sum") for key, covariance in distinct.items()}
+    summed = {name: reduced[id(covariance)] for name, covariance in covariances.items()}
     if state.is_main_process:
         for name in projector.grow(summed, threshold):
             logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)

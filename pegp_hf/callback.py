@@ -42,6 +42,7 @@ class PEGPCallback(TrainerCallback):
         protect: a regex on parameter names selecting the protected tensors.
         update_reprojection: ``auto`` / ``on`` / ``off`` (see :class:`~pegp_hf.bracket.UpdateBracket`).
         max_tokens_per_sequence: at most this many real tokens of each sequence enter a basis.
+        covariances_on_cpu: keep the feature sums in float64 on the CPU (see ``FeatureCovariances``).
 
     Attributes:
         projector: the :class:`~pegp_hf.core.GradientProjector` (``None`` before the first task begins).
@@ -55,13 +56,14 @@ class PEGPCallback(TrainerCallback):
         protect: str = ".*",
         update_reprojection: str = "auto",
         max_tokens_per_sequence: int | None = None,
+        covariances_on_cpu: bool = False,
     ) -> None:
         if not 0.0 < threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {threshold}")
         if feature_batches < 1:
             raise ValueError(f"feature_batches must be at least 1, got {feature_batches}")
         self.threshold, self.feature_batches, self.protect = threshold, feature_batches, re.compile(protect)
-        self.max_tokens_per_sequence = max_tokens_per_sequence
+        self.max_tokens_per_sequence, self.covariances_on_cpu = max_tokens_per_sequence, covariances_on_cpu
         self.projector: GradientProjector | None = None
         self.bracket = UpdateBracket(lambda: self.projector, update_reprojection, project_gradients=True)
         self.finished_tasks = 0
@@ -90,7 +92,8 @@ class PEGPCallback(TrainerCallback):
         """Grow the bases from ``feature_batches`` batches of the task just trained."""
         was_training = model.training
         model.eval()
-        with FeatureCovariances(self.projector.tensors.values(), self.max_tokens_per_sequence) as capture:
+        tensors = self.projector.tensors.values()
+        with FeatureCovariances(tensors, self.max_tokens_per_sequence, self.covariances_on_cpu) as capture:
             for index, batch in enumerate(train_dataloader):
                 if index == self.feature_batches:
                     break

@@ -55,6 +55,13 @@ class PEGPTrainingArguments(TrainingArguments):
             "evenly over it, so that long documents do not dominate a basis. Padding (attention_mask 0) never does."
         },
     )
+    covariances_on_cpu: bool = field(
+        default=False,
+        metadata={
+            "help": "Keep the feature covariances in float64 on the CPU, each batch's product computed in float32 on "
+            "the device: for models whose d x d sums would not fit next to them (docs/distributed.md)."
+        },
+    )
     protect: str = field(
         default=".*",
         metadata={

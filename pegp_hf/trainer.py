@@ -260,7 +260,7 @@ class ContinualPEGPTrainer(Trainer):
         pegp = self.args.method == "pegp"
         tensors = self.projector.tensors.values() if pegp else []
         with (
-            FeatureCovariances(tensors, self.args.feature_tokens_per_sequence) as capture,
+            FeatureCovariances(tensors, self.args.feature_tokens_per_sequence, self.args.covariances_on_cpu) as capture,
             self.objective.observing() as observe,
         ):
             if pegp or observe is not None:

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablations, class_incremental_heads, cost, paradigms
+from benchmarks import ablations, class_incremental_heads, cost, llm_orders, paradigms, scale
 
 
 def _no_more_training(argv):
@@ -75,3 +75,25 @@ def test_ablations_benchmark_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ablations.image, "run_from_flags", _no_more_training)
     assert ablations.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # continues from the finished runs
+
+
+def test_scale_benchmark_smoke(tmp_path):
+    results = scale.main(["--smoke", "--output_dir", str(tmp_path)])
+    measured = results["measured"]
+    assert json.loads((tmp_path / "scale.json").read_text()) == json.loads(json.dumps(results))
+    assert measured["on_device"]["distinct_sums"] == 3  # A of q and v share their input's sum; two B sums
+    assert measured["on_device"]["stored_bytes"] == measured["on_cpu"]["stored_bytes"] < measured["separate_bytes"]
+    big = results["llama_7b"]
+    assert big["shared_bytes"] == 32 * (4096**2 * 8 + 2 * 16**2 * 8) < big["separate_bytes"]
+
+
+def test_llm_orders_benchmark_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("gguf", reason="pip install -e '.[llm]'")
+    runs = llm_orders.main(["--smoke", "--output_dir", str(tmp_path)])
+    assert {r["method"] for r in runs} == {"pegp", "sequential", "joint"}
+    assert json.loads((tmp_path / "results.json").read_text()) == runs
+    table = (tmp_path / "table.md").read_text()
+    assert table.count("| pegp |") == 1 and "training time / sequential" in table
+
+    monkeypatch.setattr(llm_orders.language, "run", _no_more_training)
+    assert llm_orders.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not trained again

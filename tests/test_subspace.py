@@ -110,3 +110,36 @@ def test_projection_of_low_precision_tensors_runs_in_float32():
     reference = grad.double() - (grad.double() @ q[:, :8]) @ q[:, :8].T
     # one bf16 rounding of the result, not an accumulation of bf16 errors
     assert (projected.double() - reference).abs().max() <= 2**-7 * reference.abs().max()
+
+
+def test_tensors_reading_one_input_share_one_covariance_and_the_cpu_sums_agree():
+    """LoRA A of q_proj and v_proj multiply the same hidden states: one sum serves both, equal to what each would
+    accumulate alone; on_cpu keeps float64 sums on the CPU from float32 batch products."""
+    from helpers import tiny_vit
+
+    from pegp_hf.core.capture import FeatureCovariances
+    from pegp_hf.tuners import find_protected_tensors
+
+    model = tiny_vit().eval()
+    tensors = find_protected_tensors(model)
+    pixels = torch.randn(6, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    sums = {}
+    for on_cpu in (False, True):
+        with FeatureCovariances(tensors, on_cpu=on_cpu) as capture, torch.no_grad():
+            model(pixel_values=pixels)
+            model(pixel_values=pixels[:3])
+        sums[on_cpu] = capture
+    shared = sums[False].covariances
+    q_a, v_a = (next(n for n in shared if f"{p}.lora_A" in n and "layers.0." in n) for p in ("q_proj", "v_proj"))
+    assert shared[q_a] is shared[v_a] and len({id(c) for c in shared.values()}) == 3 * 2  # per layer: x, Aq x, Av x
+    alone = {}
+    for tensor in tensors:  # each tensor on its own: no sharing possible
+        with FeatureCovariances([tensor]) as capture, torch.no_grad():
+            model(pixel_values=pixels)
+            model(pixel_values=pixels[:3])
+        alone[tensor.name] = capture.covariances[tensor.name]
+    for name, covariance in shared.items():
+        torch.testing.assert_close(covariance, alone[name], rtol=0, atol=0)
+        torch.testing.assert_close(sums[True].covariances[name], covariance, rtol=1e-5, atol=1e-4)
+        assert sums[True].covariances[name].device.type == "cpu" and covariance.dtype == torch.float64
+    assert sums[False].stored_bytes < sum(c.numel() * 8 for c in alone.values())
