@@ -209,7 +209,7 @@ def step_cost(
         "basis_bytes": sum(t.feature_dim * dims[n] * 4 for n, t in projector.tensors.items()),
         "pet_bytes": pet * 4,
         "capture_samples": 4 * batch, "forward_peak_bytes": forward_peak, "capture_peak_bytes": capture_peak,
-        "covariance_bytes": sum(t.feature_dim**2 * 8 for t in tensors),
+        "covariance_bytes": capture.stored_bytes,  # distinct float64 sums (LoRA A of q and v share one)
     }  # fmt: skip
 
 

@@ -2,7 +2,8 @@
 (docs/llm.md).
 
 Runs the experiment of ``recipes/llm_continual.py`` (:mod:`pegp_hf.experiments.language`) once per task order
-(``--task_order_seed``: 0 is newsgroups -> reuters -> reviews -> tweets, k > 0 a seeded permutation) and writes
+(``--task_order_seed``: 0 is newsgroups -> reuters -> reviews -> tweets, 1 the reverse, k > 1 a seeded
+permutation) and writes
 ``<output_dir>/results.json`` (every run's figures) and ``<output_dir>/table.md`` (mean +- std over orders)::
 
     python benchmarks/llm_orders.py --seeds 0 1 2

@@ -248,3 +248,42 @@ def test_general_perplexity_is_the_exponent_of_the_mean_token_loss():
         )
     assert evaluator.perplexity(model) == pytest.approx(float(nll.exp()), rel=1e-5)  # "dog" has nothing to predict
     assert [len(answer) for answer in evaluator.answers(model)] == [3]
+
+
+@torch.no_grad()
+def test_the_model_loss_on_instruction_rows_is_the_answer_tokens_mean_loss():
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    rows = [tasks(tokenizer)[1].train[i] for i in range(4)]
+    loss = float(model(**pad_collator(tokenizer)(rows)).loss)
+    total, count = 0.0, 0
+    for row in rows:
+        logp = model(input_ids=torch.tensor([row["input_ids"]])).logits[0].log_softmax(-1)
+        for position, label in enumerate(row["labels"]):
+            if label != -100:
+                total -= float(logp[position - 1, label])
+                count += 1
+    assert count == sum(sum(label != -100 for label in row["labels"]) for row in rows) > 0
+    assert loss == pytest.approx(total / count, abs=1e-5)
+
+
+def test_gpt2_blocks_are_found_by_their_fused_projection_and_its_lora_is_protected(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from pegp_hf.tuners import get_pet_model
+    from pegp_hf.tuners.discovery import find_block_stacks, hidden_size
+
+    torch.manual_seed(0)
+    tokenizer = tiny_chat_tokenizer()
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=len(tokenizer), n_positions=128,
+                                      bos_token_id=1, eos_token_id=2))  # fmt: skip
+    ((name, stack),) = find_block_stacks(gpt2)
+    assert name == "transformer.h" and hidden_size(stack[0]) == 32
+    model = get_pet_model(gpt2, "lora", width=4, layers="all", target_modules=("c_attn",))
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path, optim="adamw_torch", learning_rate=0.01,
+                                   feature_samples=16), tasks=tasks(tokenizer), objective=InstructionObjective(),
+                                   data_collator=pad_collator(tokenizer))  # fmt: skip
+    trainer.train()
+    assert {t.kind for t in trainer.projector.tensors.values()} == {"lora_A", "lora_B"}
+    assert all(k > 0 for k in trainer.projector.dims().values())
+    assert trainer.continual_results()["updates"][1]["max_update_overlap"] < 1e-6

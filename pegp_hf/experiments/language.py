@@ -82,7 +82,8 @@ class LanguageExperimentArguments:
     )
     num_tasks: int = field(default=4, metadata={"help": "Tasks of the class split of --dataset_name."})
     task_order_seed: int = field(
-        default=0, metadata={"help": "0: the tasks in the order given; k > 0: a permutation drawn with seed k."}
+        default=0,
+        metadata={"help": "0: the tasks in the order given; 1: reversed; k > 1: a permutation drawn with seed k."},
     )
     train_size: int = field(default=160, metadata={"help": "Training examples per task."})
     test_size: int = field(default=50, metadata={"help": "Test examples per task."})
@@ -140,9 +141,16 @@ def labelled_sets(script: LanguageExperimentArguments) -> list[LabelledText]:
         )  # fmt: skip
         groups = np.array_split(np.random.default_rng(script.task_order_seed).permutation(len(words)), script.num_tasks)
         sets = class_subsets(whole, [sorted(group.tolist()) for group in groups])
-    if script.task_order_seed and script.dataset_name is None:
-        sets = [sets[i] for i in np.random.default_rng(script.task_order_seed).permutation(len(sets))]
+    if script.dataset_name is None:
+        sets = [sets[i] for i in task_order(len(sets), script.task_order_seed)]
     return sets
+
+
+def task_order(count: int, seed: int) -> list[int]:
+    """Order ``seed`` of ``count`` tasks: 0 as given, 1 reversed, ``k > 1`` a permutation drawn with seed ``k``."""
+    if seed < 2:
+        return list(range(count))[:: 1 - 2 * seed]
+    return np.random.default_rng(seed).permutation(count).tolist()
 
 
 def joint_tasks(tasks: TaskSequence) -> TaskSequence:

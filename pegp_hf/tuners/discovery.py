@@ -3,7 +3,8 @@
 - a **block stack** is an ``nn.ModuleList`` whose every element contains an attention module (ViT ``vit.layers``,
   Dinov2 / BERT ``encoder.layer``, CLIP ``vision_model.encoder.layers`` and ``text_model.encoder.layers``);
 - the **attention module** of a block is its shallowest submodule owning query / key / value linear layers
-  (``q_proj``/``k_proj``/``v_proj`` or ``query``/``key``/``value``): the module that calls the attention function;
+  (``q_proj``/``k_proj``/``v_proj`` or ``query``/``key``/``value``: ViT, CLIP, BERT, Llama, Qwen2, Gemma) or one fused
+  projection (``c_attn``: GPT-2, ``qkv_proj``, ``query_key_value``): the module that calls the attention function;
 - the **MLP** of a block is its child named ``mlp``, ``ffn`` or ``feed_forward``.
 
 ``layers_pattern`` (a regex searched in the stack's dotted name) picks stacks, e.g. ``"vision_model"`` for the image
@@ -17,23 +18,44 @@ import re
 from torch import nn
 
 QKV_NAMES = (("q_proj", "k_proj", "v_proj"), ("query", "key", "value"))
+FUSED_QKV_NAMES = ("c_attn", "qkv_proj", "query_key_value")
 MLP_NAMES = ("mlp", "ffn", "feed_forward")
 PAPER_DEPTH_SHARE = 5 / 12  # PEGP puts its tuners in layers 0-4 of a 12-layer ViT-B
 
 
+def _unwrapped(module: nn.Module | None) -> nn.Module | None:
+    """The layer a PEFT layer wraps (``base_layer``), or ``module``."""
+    return getattr(module, "base_layer", module)
+
+
 def _is_linear(module: nn.Module | None) -> bool:
-    """An ``nn.Linear``, or a PEFT layer wrapping one (``base_layer``)."""
-    return isinstance(module, nn.Linear) or isinstance(getattr(module, "base_layer", None), nn.Linear)
+    """An ``nn.Linear`` or a transformers ``Conv1D`` (GPT-2's), or a PEFT layer wrapping one."""
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(_unwrapped(module), nn.Linear | Conv1D)
 
 
 def is_attention(module: nn.Module) -> bool:
-    """Whether ``module`` owns query, key and value linear children (PEFT-wrapped or not)."""
-    return any(all(_is_linear(getattr(module, n, None)) for n in names) for names in QKV_NAMES)
+    """Whether ``module`` owns query, key and value linear children, or a fused query-key-value one (PEFT-wrapped or
+    not)."""
+    separate = any(all(_is_linear(getattr(module, n, None)) for n in names) for names in QKV_NAMES)
+    return separate or any(_is_linear(getattr(module, name, None)) for name in FUSED_QKV_NAMES)
 
 
-def _query_projection(attention: nn.Module) -> nn.Linear:
-    query = next(getattr(attention, names[0]) for names in QKV_NAMES if _is_linear(getattr(attention, names[0], None)))
-    return getattr(query, "base_layer", query)
+def _query_projection(attention: nn.Module) -> tuple[nn.Module, int]:
+    """The query projection (or the fused one) of ``attention``, and how many projections it computes (1 or 3)."""
+    for names in QKV_NAMES:
+        if _is_linear(getattr(attention, names[0], None)):
+            return _unwrapped(getattr(attention, names[0])), 1
+    name = next(name for name in FUSED_QKV_NAMES if _is_linear(getattr(attention, name, None)))
+    return _unwrapped(getattr(attention, name)), 3
+
+
+def _features(layer: nn.Module) -> tuple[int, int]:
+    """``(in, out)`` features of an ``nn.Linear`` or a ``Conv1D`` (whose weight is ``(in, out)``)."""
+    if isinstance(layer, nn.Linear):
+        return layer.in_features, layer.out_features
+    return layer.weight.shape[0], layer.weight.shape[1]
 
 
 def find_block_stacks(model: nn.Module, layers_pattern: str | None = None) -> list[tuple[str, nn.ModuleList]]:
@@ -90,12 +112,13 @@ def attention_heads(attention: nn.Module) -> tuple[int, int]:
     head_dim = getattr(attention, "head_dim", None) or getattr(attention, "attention_head_size", None)
     if not head_dim:
         raise ValueError(f"{type(attention).__name__} has no head_dim / attention_head_size attribute")
-    return _query_projection(attention).out_features // head_dim, int(head_dim)
+    projection, fused = _query_projection(attention)
+    return _features(projection)[1] // fused // head_dim, int(head_dim)
 
 
 def hidden_size(block: nn.Module) -> int:
     """The width of the residual stream: the input width of the block's query projection."""
-    return _query_projection(attention_module(block)[1]).in_features
+    return _features(_query_projection(attention_module(block)[1])[0])[0]
 
 
 def mlp_module(block: nn.Module) -> tuple[str, nn.Module]:
