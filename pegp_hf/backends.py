@@ -118,7 +118,7 @@ def grow_bases_on_every_rank(
     broadcast them, so every rank holds the same bits (Accelerate's process state; one process: just grow)."""
     state = PartialState()
     distinct = {id(covariance): covariance for covariance in covariances.values()}  # shared sums are reduced once
-    reduced = {key: reduce(covariance, "sum") for key, covariance in distinct.items()}
+    reduced = {key: _summed(covariance, state) for key, covariance in distinct.items()}
     summed = {name: reduced[id(covariance)] for name, covariance in covariances.items()}
     if state.is_main_process:
         for name in projector.grow(summed, threshold):
@@ -126,6 +126,17 @@ def grow_bases_on_every_rank(
     if state.num_processes > 1:
         cpu_bases = {name: basis.cpu() for name, basis in projector.bases.items()}
         projector.load_bases(broadcast_object_list([cpu_bases])[0])
+
+
+def _summed(tensor: torch.Tensor, state: PartialState, chunk_bytes: int = 2**26) -> torch.Tensor:
+    """``tensor`` summed over processes. A sum kept on the CPU (``covariances_on_cpu``) travels to the process's device
+    in row chunks of about ``chunk_bytes`` for the all-reduce (NCCL reduces device tensors only) and comes back."""
+    if state.num_processes == 1:
+        return tensor
+    if tensor.device == state.device:
+        return reduce(tensor, "sum")
+    rows = max(1, chunk_bytes // (tensor.shape[-1] * tensor.element_size()))
+    return torch.cat([reduce(part.to(state.device), "sum").to(tensor.device) for part in tensor.split(rows)])
 
 
 def check_frozen_after_first_task(trainer: Trainer, frozen: list[torch.nn.Parameter]) -> None:

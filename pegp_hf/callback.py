@@ -83,9 +83,11 @@ class PEGPCallback(TrainerCallback):
         self.bracket.on_optimizer_step(args, state, control, **kwargs)
 
     def on_log(self, args, state, control, logs: dict[str, Any] | None = None, **kwargs) -> None:
+        """Add ``pegp_update_overlap`` / ``pegp_update_max`` to the training log line just written to
+        ``state.log_history`` (the Trainer's reporting callbacks, which run first, do not see them)."""
         record = self.bracket.take_log_record() if logs is not None and "loss" in logs else None
-        if record is not None:
-            logs["pegp_update_overlap"], logs["pegp_update_max"] = record
+        if record is not None and state.log_history:
+            state.log_history[-1].update(pegp_update_overlap=record[0], pegp_update_max=record[1])
 
     @torch.no_grad()
     def on_train_end(self, args, state, control, model=None, train_dataloader=None, **kwargs) -> None:

@@ -198,8 +198,11 @@ class ContinualPEGPTrainer(Trainer):
         for index in range(first, len(self.tasks)):
             self._begin_task(index)
             start = time.perf_counter()
-            output = super().train(**kwargs)
-            self._end_task(index, time.perf_counter() - start)
+            with self.objective.training_view():
+                output = super().train(**kwargs)
+                trained = time.perf_counter()
+                self._feature_pass(index)
+            self._end_task(index, trained - start, time.perf_counter() - trained)
             steps += output.global_step
             losses.append(output.training_loss)
         metrics = {key: value for key, value in self.results.headline_figures().items() if key != "accuracy_matrix"}
@@ -224,12 +227,10 @@ class ContinualPEGPTrainer(Trainer):
                     len(task.train), list(task.classes))  # fmt: skip
         self._task_event("on_task_begin", index)
 
-    def _end_task(self, index: int, train_seconds: float) -> None:
+    def _end_task(self, index: int, train_seconds: float, capture_seconds: float) -> None:
         # None while no basis exists (the first task): there is nothing to be orthogonal to
         record = self._bracket.over_task
         overlap, largest = record.tolist() if record is not None else (None, None)
-        start = time.perf_counter()
-        self._feature_pass(index)
         captured = time.perf_counter()
         columns, scalars = merge_evaluations(self.evaluators, [e.after_task(self, index) for e in self.evaluators])
         evaluated = time.perf_counter()
@@ -237,7 +238,7 @@ class ContinualPEGPTrainer(Trainer):
             index,
             columns=columns,
             scalars=scalars,
-            timing={"train_seconds": train_seconds, "capture_seconds": captured - start,
+            timing={"train_seconds": train_seconds, "capture_seconds": capture_seconds,
                     "eval_seconds": evaluated - captured},
             update={"max_update_overlap": overlap, "max_update": largest},
         )  # fmt: skip

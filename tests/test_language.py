@@ -127,35 +127,70 @@ def test_padding_never_reaches_a_basis():
 # ---- scoring ---------------------------------------------------------------------------------------------------------
 
 
+def varied_options(tokenizer):
+    """Test rows whose options have 1, 2 and 3 words, so the option pass pads some of them."""
+    return instruction_tasks([labelled("varied", ["red", "blue cat", "a b c"], 3)], tokenizer, train_size=8,
+                             test_size=6, max_text_tokens=4)[0].test  # fmt: skip
+
+
 @torch.no_grad()
-def test_option_scores_and_greedy_match_a_brute_force_reference():
-    tokenizer = tiny_chat_tokenizer()
-    model = tiny_llama(len(tokenizer))
-    row = tasks(tokenizer)[1].test[0]
-    other = tasks(tokenizer)[1].test[1]  # a second prompt of another length in the same batch
-    scores, written = score_options(model, [row["prompt_ids"], other["prompt_ids"]], row["candidate_ids"], [0, 1])
-    for option, score in zip(row["candidate_ids"], scores[0], strict=True):
-        ids = torch.tensor([row["prompt_ids"] + option])
-        logp = model(input_ids=ids).logits[0].log_softmax(-1)
+def brute_force(model, row) -> tuple[list[float], bool]:
+    """Each option's summed log-probability from a full forward pass of prompt + option, and whether
+    ``generate`` writes exactly the right option."""
+    scores = []
+    for option in row["candidate_ids"]:
+        logp = model(input_ids=torch.tensor([row["prompt_ids"] + option])).logits[0].log_softmax(-1)
         start = len(row["prompt_ids"])
-        expected = sum(float(logp[start - 1 + j, token]) for j, token in enumerate(option))
-        assert float(score) == pytest.approx(expected, abs=1e-4)
-    for prompt, label, exact in zip((row, other), (0, 1), written.tolist(), strict=True):
-        greedy = model.generate(torch.tensor([prompt["prompt_ids"]]), max_new_tokens=2, do_sample=False)
-        assert exact == (greedy[0, -2:].tolist() == row["candidate_ids"][label])
-    assert greedy_answers(model, [row["prompt_ids"], other["prompt_ids"]], 2)[1] == greedy[0, -2:].tolist()
+        scores.append(sum(float(logp[start - 1 + j, token]) for j, token in enumerate(option)))
+    right = row["candidate_ids"][row["label"]]
+    written = model.generate(torch.tensor([row["prompt_ids"]]), max_new_tokens=len(right), do_sample=False)
+    return scores, written[0, len(row["prompt_ids"]) :].tolist() == right
 
 
-def test_instruction_evaluator_counts_right_answers():
+@torch.no_grad()
+def test_option_scores_and_exact_match_equal_a_brute_force_reference_for_every_row():
     tokenizer = tiny_chat_tokenizer()
     model = tiny_llama(len(tokenizer))
-    test = tasks(tokenizer)[0].test
-    accuracy, exact, loss = InstructionEvaluator().evaluate(model, test)
-    right = sum(int(score_options(model, [r["prompt_ids"]], r["candidate_ids"], [r["label"]])[0].argmax()) == r["label"]
-                for r in test)  # fmt: skip
-    assert accuracy == pytest.approx(100 * right / len(test)) and 0 <= exact <= 100 and loss > 0
+    test = varied_options(tokenizer)
+    assert len({len(option) for option in test[0]["candidate_ids"]}) == 3  # 2, 3 and 4 tokens with the end of turn
+    rows = list(test)
+    scores, exact = score_options(model, [r["prompt_ids"] for r in rows], rows[0]["candidate_ids"],
+                                  [r["label"] for r in rows])  # fmt: skip
+    for row, row_scores, row_exact in zip(rows, scores, exact.tolist(), strict=True):
+        expected, written = brute_force(model, row)
+        assert row_scores.tolist() == pytest.approx(expected, abs=1e-4)
+        assert row_exact == written
+    answers = greedy_answers(model, [rows[0]["prompt_ids"], rows[1]["prompt_ids"]], 3)
+    alone = model.generate(torch.tensor([rows[1]["prompt_ids"]]), max_new_tokens=3, do_sample=False)
+    assert answers[1] == alone[0, -3:].tolist()
+
+
+@torch.no_grad()
+def test_instruction_evaluator_figures_equal_the_brute_force_ones():
+    tokenizer = tiny_chat_tokenizer()
+    model = tiny_llama(len(tokenizer))
+    test = varied_options(tokenizer)
+    right = exact = 0
+    loss = 0.0
+    for row in test:
+        scores, written = brute_force(model, row)
+        right += int(np.argmax(scores)) == row["label"]
+        exact += written
+        loss -= scores[row["label"]] / len(row["candidate_ids"][row["label"]])
+    figures = InstructionEvaluator(batch_size=4).evaluate(model, test)
+    assert figures == pytest.approx((100 * right / len(test), 100 * exact / len(test), loss / len(test)), abs=1e-4)
     with pytest.raises(ValueError, match="instruction_tasks"):
         InstructionEvaluator().evaluate(model, test.remove_columns("candidate_ids"))
+
+
+def test_the_answer_ends_at_the_templates_end_of_turn_not_at_eos():
+    """A Gemma-style template ends a turn with its own token, not the end-of-sequence one."""
+    tokenizer = tiny_chat_tokenizer()
+    tokenizer.eos_token = "<|im_start|>"  # another special token than the one that ends a turn
+    row = instruction_tasks([labelled("x", ["red", "blue"], 0)], tokenizer, 4, 2)[0].test[0]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert all(option[-1] == end and end not in option[:-1] for option in row["candidate_ids"])
+    assert [tokenizer.decode(option[:-1]) for option in row["candidate_ids"]] == ["red", "blue"]
 
 
 # ---- the frozen bottom -----------------------------------------------------------------------------------------------
@@ -214,6 +249,24 @@ def test_training_on_the_frozen_bottom_equals_training_the_whole_model(tmp_path)
         other = top.projector.bases[name]
         assert other.shape == basis.shape, name
         torch.testing.assert_close(other @ other.T, basis @ basis.T, atol=1e-3, rtol=0)
+
+
+def test_a_crash_on_the_frozen_bottom_restores_the_whole_model_and_resumes_to_the_same_results(tmp_path):
+    full = run_sequence(tmp_path / "full", frozen_bottom=True)
+    tokenizer = tiny_chat_tokenizer()
+    sequence = dataset_tasks({t.name: (encode_bottom(tiny_llama(len(tokenizer), layers=3), t.train, 2), t.test)
+                              for t in tasks(tokenizer)})  # fmt: skip
+    model = lora(tiny_llama(len(tokenizer), layers=3), layers=(2,))
+    args = training_args(tmp_path / "run", optim="adamw_torch", learning_rate=0.02, threshold=0.99, feature_samples=24)
+    crashing = ContinualPEGPTrainer(model=model, args=args, tasks=sequence, objective=InstructionObjective(
+        train_from_layer=2), data_collator=AnswerOnlyCollator())  # fmt: skip
+    crashing.add_callback(AtTaskStart(1, lambda m: (_ for _ in ()).throw(RuntimeError("crash"))))
+    with pytest.raises(RuntimeError, match="crash"):
+        crashing.train()
+    assert len(model.base_model.model.model.layers) == 3  # the whole model again, not its top layer
+    resumed = run_sequence(tmp_path / "run", frozen_bottom=True, resume=True)
+    for name, values in matrices(full).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], values, err_msg=name)
 
 
 def test_a_crashed_language_sequence_resumes_to_the_same_results_and_loads_in_plain_peft(tmp_path):
@@ -287,3 +340,46 @@ def test_gpt2_blocks_are_found_by_their_fused_projection_and_its_lora_is_protect
     assert {t.kind for t in trainer.projector.tensors.values()} == {"lora_A", "lora_B"}
     assert all(k > 0 for k in trainer.projector.dims().values())
     assert trainer.continual_results()["updates"][1]["max_update_overlap"] < 1e-6
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma"])
+@torch.no_grad()
+def test_qwen2_and_gemma_decoders_are_found_adapted_and_trained_on_their_frozen_bottom(family):
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForCausalLM,
+        GemmaConfig,
+        GemmaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    from pegp_hf.tuners import get_pet_model
+    from pegp_hf.tuners.discovery import attention_heads, attention_module, find_block_stacks
+
+    tokenizer = tiny_chat_tokenizer()
+    torch.manual_seed(0)
+    shape = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
+    if family == "qwen2":
+        base = Qwen2ForCausalLM(Qwen2Config(**shape)).eval()
+    else:  # Gemma scales its embeddings inside the embedding module: the cached states must not be scaled twice
+        base = GemmaForCausalLM(GemmaConfig(**shape, head_dim=8)).eval()
+    ((name, stack),) = find_block_stacks(base)
+    assert name == "model.layers" and attention_heads(attention_module(stack[0])[1]) == (4, 8)
+    model = get_pet_model(base, "lora", width=4, layers=[2], target_modules=None)
+    adapted = {n.split("base_model.model.")[-1].rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters()
+               if ".lora_A." in n}  # fmt: skip
+    assert adapted == {"model.layers.2.self_attn.q_proj", "model.layers.2.self_attn.v_proj"}
+    train = tasks(tokenizer)[0].train.select(range(4))
+    whole = model(**pad_collator(tokenizer)([train[i] for i in range(4)]))
+    batch = AnswerOnlyCollator()([row for row in encode_bottom(model, train, start=2)])
+    with TopLayers(model, 2).active():
+        top = model(**batch)
+    assert float(top.loss) == pytest.approx(float(whole.loss), abs=1e-5)
+    if family == "gemma":  # alternating sliding-window layers: a start that shifts the pattern is refused
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention"]
+        gemma2 = Gemma2ForCausalLM(Gemma2Config(**shape, head_dim=8, layer_types=layer_types)).requires_grad_(False)
+        with pytest.raises(ValueError, match="layer_types"):
+            TopLayers(gemma2, 1)
+        TopLayers(gemma2, 2)  # sliding, full | sliding: the top layer's type is layer 0's

@@ -85,6 +85,12 @@ class ContinualObjective(ContinualCallback):
         return {"objective": self.name or type(self).__name__}
 
     @contextlib.contextmanager
+    def training_view(self) -> Iterator[None]:
+        """Open while a task trains and its features are captured, closed (also on error) before evaluation and the
+        checkpoint: the model as the training data need it (e.g. only its top layers)."""
+        yield
+
+    @contextlib.contextmanager
     def observing(self) -> Iterator[BatchObserver | None]:
         """While open, the feature pass after each task runs; the yielded function (if any) sees every batch's
         ``(inputs, outputs)``. ``None``: the objective needs nothing from that pass."""

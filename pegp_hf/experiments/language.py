@@ -91,9 +91,13 @@ class LanguageExperimentArguments:
     lora_rank: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
     lora_layers: str = field(default="last:8", metadata={"help": "Blocks with LoRA: 'last:N', 'all', or '0,1,2'."})
-    lora_target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "v_proj"],
-        metadata={"help": "Leaf names LoRA adapts (add gate_proj up_proj down_proj for the MLP)."},
+    lora_target_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Leaf names LoRA adapts (e.g. q_proj v_proj gate_proj up_proj down_proj for the MLP too); default: "
+            "each block's query and value projections found by structure (Llama, Qwen2, Gemma: q_proj / v_proj; "
+            "GPT-2: the fused c_attn)."
+        },
     )
     frozen_bottom: bool = field(
         default=True,
@@ -139,8 +143,8 @@ def labelled_sets(script: LanguageExperimentArguments) -> list[LabelledText]:
             list(data["train"][script.label_column]), list(data[test][script.text_column]),
             list(data[test][script.label_column]), list(words), script.instruction,
         )  # fmt: skip
-        groups = np.array_split(np.random.default_rng(script.task_order_seed).permutation(len(words)), script.num_tasks)
-        sets = class_subsets(whole, [sorted(group.tolist()) for group in groups])
+        order = task_order(len(words), script.task_order_seed)  # the classes cut in this order
+        sets = class_subsets(whole, [sorted(group.tolist()) for group in np.array_split(order, script.num_tasks)])
     if script.dataset_name is None:
         sets = [sets[i] for i in task_order(len(sets), script.task_order_seed)]
     return sets

@@ -10,9 +10,10 @@
 :class:`GeneralAbilityEvaluator`, the counterpart of CLIP's zero-shot collapse: on held-out general text and a fixed
 set of general instructions, before the sequence and after each task,
 
-- ``general_perplexity`` (and ``general_perplexity_increase`` over its value before the sequence);
-- ``answer_agreement``: how much of each greedy answer (``answer_tokens`` tokens) agrees with the model's answer
-  before the sequence, as the share of the common prefix, averaged (%).
+- ``general_perplexity`` (and ``general_perplexity_increase`` over its value before the sequence): each text alone,
+  without a chat template or a BOS token, every token after the first predicted;
+- ``answer_agreement``: how much of each greedy answer (at most ``answer_tokens`` tokens, up to the end of the turn)
+  agrees with the model's answer before the sequence, as the share of the common prefix, averaged (%).
 
 Prompts are run in left-padded batches (each token keeps its position through ``position_ids``); the options of a
 prompt reuse its key / value cache. Every process runs every pass: the inputs are few, and the figures are then the
@@ -147,7 +148,7 @@ class InstructionEvaluator(ContinualEvaluator):
 
     Args:
         max_examples: score at most this many test rows of each task (the first ones); ``None``: all.
-        batch_size: prompts per forward pass.
+        batch_size: prompts per forward pass (in a trainer: its ``per_device_eval_batch_size``).
     """
 
     matrices = (MatrixSpec("accuracy"), MatrixSpec("exact_match"), MatrixSpec("answer_loss", higher_is_better=False))
@@ -181,6 +182,7 @@ class InstructionEvaluator(ContinualEvaluator):
 
     def after_task(self, trainer: ContinualPEGPTrainer, index: int) -> Evaluation:
         model = _eval_model(trainer)
+        self.batch_size = trainer.args.per_device_eval_batch_size
         columns: dict[str, list[float]] = {"accuracy": [], "exact_match": [], "answer_loss": []}
         with trainer.autocast_smart_context_manager():
             for task in trainer.tasks[: index + 1]:
@@ -219,6 +221,7 @@ class GeneralAbilityEvaluator(ContinualEvaluator):
                                                     add_generation_prompt=True), add_special_tokens=False)["input_ids"]
             for question in instructions
         ]  # fmt: skip
+        self.stops = set(tokenizer.all_special_ids)  # an answer ends at its first special token (end of turn)
         self.reference: list[list[int]] | None = None
 
     @torch.no_grad()
@@ -235,8 +238,10 @@ class GeneralAbilityEvaluator(ContinualEvaluator):
         return math.exp(total / count) if count else math.nan
 
     def answers(self, model: torch.nn.Module) -> list[list[int]]:
-        """The greedy answer of ``model`` to each instruction."""
-        return greedy_answers(model, self.prompts, self.answer_tokens) if self.prompts else []
+        """The greedy answer of ``model`` to each instruction, cut after its first special token."""
+        answers = greedy_answers(model, self.prompts, self.answer_tokens) if self.prompts else []
+        return [answer[: next((i + 1 for i, t in enumerate(answer) if t in self.stops), len(answer))]
+                for answer in answers]  # fmt: skip
 
     def _base_answers(self, trainer: ContinualPEGPTrainer) -> list[list[int]]:
         disable = getattr(trainer.model, "disable_adapter", None)

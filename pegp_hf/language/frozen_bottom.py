@@ -34,7 +34,8 @@ class TopLayers:
     """Switches a causal LM between its whole decoder and its layers ``start ..`` (see the module docstring).
 
     Raises:
-        ValueError: a weight below layer ``start`` (or in the input embeddings) would be trained.
+        ValueError: a weight below layer ``start`` (or in the input embeddings) would be trained, or the top layers
+            would read another layer's attention type (``config.layer_types``, e.g. Qwen2 / Gemma 2 sliding windows).
     """
 
     def __init__(self, model: nn.Module, start: int) -> None:
@@ -43,6 +44,13 @@ class TopLayers:
             raise ValueError(f"expected one decoder layer stack, found {[stack_name, *(n for n, _ in others)]}")
         if not 0 < start < len(layers):
             raise ValueError(f"start must be between 1 and {len(layers) - 1}, got {start}")
+        types = getattr(getattr(model, "config", None), "layer_types", None)
+        if types is not None and list(types[start:]) != list(types[: len(layers) - start]):
+            raise ValueError(
+                f"the decoder picks each layer's attention (full or sliding window) from config.layer_types by its "
+                f"place in the stack, and layers {start}.. would read the types of layers 0..: choose a start where "
+                f"the pattern repeats ({list(types)})"
+            )
         below = {id(p) for p in model.get_input_embeddings().parameters()}
         below |= {id(p) for layer in list(layers)[:start] for p in layer.parameters()}
         trained = [name for name, p in model.named_parameters() if p.requires_grad and id(p) in below]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from torch import nn
@@ -16,7 +16,6 @@ from pegp_hf.language.frozen_bottom import TopLayers
 
 if TYPE_CHECKING:
     from pegp_hf.config import PEGPTrainingArguments
-    from pegp_hf.trainer import ContinualPEGPTrainer
 
 
 class InstructionObjective(ContinualObjective):
@@ -37,7 +36,6 @@ class InstructionObjective(ContinualObjective):
     def __init__(self, max_examples: int | None = None, train_from_layer: int | None = None) -> None:
         self.max_examples, self.train_from_layer = max_examples, train_from_layer
         self.top: TopLayers | None = None
-        self._stack = contextlib.ExitStack()
 
     def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
         if self.train_from_layer is not None:
@@ -56,9 +54,9 @@ class InstructionObjective(ContinualObjective):
     def evaluators(self) -> Sequence[ContinualEvaluator]:
         return [InstructionEvaluator(self.max_examples)]
 
-    def on_task_begin(self, args, state, control, **kwargs) -> None:
-        if self.top is not None:
-            self._stack.enter_context(self.top.active())
-
-    def after_feature_pass(self, trainer: ContinualPEGPTrainer, index: int) -> None:
-        self._stack.close()  # the whole model again, for the evaluators and the checkpoint
+    @contextlib.contextmanager
+    def training_view(self) -> Iterator[None]:
+        """The top layers only while a task trains and its features are captured; the whole model again after it,
+        also when training fails."""
+        with self.top.active() if self.top is not None else contextlib.nullcontext():
+            yield

@@ -87,6 +87,24 @@ class InstructionRenderer:
         if max_text_tokens < 1:
             raise ValueError(f"max_text_tokens must be at least 1, got {max_text_tokens}")
         self.tokenizer, self.max_text_tokens, self.system_message = tokenizer, max_text_tokens, system_message
+        self.trailing = self._trailing_tokens()
+
+    def _trailing_tokens(self) -> int:
+        """How many tokens the template puts after an answer's end of turn (ChatML's newline after ``<|im_end|>``,
+        Gemma's after ``<end_of_turn>``): the tokens that follow any answer, past the last special token among them
+        (the last, as an unknown word may also be a special token). They are neither learned nor scored."""
+        tails = []
+        for word in ("yes", "no"):
+            messages = [{"role": "user", "content": "?"}, {"role": "assistant", "content": word}]
+            prompt = self._ids(messages[:1], generation_prompt=True)
+            tails.append(self._ids(messages, generation_prompt=False)[len(prompt) :])
+        common = 0
+        while common < min(map(len, tails)) and tails[0][-1 - common] == tails[1][-1 - common]:
+            common += 1
+        suffix = tails[0][len(tails[0]) - common :]
+        special = set(self.tokenizer.all_special_ids)
+        end = next((i for i in reversed(range(len(suffix))) if suffix[i] in special), None)
+        return 0 if end is None else len(suffix) - end - 1
 
     def _messages(self, instruction: str, options: Sequence[str], text: str) -> list[dict[str, str]]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"][: self.max_text_tokens]
@@ -104,13 +122,12 @@ class InstructionRenderer:
 
     def answer(self, prompt_ids: list[int], messages: list[dict[str, str]], answer: str) -> list[int]:
         """The ids of ``answer`` as the assistant turn after ``prompt_ids`` renders it, up to and including the
-        end-of-turn token (what follows it, such as a newline, is left out)."""
+        template's end-of-turn token (what follows it, such as a newline, is left out)."""
         full = self._ids([*messages, {"role": "assistant", "content": answer}], generation_prompt=False)
         if full[: len(prompt_ids)] != prompt_ids:
             raise ValueError("the chat template renders the prompt differently once an answer follows it")
         ids = full[len(prompt_ids) :]
-        end = self.tokenizer.eos_token_id
-        return ids[: ids.index(end) + 1] if end in ids else ids
+        return ids[: len(ids) - self.trailing]
 
     def example(self, instruction: str, options: Sequence[str], text: str, label: int) -> dict[str, Any]:
         """A test row (see the module docstring); training rows keep its first three columns."""

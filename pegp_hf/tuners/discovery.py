@@ -51,6 +51,16 @@ def _query_projection(attention: nn.Module) -> tuple[nn.Module, int]:
     return _unwrapped(getattr(attention, name)), 3
 
 
+def query_value_names(block: nn.Module) -> list[str]:
+    """The names, relative to ``block``, of its attention's query and value projections (``self_attn.q_proj`` and
+    ``self_attn.v_proj``), or of its fused query-key-value projection (``attn.c_attn``)."""
+    prefix, attention = attention_module(block)
+    for names in QKV_NAMES:
+        if all(_is_linear(getattr(attention, n, None)) for n in names):
+            return [f"{prefix}.{names[0]}", f"{prefix}.{names[2]}"]
+    return [f"{prefix}.{next(n for n in FUSED_QKV_NAMES if _is_linear(getattr(attention, n, None)))}"]
+
+
 def _features(layer: nn.Module) -> tuple[int, int]:
     """``(in, out)`` features of an ``nn.Linear`` or a ``Conv1D`` (whose weight is ``(in, out)``)."""
     if isinstance(layer, nn.Linear):
@@ -112,8 +122,13 @@ def attention_heads(attention: nn.Module) -> tuple[int, int]:
     head_dim = getattr(attention, "head_dim", None) or getattr(attention, "attention_head_size", None)
     if not head_dim:
         raise ValueError(f"{type(attention).__name__} has no head_dim / attention_head_size attribute")
-    projection, fused = _query_projection(attention)
-    return _features(projection)[1] // fused // head_dim, int(head_dim)
+    heads = getattr(attention, "num_heads", None)
+    if heads is None:
+        projection, fused = _query_projection(attention)
+        if fused == 3 and hasattr(attention, "num_key_value_heads"):
+            raise ValueError(f"{type(attention).__name__} fuses queries with fewer key / value heads: set num_heads")
+        heads = _features(projection)[1] // fused // head_dim
+    return int(heads), int(head_dim)
 
 
 def hidden_size(block: nn.Module) -> int:

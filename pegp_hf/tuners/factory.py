@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from pegp_hf.tuners.discovery import find_block_stacks, select_layers
+from pegp_hf.tuners.discovery import find_block_stacks, query_value_names, select_layers
 from pegp_hf.tuners.model import inject_pet
 from pegp_hf.tuners.registry import PEFT_METHODS, TUNERS, available_pets
 
@@ -32,7 +32,7 @@ def get_pet_model(
     layers: list[int] | str | None = None,
     modules_to_save: Sequence[str] = (),
     layers_pattern: str | None = None,
-    target_modules: Sequence[str] = ("q_proj", "v_proj"),
+    target_modules: Sequence[str] | None = ("q_proj", "v_proj"),
     **options: Any,
 ) -> nn.Module:
     """``model`` with one registered PET method on the chosen blocks.
@@ -45,7 +45,9 @@ def get_pet_model(
         layers: block indices, ``"all"``, or ``None`` for the paper's layers 0-4 of 12 scaled to the depth.
         modules_to_save: trained in full and saved with the adapter (e.g. ``["classifier"]``).
         layers_pattern: regex on block-stack names (e.g. ``"vision_model"``); ``None``: every stack.
-        target_modules: leaf names of the linear layers a PEFT method adapts in the chosen blocks.
+        target_modules: leaf names of the linear layers a PEFT method adapts in the chosen blocks; ``None``: each
+            block's query and value projections found by structure (``q_proj`` / ``v_proj``, ``query`` / ``value``,
+            or GPT-2's fused ``c_attn``).
         **options: any other field of the method's config (``placement``, ``value_prefix``, ``lora_alpha``, ...).
     """
     width = default_width(pet) if width is None else width
@@ -54,8 +56,11 @@ def get_pet_model(
             f"{stack_name}.{index}.{name}"
             for stack_name, stack in find_block_stacks(model, layers_pattern)
             for index in select_layers(len(stack), layers)
-            for name, _ in stack[index].named_modules()
-            if name.rsplit(".", 1)[-1] in target_modules
+            for name in (
+                query_value_names(stack[index])
+                if target_modules is None
+                else [n for n, _ in stack[index].named_modules() if n.rsplit(".", 1)[-1] in target_modules]
+            )
         ]
         if not targets:
             raise ValueError(f"no linear layer named {list(target_modules)} in the chosen blocks")
