@@ -160,6 +160,37 @@ def test_checkpoint_of_another_task_sequence_is_refused(tmp_path, task_1):
         make_trainer(tmp_path / "out", tasks=other).train(resume_from_checkpoint=str(task_1))
 
 
+def _edit_state(folder, edit):
+    path = folder / "pegp_state.json"
+    state = json.loads(path.read_text())
+    edit(state)
+    path.write_text(json.dumps(state))
+
+
+@pytest.mark.parametrize(
+    ("edit", "field"),
+    [
+        (lambda s: s.update(finished_tasks=3), "finished_tasks' is 3 but the folder is task-1"),
+        (lambda s: s.update(finished_tasks=0), "finished_tasks' must be a positive integer, got 0"),
+        (lambda s: s.update(finished_tasks=-1), "finished_tasks' must be a positive integer, got -1"),
+        (lambda s: s.update(finished_tasks="1"), "finished_tasks' must be a positive integer, got '1'"),
+        (lambda s: s.update(config=[]), "field 'config' must be a JSON dict"),
+        (lambda s: s["results"].pop("timings"), "field 'results.timings' must list the 1 finished tasks"),
+        (lambda s: s["results"].update(updates=[]), "field 'results.updates' must list the 1 finished tasks"),
+    ],
+    ids=["count-3-in-task-1", "count-0", "negative", "string", "config-list", "no-timings", "no-updates"],
+)
+def test_an_edited_state_is_refused_naming_file_and_field_before_the_model_changes(tmp_path, task_1, edit, field):
+    _edit_state(task_1, edit)
+    trainer = make_trainer(tmp_path / "out")
+    before = trainable(trainer.model)
+    with pytest.raises(CheckpointError, match=r"pegp_state\.json: field ") as error:
+        trainer.train(resume_from_checkpoint=str(task_1))
+    assert field in str(error.value)
+    assert all(torch.equal(before[n], p) for n, p in trainable(trainer.model).items())
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").glob("task-*"))
+
+
 def test_resume_with_nothing_to_resume_is_named(tmp_path):
     with pytest.raises(CheckpointError, match="holds no task-<k> checkpoint"):
         make_trainer(tmp_path).train(resume_from_checkpoint=True)

@@ -179,10 +179,40 @@ def read_state(directory: str | os.PathLike) -> dict[str, Any]:
         state = json.loads(path.read_text())
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path} is not valid JSON (truncated?): {error}") from error
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a JSON {type(state).__name__}, not an object")
     missing = [key for key in STATE_KEYS if key not in state]
     if missing:
         raise CheckpointError(f"{path} lacks the fields {missing}")
+    _check_state(path, state)
     return _upgraded(state)
+
+
+def _check_state(path: Path, state: dict[str, Any]) -> None:
+    """Refuse a hand-edited or corrupted state before anything reads it: ``finished_tasks`` a positive integer equal
+    to the ``k`` of its ``task-<k>`` folder, fields of the types :func:`task_state` writes, and ``results`` recording
+    every finished task."""
+    done = state["finished_tasks"]
+    if isinstance(done, bool) or not isinstance(done, int) or done < 1:
+        raise CheckpointError(f"{path}: field 'finished_tasks' must be a positive integer, got {done!r}")
+    named = re.fullmatch(r"task-(\d+)", path.parent.name)
+    if named and int(named[1]) != done:
+        raise CheckpointError(
+            f"{path}: field 'finished_tasks' is {done} but the folder is {path.parent.name}; the file was edited or "
+            f"moved: restore it, or resume from the folder task-{done} of the run that wrote it"
+        )
+    types = {"scenario": str, "task_classes": list, "results": dict, "config": dict}
+    for key, kind in types.items():
+        if not isinstance(state[key], kind):
+            raise CheckpointError(f"{path}: field {key!r} must be a JSON {kind.__name__}, got {state[key]!r}")
+    if len(state["task_classes"]) < done:
+        raise CheckpointError(f"{path}: field 'task_classes' lists {len(state['task_classes'])} tasks, not {done}")
+    for key in ("timings", "task_metrics", "updates"):
+        recorded = state["results"].get(key)
+        if not isinstance(recorded, list) or len(recorded) != done:
+            raise CheckpointError(
+                f"{path}: field 'results.{key}' must list the {done} finished tasks, got {recorded!r}"
+            )
 
 
 def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
