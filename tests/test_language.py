@@ -177,7 +177,7 @@ def test_instruction_evaluator_figures_equal_the_brute_force_ones():
         right += int(np.argmax(scores)) == row["label"]
         exact += written
         loss -= scores[row["label"]] / len(row["candidate_ids"][row["label"]])
-    figures = InstructionEvaluator(batch_size=4).evaluate(model, test)
+    figures = InstructionEvaluator().evaluate(model, test, batch_size=4)
     assert figures == pytest.approx((100 * right / len(test), 100 * exact / len(test), loss / len(test)), abs=1e-4)
     with pytest.raises(ValueError, match="instruction_tasks"):
         InstructionEvaluator().evaluate(model, test.remove_columns("candidate_ids"))

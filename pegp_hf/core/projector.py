@@ -76,17 +76,16 @@ class GradientProjector:
                 f"no features were captured for {len(missing)} protected tensors (e.g. {missing[0]}): "
                 "the feature pass never ran through them"
             )
-        # (covariance, old basis, rule, new basis): a sum shared by tensors with one input (q_proj / v_proj's lora_A)
-        # grows once; each tensor keeps its own copy, so no two bases share memory when saved
-        newly_full, grown = [], []
+        # a sum shared by tensors with one input (q_proj / v_proj's lora_A) grows once: (id, rule) -> (old, new);
+        # each tensor keeps its own copy, so no two bases share memory when saved
+        newly_full, grown = [], {}
         for name, tensor in self.tensors.items():
             old, covariance = self.bases[name], covariances[name]
             grow = grow_axis_basis if tensor.axis_aligned else grow_basis
-            same = next((new for c, o, g, new in grown if c is covariance and g is grow and torch.equal(o, old)), None)
-            if same is None:
-                same = grow(covariance, threshold, old.cpu())
-                grown.append((covariance, old, grow, same))
-            new = same.clone().to(tensor.parameter.device)
+            key = (id(covariance), grow)
+            if key not in grown or not torch.equal(grown[key][0], old):
+                grown[key] = (old, grow(covariance, threshold, old.cpu()))
+            new = grown[key][1].clone().to(tensor.parameter.device)
             if new.shape[1] == tensor.feature_dim and old.shape[1] < tensor.feature_dim:
                 newly_full.append(name)
             self.bases[name] = new

@@ -144,19 +144,18 @@ def _eval_model(trainer: ContinualPEGPTrainer) -> torch.nn.Module:
 
 class InstructionEvaluator(ContinualEvaluator):
     """``accuracy``, ``exact_match`` (percent) and ``answer_loss`` (nats per answer token) on the test rows of every
-    seen task (see the module docstring).
+    seen task (see the module docstring). In a trainer, prompts run ``per_device_eval_batch_size`` at a time.
 
     Args:
         max_examples: score at most this many test rows of each task (the first ones); ``None``: all.
-        batch_size: prompts per forward pass (in a trainer: its ``per_device_eval_batch_size``).
     """
 
     matrices = (MatrixSpec("accuracy"), MatrixSpec("exact_match"), MatrixSpec("answer_loss", higher_is_better=False))
 
-    def __init__(self, max_examples: int | None = None, batch_size: int = 16) -> None:
-        self.max_examples, self.batch_size = max_examples, batch_size
+    def __init__(self, max_examples: int | None = None) -> None:
+        self.max_examples = max_examples
 
-    def evaluate(self, model: torch.nn.Module, test: Dataset) -> tuple[float, float, float]:
+    def evaluate(self, model: torch.nn.Module, test: Dataset, batch_size: int = 16) -> tuple[float, float, float]:
         """``(accuracy, exact match, answer loss)`` of ``model`` on ``test`` rows (``prompt_ids``, ``candidate_ids``,
         ``label``; rows with the same options are scored together)."""
         missing = {"prompt_ids", "candidate_ids", "label"} - set(test.column_names)
@@ -171,8 +170,8 @@ class InstructionEvaluator(ContinualEvaluator):
             groups.setdefault(repr(row["candidate_ids"]), []).append(row)
         for group in groups.values():
             options = group[0]["candidate_ids"]
-            for start in range(0, len(group), self.batch_size):
-                part = group[start : start + self.batch_size]
+            for start in range(0, len(group), batch_size):
+                part = group[start : start + batch_size]
                 labels = [row["label"] for row in part]
                 scores, written = score_options(model, [row["prompt_ids"] for row in part], options, labels)
                 right += int((scores.argmax(1) == torch.tensor(labels)).sum())
@@ -182,11 +181,11 @@ class InstructionEvaluator(ContinualEvaluator):
 
     def after_task(self, trainer: ContinualPEGPTrainer, index: int) -> Evaluation:
         model = _eval_model(trainer)
-        self.batch_size = trainer.args.per_device_eval_batch_size
         columns: dict[str, list[float]] = {"accuracy": [], "exact_match": [], "answer_loss": []}
+        batch = trainer.args.per_device_eval_batch_size
         with trainer.autocast_smart_context_manager():
             for task in trainer.tasks[: index + 1]:
-                for name, value in zip(columns, self.evaluate(model, task.test), strict=True):
+                for name, value in zip(columns, self.evaluate(model, task.test, batch), strict=True):
                     columns[name].append(value)
         return Evaluation(columns)
 

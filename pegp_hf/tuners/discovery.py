@@ -58,7 +58,10 @@ def query_value_names(block: nn.Module) -> list[str]:
     for names in QKV_NAMES:
         if all(_is_linear(getattr(attention, n, None)) for n in names):
             return [f"{prefix}.{names[0]}", f"{prefix}.{names[2]}"]
-    return [f"{prefix}.{next(n for n in FUSED_QKV_NAMES if _is_linear(getattr(attention, n, None)))}"]
+    fused = [n for n in FUSED_QKV_NAMES if _is_linear(getattr(attention, n, None))]
+    if not fused:
+        raise ValueError(f"{type(attention).__name__} has no known query / value projection: pass target_modules")
+    return [f"{prefix}.{fused[0]}"]
 
 
 def _features(layer: nn.Module) -> tuple[int, int]:
