@@ -35,7 +35,7 @@ from pegp_hf.continual import (
     summarize,
     task_incremental_tasks,
 )
-from pegp_hf.core import GradientProjector
+from pegp_hf.core import GradientProjector, NonFiniteError
 from pegp_hf.trainer import ContinualPEGPTrainer
 
 __version__ = "0.1.0"
@@ -52,6 +52,7 @@ __all__ = [
     "GradientProjector",
     "MatrixSpec",
     "ModelLossObjective",
+    "NonFiniteError",
     "PEGPTrainingArguments",
     "TaskLossEvaluator",
     "TaskSequence",

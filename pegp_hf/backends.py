@@ -22,6 +22,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, reduce
 
+from pegp_hf.core.finite import check_tensors
 from pegp_hf.core.projector import GradientProjector
 
 if TYPE_CHECKING:
@@ -112,14 +113,20 @@ def resolve_projection_mode(trainer: Trainer, projector: GradientProjector) -> s
 
 
 def grow_bases_on_every_rank(
-    projector: GradientProjector, covariances: Mapping[str, torch.Tensor], threshold: float
+    projector: GradientProjector, covariances: Mapping[str, torch.Tensor], threshold: float, where: str = "growth"
 ) -> None:
     """Sum the per-process covariances, grow the bases on the main process (logging tensors that became full) and
-    broadcast them, so every rank holds the same bits (Accelerate's process state; one process: just grow)."""
+    broadcast them, so every rank holds the same bits (Accelerate's process state; one process: just grow).
+
+    Raises:
+        NonFiniteError: a summed covariance holds NaN / inf (on every rank: they all see the same sums); ``where``
+            names the task in the message.
+    """
     state = PartialState()
     distinct = {id(covariance): covariance for covariance in covariances.values()}  # shared sums are reduced once
     reduced = {key: _summed(covariance, state) for key, covariance in distinct.items()}
     summed = {name: reduced[id(covariance)] for name, covariance in covariances.items()}
+    check_tensors(summed, "the feature covariances of the task's samples", where)
     if state.is_main_process:
         for name in projector.grow(summed, threshold):
             logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)

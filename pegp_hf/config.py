@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -126,6 +127,13 @@ class PEGPTrainingArguments(TrainingArguments):
             "resumes from those."
         },
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "A fresh train() (no resume_from_checkpoint) into an output_dir that already holds task-<k> "
+            "checkpoints removes them first; by default it refuses, since the two runs' checkpoints would mix."
+        },
+    )
     remove_unused_columns: bool = field(
         default=False,
         metadata={"help": "Kept False so image columns reach the collator; the collator picks what the model takes."},
@@ -155,6 +163,10 @@ class PEGPTrainingArguments(TrainingArguments):
             re.compile(self.protect)
         except re.error as error:
             raise ValueError(f"protect is not a valid regular expression: {error}") from error
+        if self.output_dir is not None and os.path.isfile(self.output_dir):
+            raise ValueError(
+                f"output_dir {self.output_dir} is a file; task checkpoints go into a folder: pass another path"
+            )
         if self.dataloader_persistent_workers:
             raise ValueError(
                 "dataloader_persistent_workers must be False: every task and evaluation set gets its own data loader"

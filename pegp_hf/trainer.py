@@ -24,7 +24,9 @@ import functools
 import logging
 import math
 import re
+import shutil
 import time
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -45,11 +47,16 @@ from pegp_hf.continual.objectives import ContinualObjective, ModelLossObjective
 from pegp_hf.continual.results import ContinualResults
 from pegp_hf.continual.tasks import TaskSequence
 from pegp_hf.core.capture import FeatureCovariances
+from pegp_hf.core.finite import HINT, NonFiniteError, all_finite, check_figures, check_tensors
 from pegp_hf.core.projector import GradientProjector
 from pegp_hf.io.checkpoint import (
     CheckpointError,
+    StoredTask,
+    checkpoint_run_id,
     latest_task_checkpoint,
     read_task_checkpoint,
+    remove_staging,
+    task_checkpoints,
     task_dir_name,
     task_state,
     write_task_checkpoint,
@@ -108,6 +115,11 @@ class ContinualPEGPTrainer(Trainer):
                 "every task needs a fresh optimizer, so optimizers=(...) cannot be reused: choose it with "
                 "args.optim / args.optim_args, or pass optimizer_cls_and_kwargs=(cls, kwargs)"
             )
+        if not isinstance(tasks, TaskSequence):
+            raise TypeError(
+                f"tasks must be a TaskSequence, got {type(tasks).__name__}: build one with class_incremental_tasks, "
+                "dataset_tasks, make_tasks ..., or TaskSequence(tuple(tasks), scenario=...)"
+            )
         # Every check that needs no Trainer runs first: a refused model is left as it was.
         self.pet = pet_handle(model)
         self.tasks = tasks
@@ -120,7 +132,11 @@ class ContinualPEGPTrainer(Trainer):
         listed = [] if args.method == "head_only" else self.pet.protected_tensors(strict=args.method == "pegp")
         protected = [tensor for tensor in listed if pattern.search(tensor.name)]
         if args.method == "pegp" and not protected:
-            raise ValueError(f"no trainable PET tensor matches protect={args.protect!r}: nothing would be protected")
+            found = ", ".join(tensor.name for tensor in listed[:3]) or "none: is the adapter frozen?"
+            raise ValueError(
+                f"no trainable PET tensor of the {'/'.join(self.pet.methods)} adapter matches protect={args.protect!r},"
+                f" so nothing would be protected; its protectable tensors are {found}. Widen protect (default '.*')"
+            )
         self.evaluators = [*self.objective.evaluators(), *evaluators]
         specs = [spec for evaluator in self.evaluators for spec in evaluator.matrix_specs()]
         self.results = ContinualResults.empty(tasks.scenario, self.objective.headline(tasks), specs, len(tasks))
@@ -136,6 +152,8 @@ class ContinualPEGPTrainer(Trainer):
         if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
             for name, tensor in self.projector.tensors.items():
                 tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
+        self._finite_losses: torch.Tensor | None = None  # the losses' finiteness since the last optimizer step
+        self._task_index = 0
         self._bracket = UpdateBracket(lambda: self.projector, args.update_reprojection,
                                       skipped=lambda: self.is_deepspeed_enabled)  # fmt: skip
         self.add_callback(self._bracket)
@@ -156,9 +174,28 @@ class ContinualPEGPTrainer(Trainer):
         """``Trainer.training_step``, then, on the micro-batch that ends an accumulation window, the projection of
         every protected gradient against the old-task bases (before the Trainer clips and steps)."""
         loss = super().training_step(model, inputs, num_items_in_batch)
-        if self.projection_mode == "training_step" and self.accelerator.sync_gradients and self.projector.active:
-            self.projector.project_gradients()
+        finite = torch.isfinite(loss.detach()).all()
+        self._finite_losses = finite if self._finite_losses is None else self._finite_losses & finite
+        if self.accelerator.sync_gradients:
+            self._check_finite_step()
+            if self.projection_mode == "training_step" and self.projector.active:
+                self.projector.project_gradients()
         return loss
+
+    def _check_finite_step(self) -> None:
+        """Stop at the first optimizer step whose losses or (all-reduced, so every rank agrees) gradients hold a NaN
+        / inf. Under an fp16 grad scaler, inf gradients are the scaler's business (it skips the step): only the
+        losses are checked. One host sync per optimizer step, as ``logging_nan_inf_filter`` already makes."""
+        losses, self._finite_losses = self._finite_losses, None
+        gradients = {}
+        if self.accelerator.scaler is None:
+            gradients = {n: p.grad for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None}
+        if bool(losses & all_finite(gradients.values())):
+            return
+        where = f"{self._where()}, optimizer step {self.state.global_step + 1}"
+        if not bool(losses):
+            raise NonFiniteError(f"{where}: the training loss is not finite; {HINT}")
+        check_tensors(gradients, "the gradients", where)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
@@ -191,7 +228,17 @@ class ContinualPEGPTrainer(Trainer):
         self.objective.validate(self.tasks)
         if self.tasks.scenario == "online" and (self.args.num_train_epochs != 1 or self.args.max_steps > 0):
             raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
-        first = self._resume(resume_from_checkpoint) if resume_from_checkpoint else 0
+        if self.args.should_save:
+            for name in remove_staging(self.args.output_dir):
+                logger.warning("removed %s, left in %s by an interrupted checkpoint write", name, self.args.output_dir)
+        self.accelerator.wait_for_everyone()
+        stored = self._read_resumed(resume_from_checkpoint) if resume_from_checkpoint else None
+        self._claim_output_dir(stored)
+        self.run_id = uuid.uuid4().hex if stored is None or stored.run_id is None else stored.run_id
+        first = 0
+        if stored is not None:
+            stored.load_into(self.pet, self.projector, self.objective)
+            self.results, first = stored.results, stored.finished_tasks
         if first == 0:
             self.results.initial_metrics = {k: v for e in self.evaluators for k, v in e.before_sequence(self).items()}
         steps, losses = 0, []
@@ -201,6 +248,8 @@ class ContinualPEGPTrainer(Trainer):
             with self.objective.training_view():
                 output = super().train(**kwargs)
                 trained = time.perf_counter()
+                trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+                check_tensors(trainable, "the weights after training", self._where())
                 self._feature_pass(index)
             self._end_task(index, trained - start, time.perf_counter() - trained)
             steps += output.global_step
@@ -212,8 +261,12 @@ class ContinualPEGPTrainer(Trainer):
         self.control = call_task_event(self.callback_handler, event, self.args, self.state, self.control,
                                        tasks=self.tasks, task_index=index, **kwargs)  # fmt: skip
 
+    def _where(self) -> str:
+        return f"task {self._task_index + 1}/{len(self.tasks)} ({self.tasks[self._task_index].name})"
+
     def _begin_task(self, index: int) -> None:
         task = self.tasks[index]
+        self._task_index, self._finite_losses = index, None
         self.train_dataset, self.eval_dataset = task.train, task.test
         self.optimizer = self.lr_scheduler = None
         self._bracket.new_task()
@@ -233,6 +286,7 @@ class ContinualPEGPTrainer(Trainer):
         overlap, largest = record.tolist() if record is not None else (None, None)
         captured = time.perf_counter()
         columns, scalars = merge_evaluations(self.evaluators, [e.after_task(self, index) for e in self.evaluators])
+        check_figures({**columns, **scalars}, self._where())
         evaluated = time.perf_counter()
         self.results.record_task(
             index,
@@ -246,7 +300,8 @@ class ContinualPEGPTrainer(Trainer):
         self._task_event("on_task_end", index, results=self.results)
         target = Path(self.args.output_dir) / task_dir_name(index + 1)
         if self.args.should_save:  # the main process writes; every process waits for it, so any rank can resume
-            state = task_state(self.tasks, self.results.finished_tasks, self.continual_results(), self._config())
+            state = task_state(self.tasks, self.results.finished_tasks, self.continual_results(), self._config(),
+                               self.run_id)  # fmt: skip
             card = functools.partial(model_card, state, self.results, self.pet.base_model_name(),
                                      self.pet.library_name, self.pet.methods)  # fmt: skip
             write_task_checkpoint(target, self.pet, self.projector, self.objective, state, card)
@@ -271,7 +326,7 @@ class ContinualPEGPTrainer(Trainer):
                     if observe is not None:
                         observe(inputs, outputs)
         if pegp:
-            grow_bases_on_every_rank(self.projector, capture.covariances, self.args.threshold)
+            grow_bases_on_every_rank(self.projector, capture.covariances, self.args.threshold, self._where())
         self.objective.after_feature_pass(self, index)
 
     def _log_task(self, index: int) -> None:
@@ -301,13 +356,12 @@ class ContinualPEGPTrainer(Trainer):
         resume."""
         return {**{key: getattr(self.args, key) for key in CONFIG_KEYS}, **self.objective.config()}
 
-    def _resume(self, checkpoint: str | bool) -> int:
-        """Load a task checkpoint; return how many tasks it finished. Every file is read and checked before any
-        state of the trainer or the model changes."""
+    def _read_resumed(self, checkpoint: str | bool) -> StoredTask:
+        """Read and check a task checkpoint to continue from; nothing of the trainer or the model changes yet."""
         if checkpoint is True:
             path = latest_task_checkpoint(self.args.output_dir)
         else:
-            path = resolve_checkpoint(checkpoint, token=self.args.hub_token)
+            path = resolve_checkpoint(checkpoint, token=self.args.hub_token, revision=self.args.hub_revision)
         if path is None:
             raise CheckpointError(
                 f"resume_from_checkpoint=True but {self.args.output_dir} holds no task-<k> checkpoint"
@@ -315,10 +369,30 @@ class ContinualPEGPTrainer(Trainer):
         strict = ("method", *self.objective.must_match)
         stored = read_task_checkpoint(path, self.tasks, self._config(), strict, self.pet, self.projector,
                                       self.objective, self.results)  # fmt: skip
-        stored.load_into(self.pet, self.projector, self.objective)
-        self.results = stored.results
-        logger.info("resumed from %s after %d finished tasks", path, stored.finished_tasks)
-        return stored.finished_tasks
+        logger.info("resuming from %s after %d finished tasks", path, stored.finished_tasks)
+        return stored
+
+    def _claim_output_dir(self, stored: StoredTask | None) -> None:
+        """Refuse an ``output_dir`` holding ``task-<k>`` folders of another run (any, for a fresh run; those whose
+        ``run_id`` is not the resumed one's, for a resume): the runs' checkpoints would mix, and a later
+        ``resume_from_checkpoint=True`` would pick the newest of either. ``overwrite_output_dir`` removes them."""
+        folders = task_checkpoints(self.args.output_dir)
+        foreign = folders if stored is None else [p for p in folders if checkpoint_run_id(p) != stored.run_id]
+        if not foreign:
+            return
+        names = [path.name for path in foreign]
+        if not self.args.overwrite_output_dir:
+            whose = "an earlier run" if stored is None else "another run than the one resumed"
+            raise CheckpointError(
+                f"{self.args.output_dir} holds {names} of {whose}; this run's checkpoints would mix with them. "
+                "Continue that run with train(resume_from_checkpoint=True), choose another output_dir, or set "
+                "overwrite_output_dir=True to remove them"
+            )
+        if self.args.should_save:
+            logger.warning("overwrite_output_dir: removing %s from %s", names, self.args.output_dir)
+            for path in foreign:
+                shutil.rmtree(path)
+        self.accelerator.wait_for_everyone()
 
 
 def _default_objective(tasks: TaskSequence) -> ContinualObjective:

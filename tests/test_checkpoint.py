@@ -7,11 +7,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import AtTaskStart, matrices, synthetic_images, tiny_vit, training_args
+from helpers import AtTaskStart, matrices, plain_vit, synthetic_images, tiny_vit, training_args
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf import ContinualPEGPTrainer, TaskSequence, class_incremental_tasks
 from pegp_hf.io.checkpoint import SUBSPACES_NAME, CheckpointError, atomic_directory
 from pegp_hf.tuners import pet_handle
 
@@ -143,15 +143,23 @@ def test_subspace_file_with_wrong_shapes_is_named(tmp_path, task_1):
 
 
 def test_subspace_file_for_other_tensors_is_named(tmp_path, task_1):
-    other = tiny_vit(num_labels=6, targets=("q_proj", "k_proj", "v_proj"))
-    with pytest.raises(CheckpointError, match="does not match the model's protected tensors: missing"):
-        make_trainer(tmp_path / "out", model=other).train(resume_from_checkpoint=str(task_1))
+    path = task_1 / SUBSPACES_NAME
+    bases = load_file(path)
+    key = next(k for k in bases if "q_proj.lora_A" in k)
+    bases[key.replace("q_proj", "k_proj")] = bases.pop(key)  # the adapter fits, its bases name another tensor
+    save_file(bases, path)
+    with pytest.raises(CheckpointError, match=r"does not match the model's protected tensors: missing \[.*q_proj"):
+        make_trainer(tmp_path / "out").train(resume_from_checkpoint=str(task_1))
 
 
 def test_adapter_with_wrong_shapes_is_named(task_1):
-    wider = tiny_vit(num_labels=6, rank=8)
-    with pytest.raises(CheckpointError, match=r"lora_A.weight has shape \(4, 32\) but the model's is \(8, 32\)"):
-        pet_handle(wider).read_pretrained(task_1)
+    path = task_1 / "adapter_model.safetensors"
+    weights = load_file(path)
+    key = next(k for k in weights if "lora_A" in k)
+    weights[key] = torch.zeros(3, 32)  # the config still says r=4: only the file is wrong
+    save_file(weights, path)
+    with pytest.raises(CheckpointError, match=r"lora_A.weight has shape \(3, 32\) but the model's is \(4, 32\)"):
+        pet_handle(tiny_vit(num_labels=6, dropout=0.1)).read_pretrained(task_1)
 
 
 def test_checkpoint_of_another_task_sequence_is_refused(tmp_path, task_1):
@@ -177,14 +185,28 @@ def _edit_state(folder, edit):
         (lambda s: s.update(config=[]), "field 'config' must be a JSON dict"),
         (lambda s: s["results"].pop("timings"), "field 'results.timings' must list the 1 finished tasks"),
         (lambda s: s["results"].update(updates=[]), "field 'results.updates' must list the 1 finished tasks"),
+        (lambda s: s.update(run_id=7), "field 'run_id' must be a JSON str"),
+        (lambda s: s["results"]["class_incremental"].update(matrix=[50.0, 60.0]), "matrix has shape (2,)"),
+        (lambda s: s["results"]["class_incremental"]["matrix"][0].__setitem__(0, None), "lacks a value measured"),
     ],
-    ids=["count-3-in-task-1", "count-0", "negative", "string", "config-list", "no-timings", "no-updates"],
+    ids=[
+        "count-3-in-task-1",
+        "count-0",
+        "negative",
+        "string",
+        "config-list",
+        "no-timings",
+        "no-updates",
+        "run-id",
+        "matrix-shape",
+        "matrix-hole",
+    ],
 )
 def test_an_edited_state_is_refused_naming_file_and_field_before_the_model_changes(tmp_path, task_1, edit, field):
     _edit_state(task_1, edit)
     trainer = make_trainer(tmp_path / "out")
     before = trainable(trainer.model)
-    with pytest.raises(CheckpointError, match=r"pegp_state\.json: field ") as error:
+    with pytest.raises(CheckpointError, match=r"pegp_state\.json: field |task-1: results\.") as error:
         trainer.train(resume_from_checkpoint=str(task_1))
     assert field in str(error.value)
     assert all(torch.equal(before[n], p) for n, p in trainable(trainer.model).items())
@@ -209,3 +231,133 @@ def test_a_checkpoint_written_before_objectives_resumes_to_the_same_matrices(tmp
         expected = np.array(finished[name]["accuracy_matrix"], dtype=float)
         np.testing.assert_array_equal(matrices(trainer)[name], expected)
     assert trainer.continual_results()["acc"] == finished["acc"]
+
+
+# ---- a folder holds one run ------------------------------------------------------------------------------------
+
+
+def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, uninterrupted):
+    """The old run's task-1..3 would mix with the new run's, and a resume would pick the old task-3."""
+    shutil.copytree(uninterrupted.args.output_dir, tmp_path, dirs_exist_ok=True)
+    trainer = make_trainer(tmp_path)
+    before = trainable(trainer.model)
+    with pytest.raises(CheckpointError, match=r"holds \['task-1', 'task-2', 'task-3'\] of an earlier run") as error:
+        trainer.train()
+    assert "overwrite_output_dir=True" in str(error.value) and "resume_from_checkpoint=True" in str(error.value)
+    assert all(torch.equal(before[n], p) for n, p in trainable(trainer.model).items())
+    old_run = json.loads((tmp_path / "task-3" / "pegp_state.json").read_text())["run_id"]
+
+    overwriting = make_trainer(tmp_path, overwrite_output_dir=True)
+    overwriting.add_callback(crash_at_task(1))
+    with pytest.raises(CrashError):
+        overwriting.train()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task-1"]  # the old task-2 / task-3 are gone
+    assert json.loads((tmp_path / "task-1" / "pegp_state.json").read_text())["run_id"] == overwriting.run_id != old_run
+
+
+def test_a_resume_refuses_a_folder_mixing_two_runs(tmp_path, uninterrupted):
+    shutil.copytree(f"{uninterrupted.args.output_dir}/task-1", tmp_path / "task-1")
+    _edit_state(tmp_path / "task-1", lambda s: s.update(run_id="another-run"))
+    shutil.copytree(f"{uninterrupted.args.output_dir}/task-2", tmp_path / "task-2")
+    with pytest.raises(CheckpointError, match=r"more than one run: \['task-1'\] were not written by the run of task-2"):
+        make_trainer(tmp_path).train(resume_from_checkpoint=True)
+    # resuming from an explicit folder into an output_dir holding another run's folder is refused too
+    with pytest.raises(CheckpointError, match=r"holds \['task-1'\] of another run than the one resumed"):
+        make_trainer(tmp_path).train(resume_from_checkpoint=str(tmp_path / "task-2"))
+
+
+def test_a_kill_between_the_two_renames_is_repaired_before_resuming(tmp_path, uninterrupted):
+    """A kill inside ``atomic_directory`` leaves ``.task-2.tmp-*`` (staging) and ``.task-1.old-*/task-1`` (the
+    previous version renamed aside, the new one not yet in place): the next run puts task-1 back and cleans up."""
+    shutil.copytree(f"{uninterrupted.args.output_dir}/task-1", tmp_path / ".task-1.old-x" / "task-1")
+    (tmp_path / ".task-2.tmp-y").mkdir()
+    (tmp_path / ".task-2.tmp-y" / "adapter_model.safetensors").write_bytes(b"half")
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task-1", "task-2", "task-3"]
+    for name, matrix in matrices(uninterrupted).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], matrix)
+
+
+# ---- the PEFT adapter: its config, its name ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("lora", "field"),
+    [
+        (dict(lora_alpha=8), "lora_alpha=4 (the model's: 8)"),
+        (dict(lora_dropout=0.0), "lora_dropout=0.1 (the model's: 0.0)"),
+        (dict(use_rslora=True), "use_rslora=False (the model's: True)"),
+        (dict(target_modules=["q_proj", "k_proj"]), "target_modules=["),
+    ],
+    ids=["alpha", "dropout", "rslora", "targets"],
+)
+def test_a_resume_with_another_lora_config_is_refused(tmp_path, task_1, lora, field):
+    """Same shapes, other outputs: lora_alpha 8 instead of 4 doubles every old task's LoRA contribution."""
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(
+        r=4, lora_alpha=4, lora_dropout=0.1, target_modules=["q_proj", "v_proj"], modules_to_save=["classifier"]
+    )
+    options.update(lora)
+    model = get_peft_model(plain_vit(num_labels=6), LoraConfig(**options))
+    trainer = make_trainer(tmp_path / "out", model=model)
+    before = trainable(model)
+    with pytest.raises(CheckpointError, match=r"adapter_config\.json: the adapter was trained with") as error:
+        trainer.train(resume_from_checkpoint=str(task_1))
+    assert field in str(error.value) and "PeftConfig.from_pretrained" in str(error.value)
+    assert all(torch.equal(before[n], p) for n, p in trainable(model).items())
+
+
+def _outputs(model, pixels):
+    model.eval()
+    with torch.no_grad():
+        return model(pixel_values=pixels).logits
+
+
+def test_the_active_adapter_is_saved_whatever_its_name_and_whatever_else_the_model_holds(tmp_path):
+    """Two adapters, the second (``mine``) active and trained: each task folder holds ``mine`` alone, at its top, so
+    plain PEFT loads the trained adapter, and a crashed run resumes into ``mine``."""
+    from peft import LoraConfig, PeftModel
+    from peft.utils import get_peft_model_state_dict
+
+    def two_adapters():
+        model = tiny_vit(num_labels=6)
+        model.add_adapter("mine", LoraConfig(r=4, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                             modules_to_save=["classifier"]))  # fmt: skip
+        model.set_adapter("mine")
+        return model
+
+    tasks = TaskSequence(TASKS[:2], TASKS.scenario)
+    full = make_trainer(tmp_path / "full", model=two_adapters(), tasks=tasks)
+    untouched = get_peft_model_state_dict(full.model, adapter_name="default")
+    full.train()
+    folder = tmp_path / "full" / "task-2"
+    assert not (folder / "mine").exists() and not (folder / "default").exists()
+    saved = load_file(folder / "adapter_model.safetensors")
+    trained = get_peft_model_state_dict(full.model, adapter_name="mine")
+    assert set(saved) == set(trained) and all(torch.equal(saved[k], trained[k]) for k in saved)
+    assert any(not torch.equal(untouched[k], trained[k]) for k in trained)  # the saved adapter is the trained one
+    pixels = synthetic_images(num_labels=6, per_class=2, seed=5)[:]["pixel_values"]
+    plain = PeftModel.from_pretrained(plain_vit(num_labels=6), folder)
+    torch.testing.assert_close(_outputs(plain, pixels), _outputs(full.model, pixels), rtol=0, atol=1e-5)
+
+    crashed = make_trainer(tmp_path / "run", model=two_adapters(), tasks=tasks)
+    crashed.add_callback(crash_at_task(1))
+    with pytest.raises(CrashError):
+        crashed.train()
+    resumed = make_trainer(tmp_path / "run", model=two_adapters(), tasks=tasks)
+    resumed.train(resume_from_checkpoint=True)
+    for name, matrix in matrices(full).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], matrix)
+    torch.testing.assert_close(_outputs(resumed.model, pixels), _outputs(full.model, pixels), rtol=0, atol=1e-5)
+
+
+def test_two_active_adapters_are_refused():
+    from peft import LoraConfig
+
+    model = tiny_vit(num_labels=6)
+    model.add_adapter("second", LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    model.base_model.set_adapter(["default", "second"])
+    with pytest.raises(ValueError, match=r"2 active adapters \['default', 'second'\].*model\.set_adapter"):
+        make_trainer("unused", model=model)

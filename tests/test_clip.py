@@ -209,7 +209,8 @@ def fake_hub(tmp_path, monkeypatch):
     monkeypatch.setattr(HfApi, "create_repo", lambda self, repo_id, **kw: RepoUrl(f"https://huggingface.co/{repo_id}"))
     monkeypatch.setattr(HfApi, "upload_folder", upload_folder)
     monkeypatch.setattr(HfApi, "create_commit", create_commit)
-    monkeypatch.setattr(pegp_hf.io.hub, "snapshot_download", lambda repo_id, token=None: str(remote / repo_id))
+    download = lambda repo_id, token=None, revision=None: str(remote / repo_id)  # noqa: E731
+    monkeypatch.setattr(pegp_hf.io.hub, "snapshot_download", download)
     return remote, commits
 
 

@@ -38,6 +38,19 @@ def test_builder_errors_name_the_problem():
         class_incremental_tasks(TRAIN, TEST, num_tasks=7)
     with pytest.raises(ValueError, match="class_order"):
         class_incremental_tasks(TRAIN, TEST, num_tasks=2, class_order=[0, 1, 2])
+    with pytest.raises(ValueError, match="train dataset is empty"):
+        class_incremental_tasks(labelled([]), TEST, num_tasks=2)
+    names = labelled(["cat", "dog", "cat", "dog"])
+    with pytest.raises(ValueError, match=r"holds labels such as 'cat', not integer class ids.*class_encode_column"):
+        class_incremental_tasks(names, names, num_tasks=2)
+    with pytest.raises(ValueError, match=r"holds labels such as 0\.5"):
+        class_incremental_tasks(labelled([0.5, 1.5]), TEST, num_tasks=2)
+
+
+def test_test_rows_of_classes_without_training_rows_are_refused_not_dropped():
+    """Before, they were dropped in silence (24 of 144 test rows in one sweep case)."""
+    with pytest.raises(ValueError, match=r"the test dataset has 4 rows of classes \[6, 7\] that the train dataset"):
+        class_incremental_tasks(TRAIN, labelled(np.repeat(np.arange(8), 2)), num_tasks=3)
 
 
 def test_validate_rejects_overlapping_classes():

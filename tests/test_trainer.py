@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import matrices, synthetic_images, tiny_vit, training_args
+from helpers import matrices, plain_vit, synthetic_images, tiny_vit, training_args
 from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file
-from transformers import ViTConfig, ViTForImageClassification
+from transformers import TrainingArguments, ViTConfig, ViTForImageClassification
 
 from pegp_hf import (
     ContinualPEGPTrainer,
@@ -189,12 +189,27 @@ def test_protect_pattern_selects_tensors_and_must_match_something(tmp_path):
     tasks = class_incremental_tasks(TRAIN, TEST, 2)
     only_a = ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, protect="lora_A"), tasks=tasks)
     assert only_a.projector.tensors and all("lora_A" in n for n in only_a.projector.tensors)
-    with pytest.raises(ValueError, match="no trainable PET tensor matches"):
+    expected = (
+        r"of the lora adapter matches protect='adapter_down'.*protectable tensors are base_model\.model\..*lora_A"
+    )
+    with pytest.raises(ValueError, match=expected):
         ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, protect="adapter_down"), tasks=tasks)
+    from peft import IA3Config
+
+    ia3 = get_peft_model(plain_vit(), IA3Config(target_modules=["q_proj", "v_proj"], feedforward_modules=[]))
+    with pytest.raises(ValueError, match=r"of the ia3 adapter matches protect='lora'.*tensors are .*ia3_l"):
+        ContinualPEGPTrainer(model=ia3, args=training_args(tmp_path, protect="lora"), tasks=tasks)
 
 
 def test_trainer_refuses_datasets_and_models_without_adapter(tmp_path):
     tasks = class_incremental_tasks(TRAIN, TEST, 2)
+    with pytest.raises(TypeError, match="args must be PEGPTrainingArguments, got TrainingArguments"):
+        ContinualPEGPTrainer(model=tiny_vit(), args=TrainingArguments(str(tmp_path), use_cpu=True), tasks=tasks)
+    with pytest.raises(TypeError, match=r"tasks must be a TaskSequence, got list: build one with class_incremental"):
+        ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path), tasks=list(tasks))
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"output_dir .*a-file is a file; task checkpoints go into a folder"):
+        training_args(tmp_path / "a-file")
     with pytest.raises(ValueError, match="sets train_dataset itself"):
         ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path), tasks=tasks, train_dataset=TRAIN)
     with pytest.raises(TypeError, match="must carry a PET adapter"):

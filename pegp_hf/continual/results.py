@@ -203,7 +203,16 @@ class ContinualResults:
             size,
         )
         for name, matrix in restored.matrices.items():
-            values = np.array(stored[name]["matrix"], dtype=np.float64)
+            try:
+                values = np.array(stored[name]["matrix"], dtype=np.float64)
+            except (KeyError, TypeError, ValueError) as error:
+                raise ValueError(f"results.{name}.matrix is not a matrix of numbers: {error}") from error
+            if values.ndim != 2 or min(values.shape) < done:
+                raise ValueError(f"results.{name}.matrix has shape {values.shape}; {done} finished tasks need "
+                                 f"({done}, {done}) at least")  # fmt: skip
+            measured = values[:done, :done][np.triu_indices(done)]
+            if not np.isfinite(measured).all():
+                raise ValueError(f"results.{name}.matrix lacks a value measured after one of the {done} finished tasks")
             matrix.values[:done, :done] = values[:done, :done]
         restored.initial_metrics = dict(stored.get("initial_metrics", {}))
         restored.task_metrics = list(stored["task_metrics"])[:done]

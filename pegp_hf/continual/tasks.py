@@ -130,9 +130,22 @@ class TaskSequence(Sequence):
 
 
 def _labels(split: Dataset, label_column: str, what: str) -> np.ndarray:
+    """The integer class ids of ``split``'s ``label_column``.
+
+    Raises:
+        ValueError: the split is empty, lacks the column, or its labels are not integer class ids (with the fix).
+    """
     if label_column not in split.column_names:
         raise ValueError(f"{what} has no label column {label_column!r} (columns: {split.column_names})")
-    return np.asarray(split.with_format("numpy")[label_column]).astype(np.int64)
+    if len(split) == 0:
+        raise ValueError(f"{what} is empty: it has no rows")
+    labels = np.asarray(split.with_format("numpy")[label_column])
+    if labels.ndim != 1 or not (np.issubdtype(labels.dtype, np.integer) or np.issubdtype(labels.dtype, np.bool_)):
+        raise ValueError(
+            f"{what}'s {label_column!r} holds labels such as {np.asarray(labels.flat[0]).item()!r}, not integer "
+            f"class ids: encode them first, e.g. dataset.class_encode_column({label_column!r})"
+        )
+    return labels.astype(np.int64)
 
 
 def _select(split: Dataset, labels: np.ndarray, classes: Sequence[int]) -> Dataset:
@@ -168,6 +181,13 @@ def class_incremental_tasks(
             )
     if not 1 <= num_tasks <= len(classes):
         raise ValueError(f"num_tasks must be between 1 and the number of classes ({len(classes)}), got {num_tasks}")
+    untrained = np.setdiff1d(np.unique(test_labels), classes)
+    if len(untrained):
+        dropped = int(np.isin(test_labels, untrained).sum())
+        raise ValueError(
+            f"the test dataset has {dropped} rows of classes {untrained.tolist()} that the train dataset lacks: no "
+            "task would own them and they would be dropped; filter them out of the test dataset first"
+        )
     tasks = []
     for index, group in enumerate(np.array_split(order, num_tasks)):
         group = sorted(int(c) for c in group)

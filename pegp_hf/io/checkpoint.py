@@ -36,6 +36,7 @@ from safetensors.torch import save_file
 from pegp_hf.continual.objectives import ContinualObjective
 from pegp_hf.continual.results import ContinualResults
 from pegp_hf.continual.tasks import TaskSequence
+from pegp_hf.core.finite import check_tensors
 from pegp_hf.core.projector import GradientProjector
 from pegp_hf.tuners.handle import PETHandle
 from pegp_hf.utils import CheckpointError, key_mismatch, library_versions, read_safetensors
@@ -53,11 +54,14 @@ __all__ = [
     "CheckpointError",
     "StoredTask",
     "atomic_directory",
+    "checkpoint_run_id",
     "latest_task_checkpoint",
     "load_subspaces",
     "read_state",
     "read_task_checkpoint",
+    "remove_staging",
     "save_subspaces",
+    "task_checkpoints",
     "task_dir_name",
     "task_state",
     "write_state",
@@ -70,17 +74,61 @@ def task_dir_name(finished_tasks: int) -> str:
     return f"task-{finished_tasks}"
 
 
-def latest_task_checkpoint(output_dir: str | os.PathLike) -> Path | None:
-    """The ``task-<k>`` folder of ``output_dir`` with the largest ``k`` that holds a state file, or ``None``."""
+def task_checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``task-<k>`` folder of ``output_dir``, by ``k``."""
     root = Path(output_dir)
     if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), path) for path in root.iterdir() if (m := _TASK_DIR.match(path.name)) and path.is_dir()]
+    return [path for _, path in sorted(found)]
+
+
+def latest_task_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The ``task-<k>`` folder of ``output_dir`` with the largest ``k`` that holds a state file, or ``None``.
+
+    Raises:
+        CheckpointError: the folders up to it were written by more than one run (their ``run_id`` differ).
+    """
+    found = [path for path in task_checkpoints(output_dir) if (path / STATE_NAME).is_file()]
+    if not found:
         return None
-    found = [
-        (int(m.group(1)), path)
-        for path in root.iterdir()
-        if (m := _TASK_DIR.match(path.name)) and (path / STATE_NAME).is_file()
-    ]
-    return max(found)[1] if found else None
+    runs = {path.name: checkpoint_run_id(path) for path in found}
+    latest = runs[found[-1].name]
+    others = [name for name, run in runs.items() if run != latest]
+    if latest is not None and others:
+        raise CheckpointError(
+            f"{output_dir} holds checkpoints of more than one run: {others} were not written by the run of "
+            f"{found[-1].name}; remove the other run's folders, or pass the folder to resume from explicitly"
+        )
+    return found[-1]
+
+
+def checkpoint_run_id(folder: str | os.PathLike) -> str | None:
+    """The ``run_id`` of ``folder``'s state, or ``None`` when it has none or cannot be read."""
+    try:
+        return json.loads((Path(folder) / STATE_NAME).read_text()).get("run_id")
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return None  # read_state names what is wrong with it, if it is the one resumed from
+
+
+def remove_staging(output_dir: str | os.PathLike) -> list[str]:
+    """Clean what a crash inside :func:`atomic_directory` left in ``output_dir``: a ``.task-<k>.tmp-*`` staging
+    folder is removed; a ``task-<k>`` renamed aside (``.task-<k>.old-*``) is put back if ``task-<k>`` is missing
+    (the crash fell between the two renames), else removed. Returns the names cleaned."""
+    root = Path(output_dir)
+    if not root.is_dir():
+        return []
+    cleaned = []
+    for path in sorted(root.iterdir()):
+        m = re.fullmatch(r"\.(task-\d+)\.(tmp|old)-.+", path.name)
+        if not m or not path.is_dir():
+            continue
+        retired, target = path / m[1], root / m[1]
+        if m[2] == "old" and retired.is_dir() and not target.exists():
+            os.replace(retired, target)
+        shutil.rmtree(path)
+        cleaned.append(path.name)
+    return cleaned
 
 
 def _fsync_tree(folder: Path) -> None:
@@ -201,9 +249,9 @@ def _check_state(path: Path, state: dict[str, Any]) -> None:
             f"{path}: field 'finished_tasks' is {done} but the folder is {path.parent.name}; the file was edited or "
             f"moved: restore it, or resume from the folder task-{done} of the run that wrote it"
         )
-    types = {"scenario": str, "task_classes": list, "results": dict, "config": dict}
+    types = {"scenario": str, "task_classes": list, "results": dict, "config": dict, "task_names": list, "run_id": str}
     for key, kind in types.items():
-        if not isinstance(state[key], kind):
+        if key in state and not isinstance(state[key], kind):
             raise CheckpointError(f"{path}: field {key!r} must be a JSON {kind.__name__}, got {state[key]!r}")
     if len(state["task_classes"]) < done:
         raise CheckpointError(f"{path}: field 'task_classes' lists {len(state['task_classes'])} tasks, not {done}")
@@ -228,11 +276,13 @@ def _upgraded(state: dict[str, Any]) -> dict[str, Any]:
 
 
 def task_state(
-    tasks: TaskSequence, finished_tasks: int, results: Mapping[str, Any], config: Mapping[str, Any]
+    tasks: TaskSequence, finished_tasks: int, results: Mapping[str, Any], config: Mapping[str, Any], run_id: str
 ) -> dict[str, Any]:
-    """The content of ``pegp_state.json`` after ``finished_tasks`` tasks of ``tasks``."""
+    """The content of ``pegp_state.json`` after ``finished_tasks`` tasks of ``tasks``; ``run_id`` names the run
+    (kept across resumes), so checkpoints of two runs in one folder are told apart."""
     return {
         "finished_tasks": finished_tasks,
+        "run_id": run_id,
         "scenario": tasks.scenario,
         "label_column": tasks.label_column,
         "task_names": [task.name for task in tasks],
@@ -252,7 +302,13 @@ def write_task_checkpoint(
     card: Callable[[list[str]], str],
 ) -> None:
     """Write the whole ``task-<k>`` folder atomically: adapter, bases, the objective's files, state, and the model
-    card ``card(names of the files written)``."""
+    card ``card(names of the files written)``.
+
+    Raises:
+        NonFiniteError: an adapter weight or a basis holds NaN / inf (nothing is written).
+    """
+    check_tensors(pet.state_dict(), "the adapter weights", f"not writing {target}")
+    check_tensors(projector.bases, "the subspace bases", f"not writing {target}")
     with atomic_directory(target) as staging:
         pet.save_pretrained(staging)
         save_subspaces(staging / SUBSPACES_NAME, projector.bases, pet.weight_key, state["config"]["threshold"])
@@ -266,6 +322,7 @@ class StoredTask:
     """A task checkpoint read and checked against the model, the task sequence and the run, not loaded yet."""
 
     finished_tasks: int
+    run_id: str | None
     adapter: dict[str, torch.Tensor]
     bases: dict[str, torch.Tensor] | None
     objective_state: Any
@@ -310,6 +367,12 @@ def read_task_checkpoint(
             f"classes {finished_classes}, this {tasks.scenario} sequence of {len(tasks)} starts with "
             f"{tasks.task_classes[:done]}"
         )
+    names = [task.name for task in tasks][:done]
+    if "task_names" in state and state["task_names"][:done] != names:
+        raise CheckpointError(
+            f"{path} was made for a different task sequence: its finished tasks are {state['task_names'][:done]}, "
+            f"this sequence starts with {names}"
+        )
     stored_config = state["config"]
     for key in strict:
         if stored_config.get(key) != config[key]:
@@ -321,10 +384,10 @@ def read_task_checkpoint(
         restored = results.restore(state["results"], done)
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: {error}") from error
+    adapter = pet.read_pretrained(path)  # first: another adapter config explains any basis mismatch below
     bases = None
     if config["method"] == "pegp":
         bases = load_subspaces(path / SUBSPACES_NAME, list(projector.tensors), pet.weight_key)
         projector.check_bases(bases)
     objective_state = objective.read_checkpoint(path)
-    adapter = pet.read_pretrained(path)
-    return StoredTask(done, adapter, bases, objective_state, restored)
+    return StoredTask(done, state.get("run_id"), adapter, bases, objective_state, restored)

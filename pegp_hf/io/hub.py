@@ -22,10 +22,12 @@ def push_task_checkpoint(
     folder: str | os.PathLike, repo_id: str, commit_message: str, token: str | None = None,
     revision: str | None = None,
 ) -> None:  # fmt: skip
-    """Upload every file of ``folder`` to the root of the model repo ``repo_id`` in one commit."""
-    HfApi(token=token).upload_folder(
-        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision
-    )
+    """Upload every file of ``folder`` to the root of the model repo ``repo_id`` in one commit, on branch
+    ``revision`` (made from ``main`` the first time) or ``main``."""
+    api = HfApi(token=token)
+    if revision is not None:
+        api.create_branch(repo_id=repo_id, branch=revision, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message, revision=revision)
 
 
 class PushTaskToHubCallback(ContinualCallback):
@@ -42,12 +44,15 @@ class PushTaskToHubCallback(ContinualCallback):
             )
 
 
-def resolve_checkpoint(path_or_repo_id: str | os.PathLike, token: str | None = None) -> Path:
-    """A local folder as it is, or a Hub repo id downloaded (``snapshot_download``) to the local cache."""
+def resolve_checkpoint(
+    path_or_repo_id: str | os.PathLike, token: str | None = None, revision: str | None = None
+) -> Path:
+    """A local folder as it is, or a Hub repo id downloaded (``snapshot_download``, at ``revision``: the branch the
+    run pushed to with ``hub_revision``; default ``main``) to the local cache."""
     path = Path(path_or_repo_id)
     if path.exists():
         return path
     text = str(path_or_repo_id)
     if text.startswith(("/", ".", "~")) or text.count("/") > 1:
         raise FileNotFoundError(f"no checkpoint folder {text} (and it is not a Hub repo id of the form owner/name)")
-    return Path(snapshot_download(repo_id=text, token=token))
+    return Path(snapshot_download(repo_id=text, token=token, revision=revision))

@@ -8,13 +8,14 @@ adapter folder (``adapter_model.safetensors`` + ``adapter_config.json``) with th
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
-from peft.utils import SAFETENSORS_WEIGHTS_NAME
+from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from torch import nn
 
 from pegp_hf.core.protected import ProtectedTensor
@@ -103,9 +104,22 @@ class PETHandle(ABC):
 
 
 class PeftHandle(PETHandle):
-    """A ``peft.PeftModel``'s active adapter, saved and loaded with PEFT."""
+    """A ``peft.PeftModel``'s active adapter, saved and loaded with PEFT.
+
+    Only the active adapter is trained, saved and restored, whatever its name and whatever other adapters the model
+    holds: the adapter folder is what ``PeftModel.from_pretrained(base, folder)`` loads (as ``default``).
+    """
 
     library_name = "peft"
+
+    def __init__(self, model: nn.Module) -> None:
+        active = list(getattr(model, "active_adapters", [model.active_adapter]))
+        if len(active) != 1:
+            raise ValueError(
+                f"the PEFT model has {len(active)} active adapters {active}; pegp_hf trains, protects and saves one: "
+                "activate it with model.set_adapter(name)"
+            )
+        super().__init__(model)
 
     @property
     def adapter_name(self) -> str:
@@ -128,7 +142,33 @@ class PeftHandle(PETHandle):
         return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        self.model.save_pretrained(directory)
+        """PEFT's ``save_pretrained`` of the active adapter alone, its files at the top of ``directory`` (PEFT puts
+        an adapter not named ``default`` in a subfolder of that name)."""
+        self.model.save_pretrained(directory, selected_adapters=[self.adapter_name])
+        nested = Path(directory) / self.adapter_name
+        if self.adapter_name != "default" and nested.is_dir():
+            for path in nested.iterdir():
+                os.replace(path, Path(directory) / path.name)
+            nested.rmdir()
+
+    def read_pretrained(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """Also checks that ``directory``'s ``adapter_config.json`` is the active adapter's config (rank, alpha,
+        targets, dropout, bias, ``use_rslora``, ...): the same weights under another config give other outputs."""
+        path = Path(directory) / CONFIG_NAME
+        try:
+            stored = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise CheckpointError(f"{path} is missing or not valid JSON: {error}") from error
+        current = self.model.peft_config[self.adapter_name].to_dict()
+        differ = {key: (stored[key], current[key]) for key in sorted(set(stored) & set(current) - _CONFIG_UNCHECKED)
+                  if _comparable(stored[key]) != _comparable(current[key])}  # fmt: skip
+        if differ:
+            listed = ", ".join(f"{key}={old!r} (the model's: {new!r})" for key, (old, new) in differ.items())
+            raise CheckpointError(
+                f"{path}: the adapter was trained with {listed}; build the model's adapter from this config "
+                f"(peft.PeftConfig.from_pretrained('{directory}')) to continue the run"
+            )
+        return super().read_pretrained(directory)
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         from peft import set_peft_model_state_dict
@@ -179,6 +219,20 @@ class TunerHandle(PETHandle):
 
     def load_weights(self, weights: dict[str, torch.Tensor]) -> None:
         set_pet_state_dict(self.model, weights)
+
+
+# settings of the saved config that do not change what the weights compute
+_CONFIG_UNCHECKED = {"auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
+                     "init_lora_weights"}  # fmt: skip
+
+
+def _comparable(value: object) -> object:
+    """A config value as JSON holds it, order-free where PEFT keeps a set (``target_modules``)."""
+    if isinstance(value, (set, list, tuple)):
+        return sorted((_comparable(item) for item in value), key=repr)
+    if isinstance(value, dict):
+        return {key: _comparable(item) for key, item in value.items()}
+    return getattr(value, "value", value)  # enums (peft_type, task_type) as their JSON strings
 
 
 def pet_handle(model: nn.Module) -> PETHandle:
