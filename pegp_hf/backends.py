@@ -15,7 +15,7 @@ every rank holds the same bits (:func:`grow_bases_on_every_rank`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING
 
 import torch
@@ -113,10 +113,16 @@ def resolve_projection_mode(trainer: Trainer, projector: GradientProjector) -> s
 
 
 def grow_bases_on_every_rank(
-    projector: GradientProjector, covariances: Mapping[str, torch.Tensor], threshold: float, where: str = "growth"
+    projector: GradientProjector,
+    covariances: Mapping[str, torch.Tensor],
+    threshold: float,
+    where: str = "growth",
+    names: Iterable[str] | None = None,
 ) -> None:
-    """Sum the per-process covariances, grow the bases on the main process (logging tensors that became full) and
-    broadcast them, so every rank holds the same bits (Accelerate's process state; one process: just grow).
+    """Sum the per-process covariances, grow the bases of ``names`` (default: every protected tensor, as after a
+    task; a reference set grows :meth:`~pegp_hf.core.projector.GradientProjector.reference_tensors` only) on the main
+    process, logging tensors that became full, and broadcast them, so every rank holds the same bits (Accelerate's
+    process state; one process: just grow).
 
     Raises:
         NonFiniteError: a summed covariance holds NaN / inf (on every rank: they all see the same sums); ``where``
@@ -126,9 +132,9 @@ def grow_bases_on_every_rank(
     distinct = {id(covariance): covariance for covariance in covariances.values()}  # shared sums are reduced once
     reduced = {key: _summed(covariance, state) for key, covariance in distinct.items()}
     summed = {name: reduced[id(covariance)] for name, covariance in covariances.items()}
-    check_tensors(summed, "the feature covariances of the task's samples", where)
+    check_tensors(summed, "the feature covariances", where)
     if state.is_main_process:
-        for name in projector.grow(summed, threshold):
+        for name in projector.grow(summed, threshold, names):
             logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
     if state.num_processes > 1:
         cpu_bases = {name: basis.cpu() for name, basis in projector.bases.items()}

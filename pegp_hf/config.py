@@ -21,9 +21,9 @@ class PEGPTrainingArguments(TrainingArguments):
     """Arguments of :class:`~pegp_hf.ContinualPEGPTrainer`. Epochs, batch size, learning rate, optimizer ... apply
     to every task; a fresh optimizer and scheduler are made for each one.
 
-    Parameters by group: the method (``method``, ``threshold``, ``feature_samples``, ``protect``,
-    ``update_reprojection``, ``projection_mode``) and the classification objective (``loss_classes``, ``head``,
-    ``head_module``, ``head_shrinkage``, ``align_*``: read by
+    Parameters by group: the method (``method``, ``threshold``, ``feature_samples``, ``reference_threshold``,
+    ``reference_samples``, ``protect``, ``update_reprojection``, ``projection_mode``) and the classification
+    objective (``loss_classes``, ``head``, ``head_module``, ``head_shrinkage``, ``align_*``: read by
     :class:`~pegp_hf.continual.classification.ClassificationObjective`, unused by other objectives).
     """
 
@@ -55,6 +55,18 @@ class PEGPTrainingArguments(TrainingArguments):
             "help": "At most this many real tokens of each captured sequence enter the feature covariances, spread "
             "evenly over it, so that long documents do not dominate a basis. Padding (attention_mask 0) never does."
         },
+    )
+    reference_threshold: float = field(
+        default=0.9,
+        metadata={
+            "help": "Energy threshold eps of the reference set ('task 0', the trainer's reference_dataset): before "
+            "the first task, the bases of LoRA A / adapter down / IA3 grow from the reference features to this "
+            "share, and LoRA A / adapter down are moved into their null space (docs/method.md)."
+        },
+    )
+    reference_samples: int | None = field(
+        default=None,
+        metadata={"help": "Rows of the reference set run through the model (default: feature_samples)."},
     )
     covariances_on_cpu: bool = field(
         default=False,
@@ -155,6 +167,10 @@ class PEGPTrainingArguments(TrainingArguments):
             raise ValueError(f"update_reprojection must be one of {REPROJECTION}, got {self.update_reprojection!r}")
         if not 0.0 < self.threshold <= 1.0:
             raise ValueError(f"threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 < self.reference_threshold <= 1.0:
+            raise ValueError(f"reference_threshold must be in (0, 1], got {self.reference_threshold}")
+        if self.reference_samples is not None and self.reference_samples < 1:
+            raise ValueError(f"reference_samples must be at least 1, got {self.reference_samples}")
         if self.feature_samples < 1:
             raise ValueError(f"feature_samples must be at least 1, got {self.feature_samples}")
         if self.feature_tokens_per_sequence is not None and self.feature_tokens_per_sequence < 1:

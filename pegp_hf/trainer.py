@@ -14,6 +14,10 @@ Per task ``t`` (Qiao et al., PEGP, arXiv 2405.13383; ``docs/method.md``):
    pass. Every evaluator fills its column of its matrices, ``on_task_end`` fires, and ``output_dir/task-<t>/`` is
    written atomically (``on_task_save``: the Hub push). ``train(resume_from_checkpoint=...)`` continues after it.
 
+With a ``reference_dataset`` ("task 0": what the pre-trained model already does, e.g. general text), the bases of
+the tensors it protects grow from its features before task 1 with ``reference_threshold``, and LoRA ``A`` / adapter
+``W_down`` start in the null space of those features, so the adapter outputs next to nothing on them throughout.
+
 Everything but the projection, the optimizer-step bracket and this loop is a collaborator: the PET handle
 (``pegp_hf.tuners``), the objective and evaluators (``pegp_hf.continual``), checkpoints and the Hub (``pegp_hf.io``).
 """
@@ -27,12 +31,13 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from datasets import Dataset
 from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
 
@@ -43,12 +48,13 @@ from pegp_hf.continual.callbacks import call_task_event
 from pegp_hf.continual.classification import ClassificationObjective
 from pegp_hf.continual.evaluators import ContinualEvaluator, merge_evaluations
 from pegp_hf.continual.inference import feature_sample_loader, forward_batches
-from pegp_hf.continual.objectives import ContinualObjective, ModelLossObjective
+from pegp_hf.continual.objectives import BatchObserver, ContinualObjective, ModelLossObjective
 from pegp_hf.continual.results import ContinualResults
 from pegp_hf.continual.tasks import TaskSequence
 from pegp_hf.core.capture import FeatureCovariances
 from pegp_hf.core.finite import HINT, NonFiniteError, all_finite, check_figures, check_tensors
 from pegp_hf.core.projector import GradientProjector
+from pegp_hf.core.protected import ProtectedTensor
 from pegp_hf.io.checkpoint import (
     CheckpointError,
     StoredTask,
@@ -67,7 +73,15 @@ from pegp_hf.tuners.handle import pet_handle
 
 logger = logging.getLogger(__name__)
 
-CONFIG_KEYS = ("method", "threshold", "feature_samples", "protect", "update_reprojection", "seed")
+CONFIG_KEYS = (
+    "method",
+    "threshold",
+    "feature_samples",
+    "protect",
+    "update_reprojection",
+    "seed",
+    "reference_threshold",
+)
 
 
 class ContinualPEGPTrainer(Trainer):
@@ -86,6 +100,11 @@ class ContinualPEGPTrainer(Trainer):
         evaluators: measurements after each task beyond the objective's
             (:class:`~pegp_hf.continual.evaluators.ContinualEvaluator`, e.g.
             :class:`~pegp_hf.multimodal.crossmodal.CrossModalEvaluator`).
+        reference_dataset: ``method="pegp"`` only: rows in the tasks' training format (what the collator and the
+            model take; labels are not used) whose outputs the adapter must leave as the pre-trained model gives
+            them. Before the first task, ``reference_samples`` of them grow the bases of the tensors a reference
+            protects (LoRA ``A``, adapter ``W_down``, IA3) with ``reference_threshold``, and LoRA ``A`` / ``W_down``
+            are moved into the null space of those features (``docs/method.md``, "Reference protection").
         **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks`` with
             :class:`~pegp_hf.continual.callbacks.ContinualCallback` task events, ...), except ``train_dataset`` /
             ``eval_dataset`` (set per task), ``compute_loss_func`` (the objective's), ``model_init`` and
@@ -103,6 +122,7 @@ class ContinualPEGPTrainer(Trainer):
         tasks: TaskSequence,
         objective: ContinualObjective | None = None,
         evaluators: Sequence[ContinualEvaluator] = (),
+        reference_dataset: Dataset | None = None,
         **kwargs: Any,
     ):
         if not isinstance(args, PEGPTrainingArguments):
@@ -137,6 +157,9 @@ class ContinualPEGPTrainer(Trainer):
                 f"no trainable PET tensor of the {'/'.join(self.pet.methods)} adapter matches protect={args.protect!r},"
                 f" so nothing would be protected; its protectable tensors are {found}. Widen protect (default '.*')"
             )
+        if reference_dataset is not None:
+            _check_reference(reference_dataset, args.method, protected, self.pet.methods)
+        self.reference_dataset = reference_dataset
         self.evaluators = [*self.objective.evaluators(), *evaluators]
         specs = [spec for evaluator in self.evaluators for spec in evaluator.matrix_specs()]
         self.results = ContinualResults.empty(tasks.scenario, self.objective.headline(tasks), specs, len(tasks))
@@ -240,7 +263,9 @@ class ContinualPEGPTrainer(Trainer):
             stored.load_into(self.pet, self.projector, self.objective)
             self.results, first = stored.results, stored.finished_tasks
         if first == 0:
-            self.results.initial_metrics = {k: v for e in self.evaluators for k, v in e.before_sequence(self).items()}
+            reference = self._protect_reference() if self.reference_dataset is not None else {}
+            measured = {k: v for e in self.evaluators for k, v in e.before_sequence(self).items()}
+            self.results.initial_metrics = {**reference, **measured}
         steps, losses = 0, []
         for index in range(first, len(self.tasks)):
             self._begin_task(index)
@@ -315,19 +340,45 @@ class ContinualPEGPTrainer(Trainer):
         Skipped when neither needs it."""
         pegp = self.args.method == "pegp"
         tensors = self.projector.tensors.values() if pegp else []
-        with (
-            FeatureCovariances(tensors, self.args.feature_tokens_per_sequence, self.args.covariances_on_cpu) as capture,
-            self.objective.observing() as observe,
-        ):
+        with self._capturing(tensors) as capture, self.objective.observing() as observe:
             if pegp or observe is not None:
-                loader = feature_sample_loader(self, self.tasks[index].train, self.args.feature_samples, self.args.seed)
-                select = lambda inputs: capture.select_tokens(inputs.get("attention_mask"))  # noqa: E731
-                for inputs, outputs in forward_batches(self, loader, self.objective.model_takes_labels, select):
-                    if observe is not None:
-                        observe(inputs, outputs)
+                self._capture(capture, self.tasks[index].train, self.args.feature_samples, observe)
         if pegp:
             grow_bases_on_every_rank(self.projector, capture.covariances, self.args.threshold, self._where())
         self.objective.after_feature_pass(self, index)
+
+    def _capturing(self, tensors: Iterable[ProtectedTensor]) -> FeatureCovariances:
+        return FeatureCovariances(tensors, self.args.feature_tokens_per_sequence, self.args.covariances_on_cpu)
+
+    def _capture(
+        self, capture: FeatureCovariances, dataset: Dataset, samples: int, observe: BatchObserver | None = None
+    ) -> None:
+        """Run ``samples`` rows of ``dataset`` (this process's share) through the model, ``capture`` counting the
+        real tokens of each batch and ``observe`` (the objective's) seeing every batch."""
+        loader = feature_sample_loader(self, dataset, samples, self.args.seed)
+        select = lambda inputs: capture.select_tokens(inputs.get("attention_mask"))  # noqa: E731
+        for inputs, outputs in forward_batches(self, loader, self.objective.model_takes_labels, select):
+            if observe is not None:
+                observe(inputs, outputs)
+
+    def _protect_reference(self) -> dict[str, float]:
+        """Task 0: grow the reference tensors' bases from ``reference_samples`` rows of the reference set with
+        ``reference_threshold``, then move the ``"null"`` ones into the null space of those features (nothing the
+        model outputs changes: the other factor is still zero). Returns figures for ``initial_metrics``: the rows
+        used and the protected share of each tensor kind."""
+        tensors = self.projector.reference_tensors()
+        samples = self.args.reference_samples or self.args.feature_samples
+        with self.objective.training_view(), self._capturing(tensors) as capture:
+            self._capture(capture, self.reference_dataset, samples)
+        grow_bases_on_every_rank(self.projector, capture.covariances, self.args.reference_threshold,
+                                 "the reference set", names=[tensor.name for tensor in tensors])  # fmt: skip
+        self.projector.null_reference_weights()
+        kinds = {tensor.kind for tensor in tensors}
+        shares = {f"reference_protected_share/{kind}": k / d
+                  for kind, (k, d, _) in self.projector.dims_by_kind().items() if kind in kinds}  # fmt: skip
+        logger.info("reference set: %s", self.projector.describe())
+        rows = min(samples, len(self.reference_dataset))
+        return {"reference_rows": float(rows - rows % self.accelerator.num_processes), **shares}
 
     def _log_task(self, index: int) -> None:
         self.log(self.results.task_log(index))
@@ -393,6 +444,23 @@ class ContinualPEGPTrainer(Trainer):
             for path in foreign:
                 shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
+
+
+def _check_reference(
+    reference: Dataset, method: str, protected: Sequence[ProtectedTensor], pet_methods: Sequence[str]
+) -> None:
+    """Refuse a reference set that would protect nothing: another method than pegp, no rows, or a PET none of
+    whose protected tensors a reference can protect (prompts and prefixes act on every token's attention)."""
+    if method != "pegp":
+        raise ValueError(f"reference_dataset protects the pre-trained model's outputs with pegp; method is {method!r}")
+    if len(reference) == 0:
+        raise ValueError("reference_dataset is empty: it needs rows of the tasks' training format")
+    if not any(tensor.reference is not None for tensor in protected):
+        raise ValueError(
+            f"a reference set protects LoRA A, bottleneck adapters (activation with act(0) = 0) and IA3; the "
+            f"{'/'.join(pet_methods)} adapter has none of these among its protected tensors: leave reference_dataset "
+            "out, or use one of those PETs"
+        )
 
 
 def _default_objective(tasks: TaskSequence) -> ContinualObjective:

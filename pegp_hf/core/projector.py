@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
@@ -65,12 +65,16 @@ class GradientProjector:
         """``kind k/d (xn)`` per tensor kind, e.g. ``lora_A 410/1536 (x16)``: protected over feature dims."""
         return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in self.dims_by_kind().items()) or "none"
 
-    def grow(self, covariances: Mapping[str, torch.Tensor], threshold: float) -> list[str]:
-        """Grow every basis with the feature covariance of the task just finished (GPM rule, ``threshold`` = eps).
+    def grow(
+        self, covariances: Mapping[str, torch.Tensor], threshold: float, names: Iterable[str] | None = None
+    ) -> list[str]:
+        """Grow the bases of ``names`` (default: every tensor) with the feature covariance of the task just finished
+        (GPM rule, ``threshold`` = eps); the others stay as they are.
 
         Returns the names of tensors whose basis became full this time (``k = d``: the tensor is frozen from now on).
         """
-        missing = sorted(set(self.tensors) - set(covariances))
+        grown_names = list(self.tensors) if names is None else list(names)
+        missing = sorted(set(grown_names) - set(covariances))
         if missing:
             raise RuntimeError(
                 f"no features were captured for {len(missing)} protected tensors (e.g. {missing[0]}): "
@@ -79,7 +83,8 @@ class GradientProjector:
         # a sum shared by tensors with one input (q_proj / v_proj's lora_A) grows once: (id, rule) -> (old, new);
         # each tensor keeps its own copy, so no two bases share memory when saved
         newly_full, grown = [], {}
-        for name, tensor in self.tensors.items():
+        for name in grown_names:
+            tensor = self.tensors[name]
             old, covariance = self.bases[name], covariances[name]
             grow = grow_axis_basis if tensor.axis_aligned else grow_basis
             key = (id(covariance), grow)
@@ -90,6 +95,21 @@ class GradientProjector:
                 newly_full.append(name)
             self.bases[name] = new
         return newly_full
+
+    def reference_tensors(self) -> list[ProtectedTensor]:
+        """The tensors a reference set protects (``ProtectedTensor.reference`` set): their bases grow from it."""
+        return [tensor for tensor in self.tensors.values() if tensor.reference is not None]
+
+    @torch.no_grad()
+    def null_reference_weights(self) -> None:
+        """``W <- W - (W U) U^T`` for every ``reference="null"`` tensor: once its basis holds the reference features,
+        ``W x_ref = W r`` with ``r`` their part outside the basis (at most ``1 - eps`` of their energy), so the PET
+        branch (``B A x``, ``W_up act(W_down x)``) outputs next to nothing on them, whatever the other factor
+        becomes; projected gradients keep it so. The null-space start of LoRA-Null / InfLoRA, kept by every step."""
+        for _, tensor, basis in self._with_basis():
+            if tensor.reference == "null":
+                rows = tensor.rows(_local(tensor.parameter))
+                rows.copy_(project_out(rows, basis))
 
     def check_bases(self, bases: Mapping[str, torch.Tensor]) -> None:
         """Raise ``ValueError`` unless ``bases`` names exactly the protected tensors with ``(d, k <= d)`` shapes."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -28,6 +28,13 @@ class ProtectedTensor:
         axis_aligned: ``W`` scales each feature coordinate on its own (``h_j = w_j x_j``, IA3), so the condition is
             per coordinate and the basis is made of coordinate axes (:func:`~pegp_hf.core.subspace.grow_axis_basis`),
             not of eigenvectors that mix coordinates.
+        reference: how a reference set ("task 0", the pre-trained model's own inputs) protects the tensor before the
+            first task (:meth:`~pegp_hf.core.projector.GradientProjector.null_reference_weights`): ``"null"``, the input
+            side of a branch that is zero when this tensor's output is (LoRA ``A``: ``B A x``; an adapter's
+            ``W_down`` with ``act(0) = 0``): its basis grows from the reference features and ``W`` is moved into
+            their null space, so the branch outputs nothing on them; ``"grow"``, a tensor that already leaves
+            reference outputs unchanged (IA3's ``l = 1``): its basis grows, ``W`` is kept; ``None``: not grown from
+            the reference, its input being the ``"null"`` tensor's output, which vanishes there.
     """
 
     name: str
@@ -38,6 +45,7 @@ class ProtectedTensor:
     features: FeatureFn
     transposed: bool = False
     axis_aligned: bool = False
+    reference: Literal["null", "grow"] | None = None
 
     @property
     def parameter(self) -> nn.Parameter:

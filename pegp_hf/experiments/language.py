@@ -31,6 +31,7 @@ from pegp_hf.experiments.runner import parse_with_defaults, run_methods
 from pegp_hf.language.evaluators import GENERAL_INSTRUCTIONS, GeneralAbilityEvaluator, InstructionEvaluator
 from pegp_hf.language.frozen_bottom import AnswerOnlyCollator, encode_bottom
 from pegp_hf.language.objective import InstructionObjective
+from pegp_hf.language.reference import own_conversations
 from pegp_hf.language.tasks import LabelledText, class_subsets, instruction_tasks
 from pegp_hf.offline.text import LOADERS, load_chitchat, load_labelled_text
 from pegp_hf.trainer import ContinualPEGPTrainer
@@ -108,6 +109,13 @@ class LanguageExperimentArguments:
     )
     general_texts: int = field(default=32, metadata={"help": "Held-out chitchat turns for the perplexity (0: none)."})
     general_questions: bool = field(default=True, metadata={"help": "Measure the agreement of general answers."})
+    reference_texts: int = field(
+        default=0,
+        metadata={
+            "help": "pegp only: chitchat turns (none of the perplexity texts) answered by the model before the "
+            "sequence, whose features a reference set protects ('task 0', reference_threshold; 0: no reference)."
+        },
+    )
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[LanguageExperimentArguments, PEGPTrainingArguments]:
@@ -173,6 +181,11 @@ def run(script: LanguageExperimentArguments, args: PEGPTrainingArguments) -> dic
     sequence = instruction_tasks(labelled_sets(script), tokenizer, script.train_size, script.test_size,
                                  script.max_text_tokens, seed=args.seed)  # fmt: skip
     general = load_chitchat(script.general_texts, seed=args.seed) if script.general_texts else []
+    reference = None
+    if script.reference_texts and "pegp" in script.methods:
+        drawn = load_chitchat(script.general_texts + script.reference_texts, seed=args.seed + 1)
+        texts = [text for text in drawn if text not in set(general)][: script.reference_texts]
+        reference = own_conversations(base, tokenizer, texts, max_text_tokens=script.max_text_tokens)
     layers = parse_layers(script.lora_layers)
     start = None
     if script.frozen_bottom and isinstance(layers, list):
@@ -180,6 +193,7 @@ def run(script: LanguageExperimentArguments, args: PEGPTrainingArguments) -> dic
         start = min(index % depth for index in layers)
     if start:  # the bottom's hidden states of every training row, once for every method
         sequence = dataset_tasks({task.name: (encode_bottom(base, task.train, start), task.test) for task in sequence})
+        reference = None if reference is None else encode_bottom(base, reference, start)
         collator = AnswerOnlyCollator()
     else:
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
@@ -199,11 +213,13 @@ def run(script: LanguageExperimentArguments, args: PEGPTrainingArguments) -> dic
         "train_size": script.train_size, "test_size": script.test_size, "max_text_tokens": script.max_text_tokens,
         "lora": {"rank": script.lora_rank, "alpha": script.lora_alpha, "layers": script.lora_layers,
                  "targets": script.lora_target_modules}, "trained_from_layer": start,
+        "reference_texts": script.reference_texts if reference is not None else 0,
     }  # fmt: skip
     objective = functools.partial(InstructionObjective, train_from_layer=start)
     continual = [method for method in script.methods if method != "joint"]
     summary = run_methods(sequence, model_init, args, continual, describe, args.resume_from_checkpoint, evaluators,
-                          objective_init=objective, trainer_kwargs={"data_collator": collator})  # fmt: skip
+                          objective_init=objective, trainer_kwargs={"data_collator": collator},
+                          reference_dataset=reference)  # fmt: skip
     if "joint" in script.methods:
         summary["joint"] = run_joint(sequence, model_init, args, describe, collator, objective)
         if args.should_save:

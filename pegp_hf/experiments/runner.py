@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from datasets import Dataset
 from transformers import HfArgumentParser
 
 from pegp_hf.config import PEGPTrainingArguments
@@ -40,6 +41,7 @@ def run_methods(
     callbacks: Sequence[Any] = (),
     objective_init: Callable[[], ContinualObjective] | None = None,
     trainer_kwargs: Mapping[str, Any] | None = None,
+    reference_dataset: Dataset | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Train a fresh model per method on ``tasks`` and return ``{method: results}``.
 
@@ -56,6 +58,7 @@ def run_methods(
         callbacks: passed to every trainer.
         objective_init: a fresh objective per method (``None``: the trainer's default).
         trainer_kwargs: more keyword arguments of every trainer (``data_collator``, ...).
+        reference_dataset: the ``pegp`` trainer's reference set (the other methods protect nothing).
     """
     if isinstance(resume, str) and resume.lower() in ("true", "1", "yes"):
         resume = True
@@ -74,6 +77,7 @@ def run_methods(
             objective=None if objective_init is None else objective_init(),
             evaluators=evaluators_init(),
             callbacks=list(callbacks),
+            reference_dataset=reference_dataset if method == "pegp" else None,
             **(trainer_kwargs or {}),
         )
         trainer.train(resume_from_checkpoint=resume)

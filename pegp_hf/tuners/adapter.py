@@ -86,8 +86,18 @@ class BottleneckAdapter(PETModule):
         return (self.scale * self.up(self.activation(self.down(hidden)))).to(hidden_states.dtype)
 
     def protected_tensors(self, name: str) -> list[ProtectedTensor]:
+        # W_down x = 0 silences the branch only where act(0) = 0 (relu, gelu, silu, tanh; not sigmoid)
+        silent = float(self.activation(torch.zeros(1))) == 0.0
         tensors = [
-            ProtectedTensor(f"{name}.down.weight", "adapter_down", self.down, "weight", self.down, module_input),
+            ProtectedTensor(
+                f"{name}.down.weight",
+                "adapter_down",
+                self.down,
+                "weight",
+                self.down,
+                module_input,
+                reference="null" if silent else None,
+            ),
             ProtectedTensor(f"{name}.up.weight", "adapter_up", self.up, "weight", self.up, module_input),
         ]
         return [tensor for tensor in tensors if tensor.parameter.requires_grad]

@@ -63,7 +63,8 @@ def lora_protected_tensors(model: nn.Module, adapter_name: str = "default") -> l
                 "whose extra parameters gradient projection cannot protect; use plain LoRA."
             )
         a_name, b_name = names[id(lora_a.weight)], names[id(lora_b.weight)]
-        tensors.append(ProtectedTensor(a_name, "lora_A", lora_a, "weight", lora_a, module_input))
+        tensors.append(ProtectedTensor(a_name, "lora_A", lora_a, "weight", lora_a, module_input,
+                                       reference="null"))  # fmt: skip
         tensors.append(ProtectedTensor(b_name, "lora_B", lora_b, "weight", lora_a, module_output))
     return tensors
 
@@ -91,10 +92,10 @@ def ia3_protected_tensors(model: nn.Module, adapter_name: str = "default") -> li
         owner = layer.ia3_l
         if layer.is_feedforward:  # W0 (l * x): l scales the layer input
             tensor = ProtectedTensor(names[id(scaling)], "ia3_input", owner, adapter_name, layer, module_input,
-                                     axis_aligned=True)  # fmt: skip
+                                     axis_aligned=True, reference="grow")  # fmt: skip
         else:  # l * (W0 x): l scales the base layer's output
             tensor = ProtectedTensor(names[id(scaling)], "ia3_output", owner, adapter_name, layer.base_layer,
-                                     module_output, transposed=True, axis_aligned=True)  # fmt: skip
+                                     module_output, transposed=True, axis_aligned=True, reference="grow")  # fmt: skip
         tensors.append(tensor)
     return tensors
 
