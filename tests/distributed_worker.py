@@ -17,6 +17,15 @@ from pegp_hf import ContinualPEGPTrainer
 def main(output_dir: str, phase: str) -> None:
     model, tasks, args = distributed_case(output_dir, per_device_batch=8)
     trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+    if trainer.accelerator.process_index == 1:  # were this rank to grow its own bases, they would differ
+        grow = trainer.projector.grow
+
+        def perturbed(covariances, threshold, names=None):
+            noise = {name: c + 0.5 * c.diagonal().mean() * torch.eye(len(c), dtype=c.dtype, device=c.device)
+                     for name, c in covariances.items()}  # fmt: skip
+            return grow(noise, threshold, names)
+
+        trainer.projector.grow = perturbed
     if phase == "crash":
         trainer.add_callback(AtTaskStart(1, lambda m: (_ for _ in ()).throw(RuntimeError("simulated crash"))))
     trainer.train(resume_from_checkpoint=True if phase == "resume" else None)

@@ -100,8 +100,12 @@ def test_bf16_autocast_keeps_the_guarantee_and_the_fp32_update(tmp_path):
     bf16_trainer, bf16 = final_weights(tmp_path / "bf16", bf16=True)
     logs = [log for log in bf16_trainer.state.log_history if "pegp_update_overlap" in log]
     assert logs and max(log["pegp_update_overlap"] for log in logs) < 1e-6 < min(log["pegp_update_max"] for log in logs)
-    for name, value in fp32.items():
-        torch.testing.assert_close(bf16[name], value, atol=5e-2, rtol=5e-2, msg=name)
+    start = {n: p.detach() for n, p in tiny_vit(hidden=64).named_parameters() if p.requires_grad}
+    # the updates, not the weights: they must agree far better than the weights move
+    moved = torch.cat([(fp32[n] - start[n]).flatten() for n in start])
+    apart = torch.cat([(bf16[n] - fp32[n]).flatten() for n in start])
+    assert float(moved.norm()) > 0.1  # measured 0.40
+    assert float(apart.norm()) < 0.02 * float(moved.norm())  # measured 0.0018: 0.45% of the update
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="fp16 with the grad scaler needs CUDA")

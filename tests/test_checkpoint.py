@@ -10,6 +10,7 @@ import torch
 from helpers import AtTaskStart, matrices, plain_vit, synthetic_images, tiny_vit, training_args
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
 
 from pegp_hf import ContinualPEGPTrainer, TaskSequence, class_incremental_tasks
 from pegp_hf.io.checkpoint import SUBSPACES_NAME, CheckpointError, atomic_directory
@@ -81,6 +82,36 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, uninter
         torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
     for name, basis in uninterrupted.projector.bases.items():
         assert torch.equal(resumed.projector.bases[name], basis), name
+
+
+class CrashMidTask(TrainerCallback):
+    """Raises after optimizer step ``step`` of task ``index`` (0-based): the model, optimizer and RNG are mid-task."""
+
+    def __init__(self, index: int, step: int) -> None:
+        self.index, self.step, self.tasks_begun = index, step, 0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.tasks_begun += 1
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.tasks_begun == self.index + 1 and state.global_step == self.step:
+            raise CrashError(f"simulated crash at step {self.step} of task {self.index + 1}")
+
+
+def test_resume_after_a_crash_in_the_middle_of_a_task_reproduces_the_uninterrupted_run(tmp_path, uninterrupted):
+    trainer = make_trainer(tmp_path)
+    trainer.add_callback(CrashMidTask(index=2, step=3))
+    with pytest.raises(CrashError, match="step 3 of task 3"):
+        trainer.train()
+    assert trainer.state.global_step == 3  # it did stop inside task 3, after some of its steps
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task-1", "task-2"]
+    resumed = make_trainer(tmp_path)
+    resumed.train(resume_from_checkpoint=True)
+    for name, matrix in matrices(uninterrupted).items():
+        np.testing.assert_array_equal(matrices(resumed)[name], matrix)
+    expected = trainable(uninterrupted.model)
+    for name, value in trainable(resumed.model).items():
+        torch.testing.assert_close(value, expected[name], rtol=0, atol=1e-6)
 
 
 def test_resume_from_an_explicit_task_folder(tmp_path, uninterrupted):

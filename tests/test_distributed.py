@@ -50,6 +50,7 @@ def test_two_processes_really_ran(runs):
 
 
 def test_bases_are_bit_identical_on_every_rank(runs):
+    """Rank 1 grows from perturbed covariances (distributed_worker.py): only rank 0's broadcast makes them equal."""
     zero, one = runs["full"]
     assert zero["bases"].keys() == one["bases"].keys()
     assert all(b.shape[1] > 0 for b in zero["bases"].values())
