@@ -28,7 +28,7 @@ from pegp_hf.experiments import language
 from pegp_hf.experiments.grid import finished, mean_std, split_flags
 
 SMOKE = ["--tasks", "reuters", "tweets", "--train_size", "8", "--test_size", "4", "--max_steps", "1",
-         "--general_texts", "4", "--feature_samples", "8"]  # fmt: skip
+         "--general_texts", "4", "--feature_samples", "8", "--reference_texts", "4"]  # fmt: skip
 FIGURES = ("acc", "forgetting", "exact_match", "answer_loss", "perplexity_increase", "agreement_loss")
 
 

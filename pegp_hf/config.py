@@ -57,7 +57,7 @@ class PEGPTrainingArguments(TrainingArguments):
         },
     )
     reference_threshold: float = field(
-        default=0.9,
+        default=0.99,
         metadata={
             "help": "Energy threshold eps of the reference set ('task 0', the trainer's reference_dataset): before "
             "the first task, the bases of LoRA A / adapter down / IA3 grow from the reference features to this "

@@ -1,6 +1,8 @@
 """Run by tests/test_distributed.py under torchrun (2 CPU processes, gloo): one continual run, per-rank results.
 
-python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR {full|crash|resume}
+python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR {full|crash|crash-rank1|resume}
+
+``crash`` fails every rank as task 2 starts, ``crash-rank1`` rank 1 alone (rank 0 is stopped by torchrun).
 """
 
 import sys
@@ -26,7 +28,7 @@ def main(output_dir: str, phase: str) -> None:
             return grow(noise, threshold, names)
 
         trainer.projector.grow = perturbed
-    if phase == "crash":
+    if phase == "crash" or (phase == "crash-rank1" and trainer.accelerator.process_index == 1):
         trainer.add_callback(AtTaskStart(1, lambda m: (_ for _ in ()).throw(RuntimeError("simulated crash"))))
     trainer.train(resume_from_checkpoint=True if phase == "resume" else None)
     steps = [log for log in trainer.state.log_history if "pegp_update_overlap" in log]  # the last task's steps

@@ -38,11 +38,16 @@ def runs(tmp_path_factory):
     assert crashed.returncode != 0 and "simulated crash" in crashed.stderr
     resumed = torchrun(root / "resumed", "resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    one_failed = torchrun(root / "one_rank", "crash-rank1")
+    assert one_failed.returncode != 0 and "simulated crash" in one_failed.stderr
+    one_resumed = torchrun(root / "one_rank", "resume")
+    assert one_resumed.returncode == 0, one_resumed.stderr[-3000:]
 
     def load(folder, phase):
         return [torch.load(root / folder / f"{phase}-rank{r}.pt") for r in (0, 1)]
 
-    return {"full": load("full", "full"), "resumed": load("resumed", "resume"), "root": root}
+    return {"full": load("full", "full"), "resumed": load("resumed", "resume"),
+            "one_rank": load("one_rank", "resume"), "root": root}  # fmt: skip
 
 
 def test_two_processes_really_ran(runs):
@@ -77,8 +82,10 @@ def test_ddp_matches_one_process_over_the_same_global_batch(runs, tmp_path):
             torch.testing.assert_close(basis @ basis.T, ref @ ref.T, atol=1e-4, rtol=0, msg=name)
 
 
-def test_every_rank_resumes_after_a_crash_to_the_same_result(runs):
-    for full, resumed in zip(runs["full"], runs["resumed"], strict=True):
+@pytest.mark.parametrize("crash", ["resumed", "one_rank"])
+def test_every_rank_resumes_after_a_crash_to_the_same_result(runs, crash):
+    """``resumed``: every rank failed as task 2 started; ``one_rank``: rank 1 alone did."""
+    for full, resumed in zip(runs["full"], runs[crash], strict=True):
         for name, value in full["params"].items():
             torch.testing.assert_close(resumed["params"][name], value, atol=1e-6, rtol=0, msg=name)
         for name, matrix in full["accuracy"].items():

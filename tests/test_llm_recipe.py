@@ -12,7 +12,8 @@ def test_the_embedded_default_runs_offline_and_writes_results_and_plots(tmp_path
     pytest.importorskip("gguf", reason="pip install -e '.[llm]'")
     summary = llm_continual.main([
         "--output_dir", str(tmp_path), "--tasks", "reuters", "tweets", "--train_size", "8", "--test_size", "4",
-        "--max_steps", "1", "--general_texts", "4", "--feature_samples", "8", "--disable_tqdm", "true",
+        "--max_steps", "1", "--general_texts", "4", "--feature_samples", "8", "--reference_texts", "4",
+        "--disable_tqdm", "true",
     ])  # fmt: skip
     assert set(summary) == {"pegp", "sequential", "joint"}
     for method in ("pegp", "sequential"):
@@ -22,6 +23,8 @@ def test_the_embedded_default_runs_offline_and_writes_results_and_plots(tmp_path
         assert len(results["task_metrics"]) == 2 and "answer_agreement" in results["task_metrics"][1]
         assert results["initial_metrics"]["general_perplexity"] > 1
     assert sum(summary["pegp"]["subspace_dims"].values()) > 0 == sum(summary["sequential"]["subspace_dims"].values())
+    assert summary["pegp"]["initial_metrics"]["reference_rows"] == 4  # the model's own answers to 4 chitchat turns
+    assert summary["pegp"]["reference_texts"] == 4 and "reference_rows" not in summary["sequential"]["initial_metrics"]
     assert len(summary["joint"]["accuracy_per_task"]) == 2
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"pegp", "sequential", "joint"}
     for plot in ("accuracy_matrix_pegp.png", "general_ability.png"):

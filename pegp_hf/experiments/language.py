@@ -110,7 +110,7 @@ class LanguageExperimentArguments:
     general_texts: int = field(default=32, metadata={"help": "Held-out chitchat turns for the perplexity (0: none)."})
     general_questions: bool = field(default=True, metadata={"help": "Measure the agreement of general answers."})
     reference_texts: int = field(
-        default=0,
+        default=96,
         metadata={
             "help": "pegp only: chitchat turns (none of the perplexity texts) answered by the model before the "
             "sequence, whose features a reference set protects ('task 0', reference_threshold; 0: no reference)."
