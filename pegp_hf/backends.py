@@ -118,11 +118,13 @@ def grow_bases_on_every_rank(
     threshold: float,
     where: str = "growth",
     names: Iterable[str] | None = None,
+    reference: bool = False,
 ) -> None:
     """Sum the per-process covariances, grow the bases of ``names`` (default: every protected tensor, as after a
     task; a reference set grows :meth:`~pegp_hf.core.projector.GradientProjector.reference_tensors` only) on the main
-    process, logging tensors that became full, and broadcast them, so every rank holds the same bits (Accelerate's
-    process state; one process: just grow).
+    process, logging tensors that became full, and broadcast them with the reference dims, so every rank holds the
+    same bits (Accelerate's process state; one process: just grow). ``reference``: see
+    :meth:`~pegp_hf.core.projector.GradientProjector.grow`.
 
     Raises:
         NonFiniteError: a summed covariance holds NaN / inf (on every rank: they all see the same sums); ``where``
@@ -134,11 +136,12 @@ def grow_bases_on_every_rank(
     summed = {name: reduced[id(covariance)] for name, covariance in covariances.items()}
     check_tensors(summed, "the feature covariances", where)
     if state.is_main_process:
-        for name in projector.grow(summed, threshold, names):
+        for name in projector.grow(summed, threshold, names, reference):
             logger.warning("basis of %s is full: its gradient is now projected to zero (frozen)", name)
     if state.num_processes > 1:
         cpu_bases = {name: basis.cpu() for name, basis in projector.bases.items()}
-        projector.load_bases(broadcast_object_list([cpu_bases])[0])
+        bases, reference_dims = broadcast_object_list([cpu_bases, projector.reference_dims])
+        projector.load_bases(bases, reference_dims)
 
 
 def _summed(tensor: torch.Tensor, state: PartialState, chunk_bytes: int = 2**26) -> torch.Tensor:

@@ -37,6 +37,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list
+from accelerate.utils import reduce as reduce_across_processes
 from datasets import Dataset
 from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
@@ -206,19 +208,24 @@ class ContinualPEGPTrainer(Trainer):
         return loss
 
     def _check_finite_step(self) -> None:
-        """Stop at the first optimizer step whose losses or (all-reduced, so every rank agrees) gradients hold a NaN
-        / inf. Under an fp16 grad scaler, inf gradients are the scaler's business (it skips the step): only the
-        losses are checked. One host sync per optimizer step, as ``logging_nan_inf_filter`` already makes."""
+        """Stop at the first optimizer step whose losses or gradients hold a NaN / inf on any process (the flag is
+        summed over processes, so every rank stops at the same step). Under an fp16 grad scaler, inf gradients are
+        the scaler's business (it skips the step): only the losses are checked. One host sync per optimizer step,
+        as ``logging_nan_inf_filter`` already makes."""
         losses, self._finite_losses = self._finite_losses, None
         gradients = {}
         if self.accelerator.scaler is None:
             gradients = {n: p.grad for n, p in self.model.named_parameters() if p.requires_grad and p.grad is not None}
-        if bool(losses & all_finite(gradients.values())):
+        local = losses & all_finite(gradients.values())
+        processes = self.accelerator.num_processes
+        agreed = local if processes == 1 else reduce_across_processes(local.float(), "sum") == processes
+        if bool(agreed):  # every process stops together: one alone would leave the others waiting in a collective
             return
         where = f"{self._where()}, optimizer step {self.state.global_step + 1}"
         if not bool(losses):
             raise NonFiniteError(f"{where}: the training loss is not finite; {HINT}")
         check_tensors(gradients, "the gradients", where)
+        raise NonFiniteError(f"{where}: the loss or gradients of another process are not finite; {HINT}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
@@ -257,7 +264,8 @@ class ContinualPEGPTrainer(Trainer):
         self.accelerator.wait_for_everyone()
         stored = self._read_resumed(resume_from_checkpoint) if resume_from_checkpoint else None
         self._claim_output_dir(stored)
-        self.run_id = uuid.uuid4().hex if stored is None or stored.run_id is None else stored.run_id
+        run_id = uuid.uuid4().hex if stored is None or stored.run_id is None else stored.run_id
+        self.run_id = broadcast_object_list([run_id])[0] if self.accelerator.num_processes > 1 else run_id
         first = 0
         if stored is not None:
             stored.load_into(self.pet, self.projector, self.objective)
@@ -363,16 +371,37 @@ class ContinualPEGPTrainer(Trainer):
 
     def _protect_reference(self) -> dict[str, float]:
         """Task 0: grow the reference tensors' bases from ``reference_samples`` rows of the reference set with
-        ``reference_threshold``, then move the ``"null"`` ones into the null space of those features (nothing the
-        model outputs changes: the other factor is still zero). Returns figures for ``initial_metrics``: the rows
-        used and the protected share of each tensor kind."""
+        ``reference_threshold``, then move the ``"null"`` ones into the null space of those features. That changes
+        no output while the branch's other factor is zero (a fresh LoRA's ``B``, an adapter's ``up``): checked on
+        the first reference batch, and refused (weights and bases put back) otherwise. Returns figures for
+        ``initial_metrics``: the rows used and the protected share of each tensor kind."""
         tensors = self.projector.reference_tensors()
         samples = self.args.reference_samples or self.args.feature_samples
+        probe: list[tuple[dict[str, Any], torch.Tensor]] = []
+        keep_first = lambda inputs, outputs: probe or probe.append((inputs, _main_output(outputs)))  # noqa: E731
         with self.objective.training_view(), self._capturing(tensors) as capture:
-            self._capture(capture, self.reference_dataset, samples)
+            self._capture(capture, self.reference_dataset, samples, keep_first)
+        bases, nulled = dict(self.projector.bases), [t for t in tensors if t.reference == "null"]
+        weights = {t.name: t.parameter.detach().clone() for t in nulled}
         grow_bases_on_every_rank(self.projector, capture.covariances, self.args.reference_threshold,
-                                 "the reference set", names=[tensor.name for tensor in tensors])  # fmt: skip
+                                 "the reference set", [t.name for t in tensors], reference=True)  # fmt: skip
         self.projector.null_reference_weights()
+        with self.objective.training_view():
+            [(_, outputs)] = forward_batches(self, [probe[0][0]], self.objective.model_takes_labels)
+        if not torch.allclose(_main_output(outputs), probe[0][1], rtol=1e-5, atol=1e-6):
+            with torch.no_grad():
+                for tensor in nulled:
+                    tensor.parameter.copy_(weights[tensor.name])
+            self.projector.bases, self.projector.reference_dims = bases, {}
+            raise ValueError(
+                "the adapter's output is not zero at the start (LoRA B or adapter up is not zero: a trained adapter, "
+                "or init_lora_weights other than the default), so starting LoRA A / adapter down in the null space of "
+                "the reference would change the model: start from a fresh adapter, or leave reference_dataset out"
+            )
+        full = [t.name for t in nulled if self.projector.bases[t.name].shape[1] == t.feature_dim]
+        if full:
+            logger.warning("the reference set fills the whole input space of %s: they are now zero and their branch "
+                           "cannot learn; lower reference_threshold", ", ".join(full))  # fmt: skip
         kinds = {tensor.kind for tensor in tensors}
         shares = {f"reference_protected_share/{kind}": k / d
                   for kind, (k, d, _) in self.projector.dims_by_kind().items() if kind in kinds}  # fmt: skip
@@ -428,7 +457,11 @@ class ContinualPEGPTrainer(Trainer):
         ``run_id`` is not the resumed one's, for a resume): the runs' checkpoints would mix, and a later
         ``resume_from_checkpoint=True`` would pick the newest of either. ``overwrite_output_dir`` removes them."""
         folders = task_checkpoints(self.args.output_dir)
-        foreign = folders if stored is None else [p for p in folders if checkpoint_run_id(p) != stored.run_id]
+        # a folder without run_id was written before run ids existed: it belongs to the run resumed from it
+        foreign = (
+            folders if stored is None else [p for p in folders if checkpoint_run_id(p) not in (None, stored.run_id)]
+        )
+        self.accelerator.wait_for_everyone()  # every rank has looked before the main process removes anything
         if not foreign:
             return
         names = [path.name for path in foreign]
@@ -444,6 +477,12 @@ class ContinualPEGPTrainer(Trainer):
             for path in foreign:
                 shutil.rmtree(path)
         self.accelerator.wait_for_everyone()
+
+
+def _main_output(outputs: Any) -> torch.Tensor:
+    """The model output a check compares: ``logits`` where there are any, else the first output."""
+    logits = getattr(outputs, "logits", None)
+    return (logits if logits is not None else outputs[0]).detach().float().clone()
 
 
 def _check_reference(

@@ -55,7 +55,8 @@ def test_two_processes_really_ran(runs):
 
 
 def test_bases_are_bit_identical_on_every_rank(runs):
-    """Rank 1 grows from perturbed covariances (distributed_worker.py): only rank 0's broadcast makes them equal."""
+    """Only the main process grows; rank 1 would grow from perturbed covariances (distributed_worker.py), so a
+    regression to growing on every rank without the broadcast makes the bases differ."""
     zero, one = runs["full"]
     assert zero["bases"].keys() == one["bases"].keys()
     assert all(b.shape[1] > 0 for b in zero["bases"].values())

@@ -24,7 +24,8 @@ def test_the_embedded_default_runs_offline_and_writes_results_and_plots(tmp_path
         assert results["initial_metrics"]["general_perplexity"] > 1
     assert sum(summary["pegp"]["subspace_dims"].values()) > 0 == sum(summary["sequential"]["subspace_dims"].values())
     assert summary["pegp"]["initial_metrics"]["reference_rows"] == 4  # the model's own answers to 4 chitchat turns
-    assert summary["pegp"]["reference_texts"] == 4 and "reference_rows" not in summary["sequential"]["initial_metrics"]
+    assert summary["pegp"]["pegp_reference_texts"] == 4
+    assert "reference_rows" not in summary["sequential"]["initial_metrics"]
     assert len(summary["joint"]["accuracy_per_task"]) == 2
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"pegp", "sequential", "joint"}
     for plot in ("accuracy_matrix_pegp.png", "general_ability.png"):

@@ -16,6 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pegp_hf import ContinualPEGPTrainer, dataset_tasks
+from pegp_hf.core import GradientProjector, ProtectedTensor, module_input
 from pegp_hf.core.subspace import max_overlap
 from pegp_hf.io.checkpoint import load_subspaces
 from pegp_hf.tuners import PrefixConfig, inject_pet
@@ -143,11 +144,47 @@ def test_a_crash_after_task_1_resumes_to_the_same_result_without_redoing_the_ref
                                    reference_dataset=REFERENCE, callbacks=[AtTaskStart(1, crash)])  # fmt: skip
     with pytest.raises(CrashError):
         trainer.train()
-    resumed = ContinualPEGPTrainer(model=lora_llama(), args=arguments(tmp_path), tasks=tasks())
+    resumed = ContinualPEGPTrainer(model=lora_llama(), args=arguments(tmp_path), tasks=tasks(),
+                                   reference_dataset=REFERENCE)  # fmt: skip
+    resumed.projector.null_reference_weights = crash  # the reference pass must not run again
     resumed.train(resume_from_checkpoint=True)
-    uninterrupted = runs["reference"][0].continual_results()
-    assert resumed.continual_results()["loss"]["matrix"] == uninterrupted["loss"]["matrix"]
-    assert resumed.results.initial_metrics == uninterrupted["initial_metrics"]
+    uninterrupted = runs["reference"][0]
+    assert resumed.continual_results()["loss"]["matrix"] == uninterrupted.continual_results()["loss"]["matrix"]
+    assert resumed.results.initial_metrics == uninterrupted.results.initial_metrics
+    assert resumed.projector.reference_dims == uninterrupted.projector.reference_dims
+    assert set(resumed.projector.reference_dims.values()) == {8}  # read back from the subspace file's metadata
+
+
+def test_task_bases_measure_their_threshold_on_the_features_outside_the_reference():
+    """A task whose features lie 99% inside the reference span still gets its own directions: the LoRA A branch
+    only ever sees the 1% outside (A U_ref = 0), so that 1% is what must be protected."""
+    layer = torch.nn.Linear(32, 4, bias=False)
+    tensor = ProtectedTensor("w", "lora_A", layer, "weight", layer, module_input, reference="null")
+    projector = GradientProjector([tensor])
+    reference = torch.zeros(32, 32, dtype=torch.float64)
+    reference[:8, :8] = torch.eye(8, dtype=torch.float64)
+    projector.grow({"w": reference}, threshold=0.99, reference=True)
+    assert projector.reference_dims == {"w": 8}
+    features = torch.randn(200, 32, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    features[:, 8:12] *= 0.02  # about 0.1% of the energy outside the reference span, in 4 directions
+    features[:, 12:] = 0
+    projector.grow({"w": features.T @ features}, threshold=0.97)
+    basis = projector.bases["w"]
+    assert basis.shape[1] > 8  # plain GPM would stop at 8: 99.9% of the energy is already captured
+    outside = torch.eye(32)[:, 8:12]
+    assert float((outside.T @ basis[:, 8:]).norm()) ** 2 > 0.97 * basis[:, 8:].shape[1] - 1e-4  # new ones lie there
+
+
+def test_an_adapter_whose_output_is_not_zero_is_refused_and_left_as_it_was(tmp_path):
+    lora = LoraConfig(r=4, target_modules=["layers.0.self_attn.q_proj"], init_lora_weights=False)  # B random
+    model = get_peft_model(llama(), lora)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = ContinualPEGPTrainer(model=model, args=arguments(tmp_path), tasks=tasks(), reference_dataset=REFERENCE)
+    with pytest.raises(ValueError, match="the adapter's output is not zero at the start"):
+        trainer.train()
+    assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
+    assert not trainer.projector.active and trainer.projector.reference_dims == {}
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_reference_that_would_protect_nothing_is_refused_before_the_model_changes(tmp_path):

@@ -30,7 +30,9 @@ def all_finite(tensors: Iterable[torch.Tensor]) -> torch.Tensor:
     """One boolean tensor, True when every element of every tensor (this rank's rows of a ``DTensor``) is finite;
     no host sync until it is read."""
     flags = [torch.isfinite(_local(tensor)).all() for tensor in tensors]
-    return torch.stack(flags).all() if flags else torch.tensor(True)
+    if not flags:
+        return torch.tensor(True)
+    return torch.stack([flag.to(flags[0].device) for flag in flags]).all()  # a model spread over devices
 
 
 def non_finite(tensors: Mapping[str, torch.Tensor]) -> list[str]:

@@ -34,6 +34,8 @@ class GradientProjector:
         self.bases: dict[str, torch.Tensor] = {
             t.name: empty_basis(t.feature_dim).to(t.parameter.device) for t in tensors
         }
+        # k_ref per tensor: its basis's first k_ref columns came from a reference set (task 0), see grow()
+        self.reference_dims: dict[str, int] = {}
         self._before: dict[str, torch.Tensor] = {}
 
     @property
@@ -66,10 +68,21 @@ class GradientProjector:
         return ", ".join(f"{kind} {k}/{d} (x{n})" for kind, (k, d, n) in self.dims_by_kind().items()) or "none"
 
     def grow(
-        self, covariances: Mapping[str, torch.Tensor], threshold: float, names: Iterable[str] | None = None
+        self,
+        covariances: Mapping[str, torch.Tensor],
+        threshold: float,
+        names: Iterable[str] | None = None,
+        reference: bool = False,
     ) -> list[str]:
         """Grow the bases of ``names`` (default: every tensor) with the feature covariance of the task just finished
         (GPM rule, ``threshold`` = eps); the others stay as they are.
+
+        With ``reference``, the covariances are a reference set's ("task 0"): the columns grown are remembered as
+        :attr:`reference_dims`. A task's covariance ``C`` then grows such a tensor's basis as ``P C P``, with ``P``
+        the projector onto the complement of its reference columns: the weight never acts on the reference span
+        (``"null"`` tensors start and stay orthogonal to it, ``"grow"`` ones keep those coordinates), so only the
+        task's features outside it reach the branch, and the threshold must hold of their energy, not of the
+        total (else a task whose features lie mostly in the reference span would get no direction of its own).
 
         Returns the names of tensors whose basis became full this time (``k = d``: the tensor is frozen from now on).
         """
@@ -89,11 +102,15 @@ class GradientProjector:
             grow = grow_axis_basis if tensor.axis_aligned else grow_basis
             key = (id(covariance), grow)
             if key not in grown or not torch.equal(grown[key][0], old):
-                grown[key] = (old, grow(covariance, threshold, old.cpu()))
+                reference_span = old[:, : self.reference_dims.get(name, 0)].cpu()
+                task_part = _outside(covariance, reference_span)
+                grown[key] = (old, grow(task_part, threshold, old.cpu()))
             new = grown[key][1].clone().to(tensor.parameter.device)
             if new.shape[1] == tensor.feature_dim and old.shape[1] < tensor.feature_dim:
                 newly_full.append(name)
             self.bases[name] = new
+            if reference:
+                self.reference_dims[name] = new.shape[1]
         return newly_full
 
     def reference_tensors(self) -> list[ProtectedTensor]:
@@ -123,9 +140,14 @@ class GradientProjector:
                     f"subspace basis {name} has shape {tuple(basis.shape)}; the model needs ({dim}, k<={dim})"
                 )
 
-    def load_bases(self, bases: Mapping[str, torch.Tensor]) -> None:
-        """Replace every basis after :meth:`check_bases`."""
+    def load_bases(self, bases: Mapping[str, torch.Tensor], reference_dims: Mapping[str, int] | None = None) -> None:
+        """Replace every basis after :meth:`check_bases`, and :attr:`reference_dims` (none by default)."""
         self.check_bases(bases)
+        reference_dims = dict(reference_dims or {})
+        for name, count in reference_dims.items():
+            if name not in bases or not 0 <= count <= bases[name].shape[1]:
+                raise ValueError(f"reference_dims[{name!r}] = {count} does not fit its basis")
+        self.reference_dims = reference_dims
         self.bases = {
             name: bases[name].to(device=t.parameter.device, dtype=torch.float32) for name, t in self.tensors.items()
         }
@@ -177,6 +199,16 @@ class GradientProjector:
             measured.append(torch.stack([overlap, delta.float().abs().amax()]))
         self._before = {}
         return torch.stack(measured).amax(0) if measured else torch.zeros(2)
+
+
+def _outside(covariance: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
+    """``P C P`` with ``P = I - U U^T`` for ``span`` ``U`` ``(d, k)`` orthonormal; ``C`` itself when ``k = 0``."""
+    if span.shape[1] == 0:
+        return covariance
+    u = span.to(device=covariance.device, dtype=torch.float64)
+    c = covariance.to(torch.float64)
+    c = c - u @ (u.T @ c)
+    return c - (c @ u) @ u.T
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

@@ -34,7 +34,9 @@ class ProtectedTensor:
             ``W_down`` with ``act(0) = 0``): its basis grows from the reference features and ``W`` is moved into
             their null space, so the branch outputs nothing on them; ``"grow"``, a tensor that already leaves
             reference outputs unchanged (IA3's ``l = 1``): its basis grows, ``W`` is kept; ``None``: not grown from
-            the reference, its input being the ``"null"`` tensor's output, which vanishes there.
+            the reference, either because its input is a ``"null"`` tensor's output, which vanishes there (LoRA
+            ``B``, adapter ``up``), or because a reference cannot protect it (prompts, prefixes, an adapter whose
+            activation is not zero at zero).
     """
 
     name: str

@@ -184,7 +184,8 @@ def run(script: LanguageExperimentArguments, args: PEGPTrainingArguments) -> dic
     reference = None
     if script.reference_texts and "pegp" in script.methods:
         drawn = load_chitchat(script.general_texts + script.reference_texts, seed=args.seed + 1)
-        texts = [text for text in drawn if text not in set(general)][: script.reference_texts]
+        held_out = set(general)
+        texts = [text for text in drawn if text not in held_out][: script.reference_texts]
         reference = own_conversations(base, tokenizer, texts, max_text_tokens=script.max_text_tokens)
     layers = parse_layers(script.lora_layers)
     start = None
@@ -213,7 +214,7 @@ def run(script: LanguageExperimentArguments, args: PEGPTrainingArguments) -> dic
         "train_size": script.train_size, "test_size": script.test_size, "max_text_tokens": script.max_text_tokens,
         "lora": {"rank": script.lora_rank, "alpha": script.lora_alpha, "layers": script.lora_layers,
                  "targets": script.lora_target_modules}, "trained_from_layer": start,
-        "reference_texts": script.reference_texts if reference is not None else 0,
+        "pegp_reference_texts": script.reference_texts if reference is not None else 0,
     }  # fmt: skip
     objective = functools.partial(InstructionObjective, train_from_layer=start)
     continual = [method for method in script.methods if method != "joint"]

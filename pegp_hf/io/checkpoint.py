@@ -26,11 +26,12 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from pegp_hf.continual.objectives import ContinualObjective
@@ -56,6 +57,7 @@ __all__ = [
     "atomic_directory",
     "checkpoint_run_id",
     "latest_task_checkpoint",
+    "load_reference_dims",
     "load_subspaces",
     "read_state",
     "read_task_checkpoint",
@@ -94,7 +96,7 @@ def latest_task_checkpoint(output_dir: str | os.PathLike) -> Path | None:
         return None
     runs = {path.name: checkpoint_run_id(path) for path in found}
     latest = runs[found[-1].name]
-    others = [name for name, run in runs.items() if run != latest]
+    others = [name for name, run in runs.items() if run is not None and run != latest]  # None: before run ids
     if latest is not None and others:
         raise CheckpointError(
             f"{output_dir} holds checkpoints of more than one run: {others} were not written by the run of "
@@ -178,18 +180,35 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_subspaces(
-    path: str | os.PathLike, bases: Mapping[str, torch.Tensor], key: Callable[[str], str], threshold: float
+    path: str | os.PathLike,
+    bases: Mapping[str, torch.Tensor],
+    key: Callable[[str], str],
+    threshold: float,
+    reference_dims: Mapping[str, int] | None = None,
 ) -> None:
     """Write ``bases`` (parameter name -> ``(d, k)``) to ``path`` under the adapter-file keys ``key(name)``, with
-    metadata."""
+    metadata (``reference_dims``: how many leading columns of a basis came from a reference set)."""
     tensors = {key(name): basis.detach().cpu().contiguous() for name, basis in bases.items()}
     meta = {
         "threshold": threshold,
         "feature_dims": {k: basis.shape[0] for k, basis in tensors.items()},
         "ranks": {k: basis.shape[1] for k, basis in tensors.items()},
+        "reference_dims": {key(name): count for name, count in (reference_dims or {}).items()},
         "versions": library_versions(),
     }
     save_file(tensors, str(path), metadata={"format": "pt", "pegp_hf": json.dumps(meta)})
+
+
+def load_reference_dims(path: str | os.PathLike, names: list[str], key: Callable[[str], str]) -> dict[str, int]:
+    """The ``reference_dims`` of a subspace file's metadata by parameter name (none in files without them)."""
+    try:
+        with safe_open(str(path), "pt") as stored:
+            counts = json.loads((stored.metadata() or {}).get("pegp_hf", "{}")).get("reference_dims", {})
+        return {name: int(counts[key(name)]) for name in names if key(name) in counts}
+    except (json.JSONDecodeError, AttributeError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: the metadata's reference_dims are unreadable (corrupt file?): {error}"
+        ) from error
 
 
 def load_subspaces(path: str | os.PathLike, names: list[str], key: Callable[[str], str]) -> dict[str, torch.Tensor]:
@@ -311,7 +330,8 @@ def write_task_checkpoint(
     check_tensors(projector.bases, "the subspace bases", f"not writing {target}")
     with atomic_directory(target) as staging:
         pet.save_pretrained(staging)
-        save_subspaces(staging / SUBSPACES_NAME, projector.bases, pet.weight_key, state["config"]["threshold"])
+        save_subspaces(staging / SUBSPACES_NAME, projector.bases, pet.weight_key, state["config"]["threshold"],
+                       projector.reference_dims)  # fmt: skip
         objective.save_checkpoint(staging)
         write_state(staging, state)
         (staging / "README.md").write_text(card(sorted(path.name for path in staging.iterdir())))
@@ -327,12 +347,13 @@ class StoredTask:
     bases: dict[str, torch.Tensor] | None
     objective_state: Any
     results: ContinualResults
+    reference_dims: dict[str, int] = field(default_factory=dict)
 
     def load_into(self, pet: PETHandle, projector: GradientProjector, objective: ContinualObjective) -> None:
         """Copy the adapter weights, bases and the objective's state into the run (nothing can fail any more)."""
         pet.load_weights(self.adapter)
         if self.bases is not None:
-            projector.load_bases(self.bases)
+            projector.load_bases(self.bases, self.reference_dims)
         objective.load_checkpoint(self.objective_state)
 
 
@@ -385,9 +406,13 @@ def read_task_checkpoint(
     except (KeyError, ValueError) as error:
         raise CheckpointError(f"{path}: {error}") from error
     adapter = pet.read_pretrained(path)  # first: another adapter config explains any basis mismatch below
-    bases = None
+    bases, reference_dims = None, {}
     if config["method"] == "pegp":
-        bases = load_subspaces(path / SUBSPACES_NAME, list(projector.tensors), pet.weight_key)
+        names = list(projector.tensors)
+        bases = load_subspaces(path / SUBSPACES_NAME, names, pet.weight_key)
         projector.check_bases(bases)
+        reference_dims = load_reference_dims(path / SUBSPACES_NAME, names, pet.weight_key)
+        if any(count > bases[name].shape[1] for name, count in reference_dims.items()):
+            raise CheckpointError(f"{path / SUBSPACES_NAME}: reference_dims exceed the bases (corrupt metadata?)")
     objective_state = objective.read_checkpoint(path)
-    return StoredTask(done, state.get("run_id"), adapter, bases, objective_state, restored)
+    return StoredTask(done, state.get("run_id"), adapter, bases, objective_state, restored, reference_dims)
