@@ -1,0 +1,92 @@
+"""The numbers of the docs tables that come from committed results files are what those files give.
+
+Each table is rebuilt from its ``results.json`` with the benchmark's own code and compared, cell by cell, with the
+rows of the markdown file a reader sees; a number edited by hand, or a results file replaced without its table, fails.
+"""
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from benchmarks import llm_orders
+
+DOCS = Path(__file__).parents[1] / "docs"
+
+
+def table_rows(text: str) -> dict[str, list[str]]:
+    """``{first cell: other cells}`` of every table row of a markdown ``text``, bold markers removed (the first row
+    of a label wins)."""
+    rows: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [cell.strip().replace("**", "") for cell in line.strip().strip("|").split("|")]
+            rows.setdefault(cells[0], cells[1:])
+    return rows
+
+
+def rebuilt_rows(results: Path) -> dict[str, list[str]]:
+    """The rows :func:`benchmarks.llm_orders.table` makes from ``results`` (method -> cells)."""
+    return table_rows(llm_orders.table(json.loads(results.read_text())))
+
+
+def rebuilt_order_rows(results: Path, seed: int) -> dict[str, list[str]]:
+    """The rows of ``results`` restricted to task order ``seed``."""
+    runs = [run for run in json.loads(results.read_text()) if run["seed"] == seed]
+    return table_rows(llm_orders.table(runs))
+
+
+# docs/llm.md's main table: (row label in the doc, results folder, method in that folder)
+LLM_ROWS = [
+    ("sequential", "llm_orders_reference", "sequential"),
+    ("pegp (with the reference, the default)", "llm_orders_reference", "pegp"),
+    ("pegp without reference, eps 0.97", "llm_orders", "pegp"),
+    ("pegp without reference, eps 0.99", "llm_orders_eps099", "pegp"),
+    ("joint (upper bound)", "llm_orders", "joint"),
+]
+
+
+@pytest.mark.parametrize(("label", "folder", "method"), LLM_ROWS)
+def test_the_language_results_table_is_its_results_files(label, folder, method):
+    documented = table_rows((DOCS / "llm.md").read_text())
+    assert label in documented, f"docs/llm.md has no row {label!r}"
+    assert documented[label] == rebuilt_rows(DOCS / "results" / folder / "results.json")[method]
+
+
+def test_the_order_0_accuracy_matrices_are_those_of_the_results_file():
+    results = json.loads((DOCS / "results" / "llm_orders_reference" / "order0" / "results.json").read_text())
+    text = (DOCS / "llm.md").read_text()
+    block = text[text.index("| pegp | after 1") :].split("\n\n")[0].splitlines()[2:]
+    for row, line in enumerate(block):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        for method, values in (("pegp", cells[1:5]), ("sequential", cells[7:11])):
+            expected = ["" if v is None else f"{v:g}" for v in results[method]["accuracy_matrix"][row]]
+            assert values == expected, (method, row)
+
+
+def test_a_changed_number_is_caught():
+    edited = re.sub(r"\| 54\.2 \+- 4\.2", "| 54.3 +- 4.2", (DOCS / "llm.md").read_text(), count=1)
+    rebuilt = rebuilt_rows(DOCS / "results" / "llm_orders" / "results.json")
+    assert table_rows(edited)["sequential"] != rebuilt["sequential"]
+
+
+# docs/llm.md's reference-threshold table (order 0): (label, results folder, method, reference share column)
+THRESHOLD_ROWS = [
+    ("none (order 0)", "llm_orders", "pegp", None),
+    ("0.9", "llm_reference_thresholds/eps09", "pegp", "reference_protected_share/lora_A"),
+    ("0.99", "llm_orders_reference", "pegp", "reference_protected_share/lora_A"),
+    ("0.999", "llm_reference_thresholds/eps0999", "pegp", "reference_protected_share/lora_A"),
+    ("sequential (order 0)", "llm_orders_reference", "sequential", None),
+]
+
+
+@pytest.mark.parametrize(("label", "folder", "method", "share"), THRESHOLD_ROWS)
+def test_the_reference_threshold_table_is_its_results_files(label, folder, method, share):
+    documented = table_rows((DOCS / "llm.md").read_text())[label]
+    assert documented[1:] == rebuilt_order_rows(DOCS / "results" / folder / "results.json", seed=0)[method]
+    initial = json.loads((DOCS / "results" / folder / "order0" / "results.json").read_text())[method]["initial_metrics"]
+    if share is None:
+        assert documented[0] in ("0%", "-") and not any(key.startswith("reference") for key in initial)
+    else:
+        assert documented[0] == f"{100 * initial[share]:.0f}%"
