@@ -204,3 +204,22 @@ def tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, hidden: int = 32
                          num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
                          max_position_embeddings=128)  # fmt: skip
     return LlamaForCausalLM(config).eval()
+
+
+def counting_sequences(first_token: int, step: int, count: int, seed: int, length: int = 12) -> Dataset:
+    """``count`` sequences over tokens ``first_token .. first_token + 7`` that follow ``t -> t + step (mod 8)``:
+    plain next-token data (``labels`` = ``input_ids``; the model shifts them)."""
+    starts = np.random.default_rng(seed).integers(0, 8, size=count)
+    ids = first_token + (starts[:, None] + step * np.arange(length)[None, :]) % 8
+    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
+    return Dataset.from_dict(data).with_format("torch")
+
+
+def counting_tasks():
+    """Two next-token tasks for a 32-token vocabulary: counting by 1 over tokens 0-7, then by 3 over tokens 8-15."""
+    from pegp_hf import dataset_tasks
+
+    return dataset_tasks({
+        "count-by-1": (counting_sequences(0, 1, 64, seed=0), counting_sequences(0, 1, 16, seed=1)),
+        "count-by-3": (counting_sequences(8, 3, 64, seed=2), counting_sequences(8, 3, 16, seed=3)),
+    })  # fmt: skip

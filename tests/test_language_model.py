@@ -8,30 +8,11 @@ the features of task 1 span 8 of the 32 dimensions, and task 2 has room to learn
 import numpy as np
 import pytest
 import torch
-from datasets import Dataset
-from helpers import AtTaskStart, training_args
+from helpers import AtTaskStart, counting_sequences, counting_tasks, training_args
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from pegp_hf import ContinualPEGPTrainer, ModelLossObjective, dataset_tasks
-
-LENGTH = 12
-
-
-def sequences(first_token: int, step: int, count: int, seed: int) -> Dataset:
-    """``count`` sequences over tokens ``first_token .. first_token + 7`` that follow ``t -> t + step (mod 8)``:
-    plain next-token data (``labels`` = ``input_ids``; the model shifts them)."""
-    starts = np.random.default_rng(seed).integers(0, 8, size=count)
-    ids = first_token + (starts[:, None] + step * np.arange(LENGTH)[None, :]) % 8
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
-    return Dataset.from_dict(data).with_format("torch")
-
-
-def tasks():
-    return dataset_tasks({
-        "count-by-1": (sequences(0, 1, 64, seed=0), sequences(0, 1, 16, seed=1)),
-        "count-by-3": (sequences(8, 3, 64, seed=2), sequences(8, 3, 16, seed=3)),
-    })  # fmt: skip
 
 
 def lora_llama():
@@ -53,7 +34,7 @@ def logits_and_loss(model, batch: dict) -> tuple[torch.Tensor, float]:
 
 
 def run(tmp_path, method: str):
-    sequence = tasks()
+    sequence = counting_tasks()
     old = sequence[0].test[:]
     args = training_args(tmp_path / method, method=method, optim="adamw_torch", learning_rate=0.05, num_train_epochs=6,
                          threshold=1.0, feature_samples=64, per_device_eval_batch_size=16)  # fmt: skip
@@ -120,8 +101,8 @@ def test_a_seq2seq_model_trains_with_its_own_loss_and_its_decoder_is_protected(t
         return get_peft_model(T5ForConditionalGeneration(config), LoraConfig(r=4, target_modules=["q", "v"]))
 
     sequence = dataset_tasks({
-        "copy-1": (sequences(1, 1, 32, seed=0), sequences(1, 1, 8, seed=1)),
-        "copy-3": (sequences(9, 3, 32, seed=2), sequences(9, 3, 8, seed=3)),
+        "copy-1": (counting_sequences(1, 1, 32, seed=0), counting_sequences(1, 1, 8, seed=1)),
+        "copy-3": (counting_sequences(9, 3, 32, seed=2), counting_sequences(9, 3, 8, seed=3)),
     })  # fmt: skip
     drift, trainers = {}, {}
     for method in ("pegp", "sequential"):
@@ -148,14 +129,14 @@ def next_token_accuracy(prediction) -> dict[str, float]:
 def test_compute_metrics_fills_more_matrices_and_a_missing_one_is_named(tmp_path):
     args = training_args(tmp_path, optim="adamw_torch", learning_rate=0.05, threshold=1.0, feature_samples=64)
     objective = ModelLossObjective(metrics=["token_accuracy"])
-    trainer = ContinualPEGPTrainer(model=lora_llama(), args=args, tasks=tasks(), objective=objective,
+    trainer = ContinualPEGPTrainer(model=lora_llama(), args=args, tasks=counting_tasks(), objective=objective,
                                    compute_metrics=next_token_accuracy)  # fmt: skip
     trainer.train()
     accuracy = trainer.results.matrices["token_accuracy"]
     assert accuracy.higher_is_better and trainer.results.headline == "loss"
     assert ((accuracy.values[np.triu_indices(2)] >= 0) & (accuracy.values[np.triu_indices(2)] <= 100)).all()
     assert accuracy.values[0, 1] == accuracy.values[0, 0]  # pegp keeps task 1's predictions
-    missing = ContinualPEGPTrainer(model=lora_llama(), args=training_args(tmp_path / "missing"), tasks=tasks(),
+    missing = ContinualPEGPTrainer(model=lora_llama(), args=training_args(tmp_path / "missing"), tasks=counting_tasks(),
                                    objective=ModelLossObjective(metrics=["bleu"]))  # fmt: skip
     with pytest.raises(ValueError, match=r"no 'task_1_bleu'.*compute_metrics"):
         missing.train()

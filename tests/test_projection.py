@@ -88,7 +88,7 @@ def test_lora_b_keeps_old_outputs_with_a_partial_basis(tmp_path):
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
 def test_without_projection_old_outputs_move(tmp_path, optimizer):
     _, before, _, after, _ = run_two_tasks(tmp_path, method="sequential", **OPTIMIZERS[optimizer])
-    assert max_relative_change(before, after) > 1e-2
+    assert max_relative_change(before, after) > 0.5  # docs/method.md: "by more than 50%" (SGD 53%)
 
 
 @pytest.mark.parametrize("optimizer", OPTIMIZERS)
@@ -107,8 +107,9 @@ def test_every_step_update_is_orthogonal_to_the_old_bases(tmp_path, optimizer):
 
 def test_adamw_without_update_reprojection_breaks_the_guarantee(tmp_path):
     trainer, before, _, after, _ = run_two_tasks(tmp_path, update_reprojection="off", **OPTIMIZERS["adamw_reprojected"])
-    overlaps = [log["pegp_update_overlap"] for log in trainer.state.log_history if "pegp_update_overlap" in log]
-    assert max(overlaps) > 1e-4
+    steps = [log for log in trainer.state.log_history if "pegp_update_overlap" in log]
+    # docs/method.md: "the overlap is as large as the update" (max |dW U| against max |dW|, step by step)
+    assert max(log["pegp_update_overlap"] / log["pegp_update_max"] for log in steps) > 0.5
     assert max_relative_change(before, after) > 1e-3
 
 

@@ -11,36 +11,28 @@ import numpy as np
 import pytest
 import torch
 from datasets import Dataset
-from helpers import AtTaskStart, training_args
+from helpers import (
+    AtTaskStart,
+    counting_sequences,
+    counting_tasks,
+    plain_vit,
+    synthetic_images,
+    tiny_chat_tokenizer,
+    tiny_llama,
+    training_args,
+)
 from peft import LoraConfig, get_peft_model
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from pegp_hf import ContinualPEGPTrainer, dataset_tasks
+from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.core import GradientProjector, ProtectedTensor, module_input
 from pegp_hf.core.subspace import max_overlap
 from pegp_hf.io.checkpoint import load_subspaces
-from pegp_hf.tuners import PrefixConfig, inject_pet
+from pegp_hf.language.reference import own_conversations
+from pegp_hf.tuners import AdapterConfig, PrefixConfig, inject_pet
 
-LENGTH = 12
-
-
-def sequences(first_token: int, step: int, count: int, seed: int) -> Dataset:
-    """``count`` sequences over tokens ``first_token .. first_token + 7`` following ``t -> t + step (mod 8)``."""
-    starts = np.random.default_rng(seed).integers(0, 8, size=count)
-    ids = first_token + (starts[:, None] + step * np.arange(LENGTH)[None, :]) % 8
-    data = {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": ids}
-    return Dataset.from_dict(data).with_format("torch")
-
-
-def tasks():
-    return dataset_tasks({
-        "count-by-1": (sequences(0, 1, 64, seed=0), sequences(0, 1, 16, seed=1)),
-        "count-by-3": (sequences(8, 3, 64, seed=2), sequences(8, 3, 16, seed=3)),
-    })  # fmt: skip
-
-
-REFERENCE = sequences(16, 5, 32, seed=4)  # the "pre-training" behaviour to keep
-HELD_OUT = sequences(16, 7, 8, seed=5)  # other sequences over the same tokens: never seen by any pass
+REFERENCE = counting_sequences(16, 5, 32, seed=4)  # the "pre-training" behaviour to keep
+HELD_OUT = counting_sequences(16, 7, 8, seed=5)  # other sequences over the same tokens: never seen by any pass
 
 
 def llama(seed: int = 0) -> LlamaForCausalLM:
@@ -78,7 +70,7 @@ def arguments(output_dir, **overrides):
 def run(output_dir, reference: Dataset | None):
     model = lora_llama()
     before = {"reference": logits(model, REFERENCE[:]), "held_out": logits(model, HELD_OUT[:])}
-    sequence = tasks()
+    sequence = counting_tasks()
     new_task_loss = {}
     trainer = ContinualPEGPTrainer(model=model, args=arguments(output_dir), tasks=sequence, reference_dataset=reference)
     trainer.add_callback(AtTaskStart(1, lambda m: new_task_loss.update(start=loss(m, sequence[1].test[:]))))
@@ -140,11 +132,11 @@ def test_a_crash_after_task_1_resumes_to_the_same_result_without_redoing_the_ref
     def crash(model):
         raise CrashError
 
-    trainer = ContinualPEGPTrainer(model=lora_llama(), args=arguments(tmp_path), tasks=tasks(),
+    trainer = ContinualPEGPTrainer(model=lora_llama(), args=arguments(tmp_path), tasks=counting_tasks(),
                                    reference_dataset=REFERENCE, callbacks=[AtTaskStart(1, crash)])  # fmt: skip
     with pytest.raises(CrashError):
         trainer.train()
-    resumed = ContinualPEGPTrainer(model=lora_llama(), args=arguments(tmp_path), tasks=tasks(),
+    resumed = ContinualPEGPTrainer(model=lora_llama(), args=arguments(tmp_path), tasks=counting_tasks(),
                                    reference_dataset=REFERENCE)  # fmt: skip
     resumed.projector.null_reference_weights = crash  # the reference pass must not run again
     resumed.train(resume_from_checkpoint=True)
@@ -179,7 +171,8 @@ def test_an_adapter_whose_output_is_not_zero_is_refused_and_left_as_it_was(tmp_p
     lora = LoraConfig(r=4, target_modules=["layers.0.self_attn.q_proj"], init_lora_weights=False)  # B random
     model = get_peft_model(llama(), lora)
     weights = {name: p.detach().clone() for name, p in model.named_parameters()}
-    trainer = ContinualPEGPTrainer(model=model, args=arguments(tmp_path), tasks=tasks(), reference_dataset=REFERENCE)
+    trainer = ContinualPEGPTrainer(model=model, args=arguments(tmp_path), tasks=counting_tasks(),
+                                   reference_dataset=REFERENCE)  # fmt: skip
     with pytest.raises(ValueError, match="the adapter's output is not zero at the start"):
         trainer.train()
     assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
@@ -195,21 +188,18 @@ def test_a_reference_that_would_protect_nothing_is_refused_before_the_model_chan
         ({}, REFERENCE.select([]), "reference_dataset is empty"),
     ):
         with pytest.raises(ValueError, match=message):
-            ContinualPEGPTrainer(model=model, args=arguments(tmp_path, **overrides), tasks=tasks(),
+            ContinualPEGPTrainer(model=model, args=arguments(tmp_path, **overrides), tasks=counting_tasks(),
                                  reference_dataset=reference)  # fmt: skip
     assert all(torch.equal(weights[name], p) for name, p in model.named_parameters())
     prefixed = inject_pet(llama(), PrefixConfig(length=2))
     with pytest.raises(ValueError, match="the prefix adapter has none of these"):
-        ContinualPEGPTrainer(model=prefixed, args=arguments(tmp_path), tasks=tasks(), reference_dataset=REFERENCE)
+        ContinualPEGPTrainer(model=prefixed, args=arguments(tmp_path), tasks=counting_tasks(),
+                             reference_dataset=REFERENCE)  # fmt: skip
     with pytest.raises(ValueError, match="reference_threshold must be in"):
         arguments(tmp_path, reference_threshold=0.0)
 
 
 def test_own_conversations_hold_the_user_turn_and_the_models_own_greedy_answer():
-    from helpers import tiny_chat_tokenizer, tiny_llama
-
-    from pegp_hf.language.reference import own_conversations
-
     tokenizer = tiny_chat_tokenizer()
     model = tiny_llama(len(tokenizer))
     texts = ["which topic ? the red cat", "a dog", "sun and rain . the blue sun"]
@@ -231,3 +221,32 @@ def test_own_conversations_hold_the_user_turn_and_the_models_own_greedy_answer()
         assert row["attention_mask"] == [1] * len(ids) and row["labels"] == [-100] * len(ids)
     with pytest.raises(ValueError, match="at least one text"):
         own_conversations(model, tokenizer, [])
+
+
+def test_bottleneck_adapters_keep_the_backbone_on_reference_images_and_sigmoid_ones_are_refused(tmp_path):
+    """The adapter's down matrix starts in the null space of the reference features, so act(0) = 0 silences the
+    branch there: the backbone's output on reference images stays as it was through two tasks (the head learns)."""
+    images = synthetic_images(num_labels=4, per_class=8, seed=9)
+    reference = images.select(range(4))  # 4 images x 5 tokens = 20 features in 32 dims: a partial basis
+    sequence = class_incremental_tasks(synthetic_images(4, 16), synthetic_images(4, 8, seed=1), 2, seed=0)
+    model = inject_pet(plain_vit(), AdapterConfig(width=4, layers=[0, 1], modules_to_save=["classifier"]))
+
+    @torch.no_grad()
+    def backbone(m):
+        m.eval()
+        return m.vit(pixel_values=reference[:]["pixel_values"]).last_hidden_state.clone()
+
+    before = backbone(model)
+    args = training_args(tmp_path / "adapter", reference_threshold=1.0, threshold=0.99, optim="adamw_torch",
+                         learning_rate=0.01)  # fmt: skip
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=sequence, reference_dataset=reference)
+    trainer.train()
+    assert trainer.results.initial_metrics["reference_protected_share/adapter_down"] < 1.0
+    assert drift(before, backbone(model)) < 1e-5
+    moved = [t.parameter for t in trainer.projector.tensors.values() if t.kind == "adapter_up"]
+    assert max(float(p.abs().max()) for p in moved) > 1e-3  # the adapters did learn
+
+    sigmoid = inject_pet(plain_vit(), AdapterConfig(width=4, activation="sigmoid", modules_to_save=["classifier"]))
+    with pytest.raises(ValueError, match="none of these"):
+        ContinualPEGPTrainer(model=sigmoid, args=training_args(tmp_path / "sigmoid"), tasks=sequence,
+                             reference_dataset=reference)  # fmt: skip
