@@ -302,6 +302,8 @@ class ContinualPEGPTrainer(Trainer):
         self._task_index, self._finite_losses = index, None
         self.train_dataset, self.eval_dataset = task.train, task.test
         self.optimizer = self.lr_scheduler = None
+        if self.is_deepspeed_enabled:  # Trainer.train destroys the last engine; Accelerate builds one per task
+            self.model_wrapped, self.deepspeed = self.model, None
         self._bracket.new_task()
         if index > 0 and self.args.method == "pegp":
             for parameter in self.pet.frozen_after_first_task():
@@ -332,12 +334,14 @@ class ContinualPEGPTrainer(Trainer):
         self._log_task(index)
         self._task_event("on_task_end", index, results=self.results)
         target = Path(self.args.output_dir) / task_dir_name(index + 1)
+        # FSDP2 ranks hold shards: every rank takes part in gathering the whole weights for the main process
+        gathered = self.accelerator.get_state_dict(self.model) if self.is_fsdp_enabled else None
         if self.args.should_save:  # the main process writes; every process waits for it, so any rank can resume
             state = task_state(self.tasks, self.results.finished_tasks, self.continual_results(), self._config(),
                                self.run_id)  # fmt: skip
             card = functools.partial(model_card, state, self.results, self.pet.base_model_name(),
                                      self.pet.library_name, self.pet.methods)  # fmt: skip
-            write_task_checkpoint(target, self.pet, self.projector, self.objective, state, card)
+            write_task_checkpoint(target, self.pet, self.projector, self.objective, state, card, gathered)
         self.accelerator.wait_for_everyone()
         self._task_event("on_task_save", index, checkpoint_dir=target)
 

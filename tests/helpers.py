@@ -98,8 +98,9 @@ class AtTaskStart(TrainerCallback):
         self.calls += 1
 
 
-def distributed_case(output_dir, per_device_batch: int):
-    """The run the 2-process test and its single-process reference share: same model, tasks and global batch 16."""
+def distributed_case(output_dir, per_device_batch: int, **overrides):
+    """The run the 2-process test and its single-process reference share: same model, tasks and global batch 16
+    (``overrides`` go to the TrainingArguments, e.g. a DeepSpeed config)."""
     from pegp_hf import class_incremental_tasks
 
     tasks = class_incremental_tasks(
@@ -108,7 +109,7 @@ def distributed_case(output_dir, per_device_batch: int):
     args = training_args(
         output_dir, per_device_train_batch_size=per_device_batch, per_device_eval_batch_size=16,
         gradient_accumulation_steps=16 // (per_device_batch * _world_size()), optim="sgd", optim_args="momentum=0.9",
-        threshold=0.99, feature_samples=24, max_grad_norm=1.0, dataloader_pin_memory=False,
+        threshold=0.99, feature_samples=24, max_grad_norm=1.0, dataloader_pin_memory=False, **overrides,
     )  # fmt: skip
     return tiny_vit(hidden=64, rank=4), tasks, args
 

@@ -1,4 +1,5 @@
-"""Two real processes (torchrun, gloo, loopback only) against one process over the same global batch."""
+"""Two real processes (torchrun, gloo, loopback only), under DDP and FSDP2, against one process over the same global
+batch."""
 
 import json
 import os
@@ -9,7 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import distributed_case
+from helpers import distributed_case, matrices
+from safetensors.torch import load_file
 
 from pegp_hf import ContinualPEGPTrainer
 
@@ -22,10 +24,10 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def torchrun(output_dir: Path, phase: str) -> subprocess.CompletedProcess:
+def torchrun(output_dir: Path, phase: str, backend: str = "ddp") -> subprocess.CompletedProcess:
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-               "--master_port", str(free_port()), str(WORKER), str(output_dir), phase]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1])}
+               "--master_port", str(free_port()), str(WORKER), str(output_dir), phase, backend]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[1]), "DS_ACCELERATOR": "cpu"}
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -42,12 +44,43 @@ def runs(tmp_path_factory):
     assert one_failed.returncode != 0 and "simulated crash" in one_failed.stderr
     one_resumed = torchrun(root / "one_rank", "resume")
     assert one_resumed.returncode == 0, one_resumed.stderr[-3000:]
+    sharded = torchrun(root / "fsdp2", "full", "fsdp2")
+    assert sharded.returncode == 0, sharded.stderr[-3000:]
+    sharded_crash = torchrun(root / "fsdp2_resumed", "crash", "fsdp2")
+    assert sharded_crash.returncode != 0 and "simulated crash" in sharded_crash.stderr
+    sharded_resumed = torchrun(root / "fsdp2_resumed", "resume", "fsdp2")
+    assert sharded_resumed.returncode == 0, sharded_resumed.stderr[-3000:]
 
     def load(folder, phase):
         return [torch.load(root / folder / f"{phase}-rank{r}.pt") for r in (0, 1)]
 
     return {"full": load("full", "full"), "resumed": load("resumed", "resume"),
-            "one_rank": load("one_rank", "resume"), "root": root}  # fmt: skip
+            "one_rank": load("one_rank", "resume"), "fsdp2": load("fsdp2", "full"),
+            "fsdp2_resumed": load("fsdp2_resumed", "resume"), "root": root}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def deepspeed_runs(tmp_path_factory):
+    """ZeRO-1 and ZeRO-2 on DeepSpeed's CPU accelerator (its shared-memory collectives build on first use)."""
+    pytest.importorskip("deepspeed")
+    root = tmp_path_factory.mktemp("deepspeed")
+    runs = {}
+    for backend in ("zero1", "zero2"):
+        done = torchrun(root / backend, "full", backend)
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[backend] = [torch.load(root / backend / f"full-rank{r}.pt") for r in (0, 1)]
+    return {**runs, "root": root}
+
+
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory):
+    """The single-process run over the same global batch, and its output folder."""
+    output_dir = tmp_path_factory.mktemp("one_process")
+    model, tasks, args = distributed_case(output_dir, per_device_batch=16)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
+    trainer.train()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    return {"trainer": trainer, "params": params, "output_dir": output_dir}
 
 
 def test_two_processes_really_ran(runs):
@@ -69,24 +102,58 @@ def test_update_diagnostic_is_zero_on_both_ranks(runs):
         assert rank["overlaps"] and max(rank["overlaps"]) < 1e-6 < min(rank["update_max"])  # updates did happen
 
 
-def test_ddp_matches_one_process_over_the_same_global_batch(runs, tmp_path):
-    model, tasks, args = distributed_case(tmp_path, per_device_batch=16)
-    reference = ContinualPEGPTrainer(model=model, args=args, tasks=tasks)
-    reference.train()
-    expected = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    for rank in runs["full"]:
+@pytest.fixture(params=["full", "fsdp2", "zero1", "zero2"])
+def two_processes(request):
+    """(backend, per-rank results, output folder) of a 2-process run: DDP, FSDP2, DeepSpeed ZeRO-1 / ZeRO-2."""
+    backend = request.param
+    runs = request.getfixturevalue("deepspeed_runs" if backend.startswith("zero") else "runs")
+    return backend, runs[backend], runs["root"] / backend
+
+
+def test_two_processes_match_one_process_over_the_same_global_batch(two_processes, one_process):
+    """DDP, FSDP2 (each rank holding and projecting only its rows of every LoRA weight) and DeepSpeed ZeRO-1 / 2
+    (projected by tensor hooks as gradients are produced) against one process: the same weights, bases and accuracy
+    matrices."""
+    backend, ranks, _ = two_processes
+    reference = one_process["trainer"]
+    expected = matrices(reference)
+    for rank in ranks:
+        assert rank["world_size"] == 2 and bool(rank["sharded"]) == (backend == "fsdp2")
         for name, value in rank["params"].items():
-            torch.testing.assert_close(value, expected[name], atol=2e-5, rtol=1e-4, msg=name)
+            torch.testing.assert_close(value, one_process["params"][name], atol=2e-5, rtol=1e-4, msg=name)
         for name, basis in rank["bases"].items():  # same span as the single-process basis
             ref = reference.projector.bases[name]
             assert basis.shape == ref.shape, name
             torch.testing.assert_close(basis @ basis.T, ref @ ref.T, atol=1e-4, rtol=0, msg=name)
+        for name, matrix in expected.items():
+            torch.testing.assert_close(rank["accuracy"][name], torch.tensor(matrix), rtol=0, atol=0, equal_nan=True)
 
 
-@pytest.mark.parametrize("crash", ["resumed", "one_rank"])
+def test_checkpoints_hold_the_whole_adapter_and_the_bases_of_one_process(two_processes, one_process):
+    """Each FSDP2 rank holds half the rows of every adapter weight; the checkpoint must hold all of them (gathered
+    from the shards), equal to the single-process checkpoint, and so must its bases, under every backend."""
+    _, _, folder = two_processes
+    for task in ("task-1", "task-2"):
+        for file in ("adapter_model.safetensors", "pegp_subspaces.safetensors"):
+            written, expected = load_file(folder / task / file), load_file(one_process["output_dir"] / task / file)
+            assert written.keys() == expected.keys(), file
+            for key, tensor in expected.items():
+                assert written[key].shape == tensor.shape, (file, key)
+                if file == "adapter_model.safetensors":
+                    torch.testing.assert_close(written[key], tensor, atol=2e-5, rtol=1e-4, msg=key)
+                else:
+                    torch.testing.assert_close(written[key] @ written[key].T, tensor @ tensor.T, atol=1e-4, rtol=0)
+    final = load_file(folder / "task-2" / "adapter_model.safetensors")
+    lora_a = [key for key in final if "lora_A" in key]
+    assert lora_a and all(final[key].shape[0] == 4 for key in lora_a)  # rank 4: under FSDP2 both shards of 2 rows
+
+
+@pytest.mark.parametrize("crash", ["resumed", "one_rank", "fsdp2_resumed"])
 def test_every_rank_resumes_after_a_crash_to_the_same_result(runs, crash):
-    """``resumed``: every rank failed as task 2 started; ``one_rank``: rank 1 alone did."""
-    for full, resumed in zip(runs["full"], runs[crash], strict=True):
+    """``resumed``: every rank failed as task 2 started; ``one_rank``: rank 1 alone did; ``fsdp2_resumed``: every
+    FSDP2 rank failed, and the run resumed from the checkpoint gathered from the shards."""
+    full_run = runs["fsdp2" if crash.startswith("fsdp2") else "full"]
+    for full, resumed in zip(full_run, runs[crash], strict=True):
         for name, value in full["params"].items():
             torch.testing.assert_close(resumed["params"][name], value, atol=1e-6, rtol=0, msg=name)
         for name, matrix in full["accuracy"].items():

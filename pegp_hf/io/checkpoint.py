@@ -319,17 +319,20 @@ def write_task_checkpoint(
     objective: ContinualObjective,
     state: Mapping[str, Any],
     card: Callable[[list[str]], str],
+    model_state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the whole ``task-<k>`` folder atomically: adapter, bases, the objective's files, state, and the model
-    card ``card(names of the files written)``.
+    card ``card(names of the files written)``. The adapter weights come from ``model_state_dict`` when given (under
+    FSDP2 the whole model gathered by ``Accelerator.get_state_dict``, since each rank holds only shards), else from
+    the model.
 
     Raises:
         NonFiniteError: an adapter weight or a basis holds NaN / inf (nothing is written).
     """
-    check_tensors(pet.state_dict(), "the adapter weights", f"not writing {target}")
+    check_tensors(pet.state_dict(model_state_dict), "the adapter weights", f"not writing {target}")
     check_tensors(projector.bases, "the subspace bases", f"not writing {target}")
     with atomic_directory(target) as staging:
-        pet.save_pretrained(staging)
+        pet.save_pretrained(staging, model_state_dict)
         save_subspaces(staging / SUBSPACES_NAME, projector.bases, pet.weight_key, state["config"]["threshold"],
                        projector.reference_dims)  # fmt: skip
         objective.save_checkpoint(staging)

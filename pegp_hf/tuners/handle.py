@@ -12,6 +12,7 @@ import json
 import os
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -65,12 +66,17 @@ class PETHandle(ABC):
         return []
 
     @abstractmethod
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """The adapter weights keyed as in ``adapter_model.safetensors``."""
+    def state_dict(self, model_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The adapter weights keyed as in ``adapter_model.safetensors``, taken from ``model_state_dict`` (the
+        whole model's, keyed as ``model.state_dict()``: under FSDP2 the gathered one of
+        ``Accelerator.get_state_dict``) or, when ``None``, from the model itself (each rank's shards under FSDP2)."""
 
     @abstractmethod
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``."""
+    def save_pretrained(
+        self, directory: str | os.PathLike, model_state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        """Write ``adapter_model.safetensors`` and ``adapter_config.json`` into ``directory``, the weights taken as
+        :meth:`state_dict` takes them."""
 
     def read_pretrained(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         """Read ``directory``'s adapter weights and check every key and shape against the model's adapter (PEFT
@@ -136,15 +142,19 @@ class PeftHandle(PETHandle):
             return []
         return peft_protected_tensors(self.model)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
+    def state_dict(self, model_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         from peft.utils import get_peft_model_state_dict
 
-        return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name)
+        state = None if model_state_dict is None else dict(model_state_dict)
+        return get_peft_model_state_dict(self.model, state_dict=state, adapter_name=self.adapter_name)
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
+    def save_pretrained(
+        self, directory: str | os.PathLike, model_state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
         """PEFT's ``save_pretrained`` of the active adapter alone, its files at the top of ``directory`` (PEFT puts
         an adapter not named ``default`` in a subfolder of that name)."""
-        self.model.save_pretrained(directory, selected_adapters=[self.adapter_name])
+        state = {} if model_state_dict is None else {"state_dict": dict(model_state_dict)}
+        self.model.save_pretrained(directory, selected_adapters=[self.adapter_name], **state)
         nested = Path(directory) / self.adapter_name
         if self.adapter_name != "default" and nested.is_dir():
             for path in nested.iterdir():
@@ -203,11 +213,14 @@ class TunerHandle(PETHandle):
     def frozen_after_first_task(self) -> list[nn.Parameter]:
         return [p for _, module in self._modules() for p in module.frozen_after_first_task()]
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return get_pet_state_dict(self.model)
+    def state_dict(self, model_state_dict: Mapping[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        own = get_pet_state_dict(self.model)
+        return own if model_state_dict is None else {name: model_state_dict[name] for name in own}
 
-    def save_pretrained(self, directory: str | os.PathLike) -> None:
-        save_pet_pretrained(self.model, directory)
+    def save_pretrained(
+        self, directory: str | os.PathLike, model_state_dict: Mapping[str, torch.Tensor] | None = None
+    ) -> None:
+        save_pet_pretrained(self.model, directory, self.state_dict(model_state_dict))
 
     def read_pretrained(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
         """Also checks that ``directory`` holds the model's tuner configs."""

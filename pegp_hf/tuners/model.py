@@ -101,14 +101,19 @@ def set_pet_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) ->
             parameters[name].copy_(tensor)
 
 
-def save_pet_pretrained(model: nn.Module, directory: str | os.PathLike) -> None:
-    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` of ``model``'s tuners to ``directory``."""
+def save_pet_pretrained(
+    model: nn.Module, directory: str | os.PathLike, state_dict: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Write ``adapter_model.safetensors`` and ``adapter_config.json`` of ``model``'s tuners to ``directory``: the
+    weights of ``state_dict`` (keyed as :func:`get_pet_state_dict`, e.g. gathered from FSDP2 shards) or, when
+    ``None``, the model's own."""
     configs = pet_configs(model)
     if not configs:
         raise ValueError("the model has no pegp_hf tuners (inject_pet first)")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    tensors = {name: t.cpu().contiguous() for name, t in get_pet_state_dict(model).items()}
+    state_dict = get_pet_state_dict(model) if state_dict is None else state_dict
+    tensors = {name: t.cpu().contiguous() for name, t in state_dict.items()}
     save_file(tensors, str(directory / SAFETENSORS_WEIGHTS_NAME), metadata={"format": "pt"})
     base = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     document = {
