@@ -258,12 +258,12 @@ class ContinualPEGPTrainer(Trainer):
         self.objective.validate(self.tasks)
         if self.tasks.scenario == "online" and (self.args.num_train_epochs != 1 or self.args.max_steps > 0):
             raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
+        stored = self._read_resumed(resume_from_checkpoint) if resume_from_checkpoint else None
+        self._claim_output_dir(stored)  # refuses before anything in output_dir is touched
         if self.args.should_save:
             for name in remove_staging(self.args.output_dir):
                 logger.warning("removed %s, left in %s by an interrupted checkpoint write", name, self.args.output_dir)
         self.accelerator.wait_for_everyone()
-        stored = self._read_resumed(resume_from_checkpoint) if resume_from_checkpoint else None
-        self._claim_output_dir(stored)
         run_id = uuid.uuid4().hex if stored is None or stored.run_id is None else stored.run_id
         self.run_id = broadcast_object_list([run_id])[0] if self.accelerator.num_processes > 1 else run_id
         first = 0

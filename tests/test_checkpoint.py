@@ -267,14 +267,18 @@ def test_a_checkpoint_written_before_objectives_resumes_to_the_same_matrices(tmp
 
 
 def test_a_fresh_run_refuses_a_folder_holding_another_runs_checkpoints(tmp_path, uninterrupted):
-    """The old run's task-1..3 would mix with the new run's, and a resume would pick the old task-3."""
+    """The old run's task-1..3 would mix with the new run's, and a resume would pick the old task-3. The refusal
+    leaves the folder as it was, the old run's interrupted write (its staging folder) included."""
     shutil.copytree(uninterrupted.args.output_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / ".task-4.tmp-old").mkdir()
+    listing = sorted(p.name for p in tmp_path.iterdir())
     trainer = make_trainer(tmp_path)
     before = trainable(trainer.model)
     with pytest.raises(CheckpointError, match=r"holds \['task-1', 'task-2', 'task-3'\] of an earlier run") as error:
         trainer.train()
     assert "overwrite_output_dir=True" in str(error.value) and "resume_from_checkpoint=True" in str(error.value)
     assert all(torch.equal(before[n], p) for n, p in trainable(trainer.model).items())
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
     old_run = json.loads((tmp_path / "task-3" / "pegp_state.json").read_text())["run_id"]
 
     overwriting = make_trainer(tmp_path, overwrite_output_dir=True)

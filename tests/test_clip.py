@@ -275,3 +275,12 @@ def test_the_embedded_default_runs_offline_and_writes_results_and_plots(tmp_path
     assert set(json.loads((tmp_path / "results.json").read_text())) == {"pegp", "sequential"}
     for plot in ("accuracy_matrix_pegp.png", "accuracy_matrix_sequential.png", "acc_forgetting.png", "zero_shot.png"):
         assert (tmp_path / plot).stat().st_size > 1000
+    table = (tmp_path / "table.md").read_text().splitlines()  # the docs table, from the figures above
+    pegp = summary["pegp"]
+    ci = pegp["class_incremental"]
+    assert table[0] == "| | pegp | sequential |"
+    assert table[2].startswith(f"| class-incremental ACC / Forgetting | {ci['average']:.1f} / {ci['forgetting']:.1f} |")
+    zero = pegp["task_metrics"][1]["zero_shot_acc"]
+    assert f"{pegp['initial_metrics']['zero_shot_acc']:.1f} -> " in table[6] and f", {zero:.1f} |" in table[6]
+    hallucination = pegp["task_metrics"][1]["hallucination_rate"]
+    assert table[7].startswith(f"| hallucination rate after task 2 | {hallucination:.1f} |")

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import llm_orders
+from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
 
@@ -24,6 +25,15 @@ def table_rows(text: str) -> dict[str, list[str]]:
             cells = [cell.strip().replace("**", "") for cell in line.strip().strip("|").split("|")]
             rows.setdefault(cells[0], cells[1:])
     return rows
+
+
+def section(name: str, heading: str) -> str:
+    """The text of ``docs/<name>`` from the heading that starts with ``heading`` to the next heading of its level."""
+    text = (DOCS / name).read_text()
+    start = text.index(heading)
+    level = heading.split(" ")[0] + " "
+    end = text.find("\n" + level, start + len(heading))
+    return text[start : end if end >= 0 else None]
 
 
 def rebuilt_rows(results: Path) -> dict[str, list[str]]:
@@ -90,3 +100,11 @@ def test_the_reference_threshold_table_is_its_results_files(label, folder, metho
         assert documented[0] in ("0%", "-") and not any(key.startswith("reference") for key in initial)
     else:
         assert documented[0] == f"{100 * initial[share]:.0f}%"
+
+
+def test_the_clip_table_is_its_results_file():
+    """docs/clip.md's measured table, every row and cell, against the recipe's table of the committed results."""
+    documented = table_rows(section("clip.md", "## Measured: the embedded default"))
+    summary = json.loads((DOCS / "results" / "clip_bitm" / "results.json").read_text())
+    rebuilt = table_rows(crossmodal.results_table(summary))
+    assert len(rebuilt) == 8 and documented == rebuilt

@@ -305,3 +305,34 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     return run_methods(tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
                        callbacks=[RevealSeenClasses()])  # fmt: skip
+
+
+def results_table(summary: dict[str, dict[str, Any]]) -> str:
+    """The markdown table of ``docs/clip.md``: one column per method of ``summary`` (``results.json``), one row per
+    measure, each after every task where the measure exists (hallucination and false-match rates from task 2 on)."""
+
+    def figure(value: float | None) -> str:
+        return "-" if value is None else f"{value:.1f}"
+
+    methods = list(summary)
+    first = summary[methods[0]]
+    later = [str(t + 1) for t, m in enumerate(first["task_metrics"]) if m.get("hallucination_rate") is not None]
+    threshold = first["task_metrics"][-1].get("match_threshold") if first["task_metrics"] else None
+    rows = [f"| | {' | '.join(methods)} |", "|---|" + "---|" * len(methods)]
+    for label, block in (("class-incremental", "class_incremental"), ("task-incremental", "task_incremental"),
+                         ("image-to-text", "image_to_text"), ("text-to-image", "text_to_image")):  # fmt: skip
+        cells = [f"{figure(r[block].get('average'))} / {figure(r[block].get('forgetting'))}" for r in summary.values()]
+        rows.append(f"| {label} ACC / Forgetting | {' | '.join(cells)} |")
+    tasks = ", ".join(str(t + 1) for t in range(len(first["task_metrics"])))
+    zero = [
+        f"{figure(r['initial_metrics'].get('zero_shot_acc'))} -> "
+        + ", ".join(figure(m.get("zero_shot_acc")) for m in r["task_metrics"])
+        for r in summary.values()
+    ]
+    rows.append(f"| zero-shot accuracy: before -> after task {tasks} | {' | '.join(zero)} |")
+    for label, key in (("hallucination rate", "hallucination_rate"), ("false-match rate", "false_match_rate")):
+        cells = [", ".join(figure(m.get(key)) for m in r["task_metrics"] if m.get(key) is not None)
+                 for r in summary.values()]  # fmt: skip
+        note = f" (threshold {threshold:.2f})" if key == "false_match_rate" and threshold is not None else ""
+        rows.append(f"| {label} after task {', '.join(later)}{note} | {' | '.join(cells)} |")
+    return "\n".join(rows)
