@@ -28,8 +28,13 @@ SMOKE = ["--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "
          "--align_epochs", "1"]  # fmt: skip
 
 
+LABELS = {"acc": "CIL ACC", "forgetting": "CIL Forgetting", "til_acc": "TIL ACC", "til_forgetting": "TIL Forgetting"}
+
+
 def table(runs: list[dict], metrics: tuple[str, ...]) -> str:
-    lines = ["| head | method | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    """Mean +- std over class orders of each metric (``LABELS`` names the columns), one row per (head, method)."""
+    header = " | ".join(LABELS.get(metric, metric) for metric in metrics)
+    lines = [f"| head | method | {header} |", "|---|---|" + "---|" * len(metrics)]
     for head in HEADS:
         for method in METHODS:
             chosen = [r for r in runs if r["head"] == head and r["method"] == method]

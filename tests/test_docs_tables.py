@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import llm_orders
+from benchmarks import class_incremental_heads, llm_orders, paradigms
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -108,3 +108,44 @@ def test_the_clip_table_is_its_results_file():
     summary = json.loads((DOCS / "results" / "clip_bitm" / "results.json").read_text())
     rebuilt = table_rows(crossmodal.results_table(summary))
     assert len(rebuilt) == 8 and documented == rebuilt
+
+
+def grid_rows(text: str) -> dict[tuple[str, str], list[str]]:
+    """``{(first cell, second cell): other cells}`` of the table rows in ``text``, bold markers removed."""
+    rows = {}
+    for line in text.splitlines():
+        if line.startswith("|") and not line.startswith("|---"):
+            cells = [cell.strip().replace("**", "") for cell in line.strip().strip("|").split("|")]
+            rows[cells[0], cells[1]] = cells[2:]
+    return rows
+
+
+def heads_table(runs: list[dict]) -> str:
+    return class_incremental_heads.table(runs, ("acc", "forgetting", "til_acc", "til_forgetting"))
+
+
+# A docs table made by a benchmark grid: (doc, section heading, results folder, the benchmark's table function, rows
+# of the doc taken from another folder {doc row: (folder, row there)}).
+GRID_TABLES = [
+    ("results.md", "## 1. Random-init ViT", "heads_random_vit", heads_table,
+     {("masked_linear", "pegp, eps 0.97"): ("heads_random_vit_eps097", ("masked_linear", "pegp"))}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("doc", "heading", "folder", "make_table", "elsewhere"), GRID_TABLES,
+                         ids=[f"{t[0]}:{t[1]}" for t in GRID_TABLES])  # fmt: skip
+def test_every_grid_table_is_its_results_files(doc, heading, folder, make_table, elsewhere):
+    """Every row of the doc's table is the benchmark's row for the committed results, and no row of those results is
+    left out of the doc."""
+
+    def rebuilt(name: str) -> dict[tuple[str, str], list[str]]:
+        return grid_rows(make_table(json.loads((DOCS / "results" / name / "results.json").read_text())))
+
+    documented = grid_rows(section(doc, heading))
+    header = next(iter(documented))
+    main = rebuilt(folder)
+    assert documented.pop(header) == main.pop(header)
+    for row, cells in documented.items():
+        source, key = elsewhere.get(row, (folder, row))
+        assert cells == (main if source == folder else rebuilt(source))[key], row
+    assert set(main) <= set(documented), "rows of the results missing from the doc"
