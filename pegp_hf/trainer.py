@@ -31,7 +31,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from accelerate.utils import reduce as reduce_across_processes
 from datasets import Dataset
 from transformers import Trainer, enable_full_determinism, set_seed
 from transformers.trainer_utils import TrainOutput
+from transformers.utils import ModelOutput
 
 from pegp_hf.backends import check_frozen_after_first_task, grow_bases_on_every_rank, resolve_projection_mode
 from pegp_hf.bracket import UpdateBracket
@@ -385,6 +386,7 @@ class ContinualPEGPTrainer(Trainer):
         keep_first = lambda inputs, outputs: probe or probe.append((inputs, _main_output(outputs)))  # noqa: E731
         with self.objective.training_view(), self._capturing(tensors) as capture:
             self._capture(capture, self.reference_dataset, samples, keep_first)
+        tensors = self._reached_by_reference(tensors, capture.covariances)
         bases, nulled = dict(self.projector.bases), [t for t in tensors if t.reference == "null"]
         weights = {t.name: t.parameter.detach().clone() for t in nulled}
         grow_bases_on_every_rank(self.projector, capture.covariances, self.args.reference_threshold,
@@ -412,6 +414,24 @@ class ContinualPEGPTrainer(Trainer):
         logger.info("reference set: %s", self.projector.describe())
         rows = min(samples, len(self.reference_dataset))
         return {"reference_rows": float(rows - rows % self.accelerator.num_processes), **shares}
+
+    @staticmethod
+    def _reached_by_reference(
+        tensors: list[ProtectedTensor], covariances: Mapping[str, torch.Tensor]
+    ) -> list[ProtectedTensor]:
+        """The tensors the reference pass reached. Others (a dual encoder's text tower under a reference of images)
+        are left unprotected by it, with a warning; a reference that reaches none is refused."""
+        reached = [tensor for tensor in tensors if tensor.name in covariances]
+        if not reached:
+            raise ValueError(
+                "the reference set reached none of the tensors it would protect: its rows must be model inputs "
+                "that run through the adapted layers (e.g. pixel_values for the vision tower)"
+            )
+        if len(reached) < len(tensors):
+            missed = [tensor.name for tensor in tensors if tensor.name not in covariances]
+            logger.warning("the reference set does not reach %d tensors (e.g. %s): they are protected by the tasks "
+                           "only", len(missed), missed[0])  # fmt: skip
+        return reached
 
     def _log_task(self, index: int) -> None:
         self.log(self.results.task_log(index))
@@ -484,8 +504,11 @@ class ContinualPEGPTrainer(Trainer):
 
 
 def _main_output(outputs: Any) -> torch.Tensor:
-    """The model output a check compares: ``logits`` where there are any, else the first output."""
+    """The model output a check compares: ``logits`` where there are any, else every tensor output flattened and
+    joined (a dual encoder's image and text embeddings), else the first output."""
     logits = getattr(outputs, "logits", None)
+    if logits is None and isinstance(outputs, ModelOutput):
+        logits = torch.cat([value.flatten() for value in outputs.to_tuple() if isinstance(value, torch.Tensor)])
     return (logits if logits is not None else outputs[0]).detach().float().clone()
 
 

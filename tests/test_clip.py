@@ -284,3 +284,42 @@ def test_the_embedded_default_runs_offline_and_writes_results_and_plots(tmp_path
     assert f"{pegp['initial_metrics']['zero_shot_acc']:.1f} -> " in table[6] and f", {zero:.1f} |" in table[6]
     hallucination = pegp["task_metrics"][1]["hallucination_rate"]
     assert table[7].startswith(f"| hallucination rate after task 2 | {hallucination:.1f} |")
+
+
+@torch.no_grad()
+def _image_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(pixel_values=pixels, class_logits=False)["image_embeds"].clone()
+
+
+@pytest.mark.parametrize("reference", [True, False])
+def test_a_reference_of_images_keeps_the_pretrained_image_embeddings_through_the_tasks(tmp_path, caplog, reference):
+    """A reference set of unlabelled images (issue 16's "task 0", here before any class is revealed) holds the
+    vision tower's LoRA A in the null space of their features: their embeddings stay where the pre-trained model put
+    them through both tasks (below 1e-5 at reference_threshold 1.0); without it they move (9e-3). The text tower, which
+    images do not reach, is left to the tasks, with a warning."""
+    images = synthetic_images(num_labels=4, per_class=6, seed=7).remove_columns("label")
+    pixels = images[:]["pixel_values"]
+    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    before = _image_embeds(model, pixels)
+    args = training_args(tmp_path, threshold=0.999, reference_threshold=1.0)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=_tasks(), callbacks=[RevealSeenClasses()],
+                                   reference_dataset=images if reference else None)  # fmt: skip
+    with caplog.at_level("WARNING", logger="pegp_hf.trainer"):
+        trainer.train()
+    drift = ((_image_embeds(model, pixels) - before).norm() / before.norm()).item()
+    if reference:
+        assert drift < 1e-5, drift
+        assert trainer.results.initial_metrics["reference_rows"] == len(images)
+        vision = [n for n in trainer.projector.reference_dims if "vision_model" in n]
+        assert vision and not any("text_model" in n for n in trainer.projector.reference_dims)
+        assert "does not reach" in caplog.text and "text_model" in caplog.text
+    else:
+        assert drift > 1e-3, drift  # 9e-3 here: the tasks' bases alone leave these images unprotected
+
+
+def test_an_unknown_reference_is_refused_before_anything_loads(tmp_path):
+    script, args = crossmodal.parse_args(["--reference", "all", "--output_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="--reference is 'base' or 'none', not 'all'"):
+        crossmodal.run(script, args)
+    assert not any(tmp_path.iterdir())

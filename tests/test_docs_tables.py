@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import class_incremental_heads, llm_orders, paradigms
+from benchmarks import class_incremental_heads, llm_orders
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"

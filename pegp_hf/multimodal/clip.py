@@ -138,7 +138,8 @@ class CLIPForClassNameClassification(nn.Module):
         class_logits: bool = True,
     ) -> CLIPClassNameOutput:
         """Embed the images and / or texts given; with images and ``class_logits``, also the logits over the
-        known classes (``torch.finfo.min`` for the others). Going through ``forward`` (not the ``encode_*``
+        known classes (``torch.finfo.min`` for the others). In eval mode with no class known yet (a reference set's
+        pass before the first task), only the embeddings. Going through ``forward`` (not the ``encode_*``
         helpers) keeps FSDP / DDP wrappers in charge of the parameters."""
         if pixel_values is None and input_ids is None:
             raise ValueError("pass pixel_values, input_ids, or both")
@@ -150,7 +151,7 @@ class CLIPForClassNameClassification(nn.Module):
             output.text_embeds = self.encode_text(**text)
         if pixel_values is not None:
             output.image_embeds = self.encode_image(pixel_values)
-            if class_logits:
+            if class_logits and (self.training or self.known.any()):
                 if not self.known.any():
                     raise RuntimeError(
                         "no class is known yet: call reveal_classes(label ids) first, or train with "
