@@ -26,7 +26,7 @@ from transformers import (
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, make_tasks
 from pegp_hf.experiments.runner import parse_with_defaults, run_methods
-from pegp_hf.offline.datasets import EMBEDDED, load_embedded
+from pegp_hf.offline.datasets import EMBEDDED, IMAGE_SIZE, load_embedded
 from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb
 from pegp_hf.tuners.factory import get_pet_model, parse_layers
 from pegp_hf.tuners.registry import available_pets
@@ -140,7 +140,7 @@ def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) ->
     elif script.model_name_or_path is None:
         if script.backbone != "vit-tiny":
             raise ValueError(f"unknown --backbone {script.backbone!r}: vit-tiny or dinov2-small")
-        size = 28 if script.dataset == "mnist" else 8
+        size = IMAGE_SIZE[script.dataset]
         config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                            image_size=size, patch_size=7 if size == 28 else 2, num_channels=1,
                            num_labels=num_labels)  # fmt: skip
