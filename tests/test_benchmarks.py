@@ -41,8 +41,8 @@ def test_heads_benchmark_smoke(tmp_path):
     recipe = json.loads((tmp_path / "prototype-seed0" / "results.json").read_text())  # what the recipe wrote
     stored = json.loads((tmp_path / "results.json").read_text())
     for run in stored:
-        matrix = recipe[run["method"]]["accuracy_matrix"]  # CIL ACC is the mean of its last row
-        assert run["acc"] == pytest.approx(sum(matrix[-1]) / len(matrix[-1]))
+        matrix = recipe[run["method"]]["accuracy_matrix"]  # A[task, after task t]: ACC is the last column's mean
+        assert run["acc"] == pytest.approx(sum(row[-1] for row in matrix) / len(matrix))
         assert run["til_acc"] == recipe[run["method"]]["task_incremental"]["average"]
     rows = {tuple(line.strip("| ").split(" | ")[:2]): line.strip("| ").split(" | ")[2:]
             for line in (tmp_path / "table.md").read_text().splitlines()[2:]}  # fmt: skip
