@@ -65,6 +65,7 @@ from pegp_hf.io.checkpoint import (
     latest_task_checkpoint,
     read_task_checkpoint,
     remove_staging,
+    restore_retired,
     task_checkpoints,
     task_dir_name,
     task_state,
@@ -259,8 +260,12 @@ class ContinualPEGPTrainer(Trainer):
         self.objective.validate(self.tasks)
         if self.tasks.scenario == "online" and (self.args.num_train_epochs != 1 or self.args.max_steps > 0):
             raise ValueError("the online scenario makes a single pass over each task: set num_train_epochs=1")
+        if self.args.should_save:
+            for name in restore_retired(self.args.output_dir):
+                logger.warning("put %s back in %s after an interrupted checkpoint write", name, self.args.output_dir)
+        self.accelerator.wait_for_everyone()
         stored = self._read_resumed(resume_from_checkpoint) if resume_from_checkpoint else None
-        self._claim_output_dir(stored)  # refuses before anything in output_dir is touched
+        self._claim_output_dir(stored)  # refuses before anything else in output_dir changes
         if self.args.should_save:
             for name in remove_staging(self.args.output_dir):
                 logger.warning("removed %s, left in %s by an interrupted checkpoint write", name, self.args.output_dir)

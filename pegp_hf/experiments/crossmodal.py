@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, concatenate_datasets
+from datasets import Dataset, List, Value, concatenate_datasets
 from transformers import set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
@@ -184,7 +184,9 @@ def embedded_data(
     digits = concatenate_datasets([split.with_format(None) for split in load_embedded("digits")])
     digits = add_template_captions(digits, names, templates, seed + 2)
     digits_base, held_out = split_per_class(digits, script.base_per_class, "label", seed)
-    base = concatenate_datasets([mnist_base, digits_base])
+    # 28 and 8 px images in one column: nested lists (the transform resizes them)
+    pixels = List(List(List(Value("float32"))))
+    base = concatenate_datasets([split.cast_column("pixel_values", pixels) for split in (mnist_base, digits_base)])
     transform = grey_to_rgb(script.image_size, mean, std)
     zero_shot = None
     if script.zero_shot == "digits":

@@ -113,24 +113,37 @@ def checkpoint_run_id(folder: str | os.PathLike) -> str | None:
         return None  # read_state names what is wrong with it, if it is the one resumed from
 
 
-def remove_staging(output_dir: str | os.PathLike) -> list[str]:
-    """Clean what a crash inside :func:`atomic_directory` left in ``output_dir``: a ``.task-<k>.tmp-*`` staging
-    folder is removed; a ``task-<k>`` renamed aside (``.task-<k>.old-*``) is put back if ``task-<k>`` is missing
-    (the crash fell between the two renames), else removed. Returns the names cleaned."""
+def _leftovers(output_dir: str | os.PathLike) -> list[tuple[Path, str, str]]:
+    """``(folder, "task-<k>", "tmp" | "old")`` of every folder a crash inside :func:`atomic_directory` left."""
     root = Path(output_dir)
     if not root.is_dir():
         return []
-    cleaned = []
-    for path in sorted(root.iterdir()):
-        m = re.fullmatch(r"\.(task-\d+)\.(tmp|old)-.+", path.name)
-        if not m or not path.is_dir():
-            continue
-        retired, target = path / m[1], root / m[1]
-        if m[2] == "old" and retired.is_dir() and not target.exists():
-            os.replace(retired, target)
+    found = [(path, re.fullmatch(r"\.(task-\d+)\.(tmp|old)-.+", path.name)) for path in sorted(root.iterdir())]
+    return [(path, m[1], m[2]) for path, m in found if m and path.is_dir()]
+
+
+def restore_retired(output_dir: str | os.PathLike) -> list[str]:
+    """Put back a ``task-<k>`` that a crash left renamed aside (``.task-<k>.old-*/task-<k>``) while ``task-<k>``
+    is missing (the crash fell between the two renames of :func:`atomic_directory`). Returns the names restored."""
+    restored = []
+    for path, name, kind in _leftovers(output_dir):
+        target = path.parent / name
+        if kind == "old" and (path / name).is_dir() and not target.exists():
+            os.replace(path / name, target)
+            shutil.rmtree(path)
+            restored.append(name)
+    return restored
+
+
+def remove_staging(output_dir: str | os.PathLike) -> list[str]:
+    """Remove what a crash inside :func:`atomic_directory` left: ``.task-<k>.tmp-*`` staging folders and
+    ``.task-<k>.old-*`` ones whose ``task-<k>`` is in place (call :func:`restore_retired` first). Returns the names
+    removed."""
+    removed = []
+    for path, _, _ in _leftovers(output_dir):
         shutil.rmtree(path)
-        cleaned.append(path.name)
-    return cleaned
+        removed.append(path.name)
+    return removed
 
 
 def _fsync_tree(folder: Path) -> None:
