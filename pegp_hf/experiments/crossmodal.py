@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from datasets import Dataset, List, Value, concatenate_datasets
+from datasets import Dataset, Value, concatenate_datasets
+from datasets import Sequence as SequenceFeature  # datasets 3 has no List
 from transformers import set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
@@ -185,7 +186,7 @@ def embedded_data(
     digits = add_template_captions(digits, names, templates, seed + 2)
     digits_base, held_out = split_per_class(digits, script.base_per_class, "label", seed)
     # 28 and 8 px images in one column: nested lists (the transform resizes them)
-    pixels = List(List(List(Value("float32"))))
+    pixels = SequenceFeature(SequenceFeature(SequenceFeature(Value("float32"))))
     base = concatenate_datasets([split.cast_column("pixel_values", pixels) for split in (mnist_base, digits_base)])
     transform = grey_to_rgb(script.image_size, mean, std)
     zero_shot = None
