@@ -129,6 +129,7 @@ def heads_table(runs: list[dict]) -> str:
 GRID_TABLES = [
     ("results.md", "## 1. Random-init ViT", "heads_random_vit", heads_table,
      {("masked_linear", "pegp, eps 0.97"): ("heads_random_vit_eps097", ("masked_linear", "pegp"))}),
+    ("results.md", "## 2. Pretrained DINOv2-S/14", "heads_dinov2", heads_table, {}),
 ]  # fmt: skip
 
 
