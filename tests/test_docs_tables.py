@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import class_incremental_heads, llm_orders
+from benchmarks import class_incremental_heads, llm_orders, paradigms
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -130,6 +130,7 @@ GRID_TABLES = [
     ("results.md", "## 1. Random-init ViT", "heads_random_vit", heads_table,
      {("masked_linear", "pegp, eps 0.97"): ("heads_random_vit_eps097", ("masked_linear", "pegp"))}),
     ("results.md", "## 2. Pretrained DINOv2-S/14", "heads_dinov2", heads_table, {}),
+    ("results.md", "## 3. The four PET paradigms", "paradigms_random_vit", paradigms.table, {}),
 ]  # fmt: skip
 
 
