@@ -6,7 +6,8 @@ order) and writes ``<output_dir>/results.json`` (every run's figures) and ``<out
 orders)::
 
     python benchmarks/clip_reference.py --seeds 0 1 2
-    python benchmarks/clip_reference.py --seeds 0 --settings reference_eps09   # the reference at eps 0.9
+    python benchmarks/clip_reference.py --seeds 0 --settings reference_eps09 reference_eps0999 reference_128 \
+        --output_dir outputs/clip_reference_sweep           # other thresholds and sizes of the reference
     python benchmarks/clip_reference.py --smoke      # 2 tasks, 2 steps each, first seed only
 
 Runs whose ``results.json`` already exists under ``<output_dir>/<setting>/order<k>/`` are read back, not run again.
@@ -26,9 +27,13 @@ from pegp_hf.experiments.grid import finished, mean_std, split_flags
 # setting -> (the recipe's flags, the label of each method's row)
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "baseline": (["--methods", "pegp", "sequential"], {"sequential": "sequential", "pegp": "pegp"}),
-    "reference": (["--methods", "pegp", "--reference", "base"], {"pegp": "pegp + reference (eps 0.99)"}),
+    "reference": (["--methods", "pegp", "--reference", "base"], {"pegp": "pegp + reference (eps 0.99, 512 images)"}),
     "reference_eps09": (["--methods", "pegp", "--reference", "base", "--reference_threshold", "0.9"],
-                        {"pegp": "pegp + reference (eps 0.9)"}),
+                        {"pegp": "pegp + reference (eps 0.9, 512 images)"}),
+    "reference_eps0999": (["--methods", "pegp", "--reference", "base", "--reference_threshold", "0.999"],
+                          {"pegp": "pegp + reference (eps 0.999, 512 images)"}),
+    "reference_128": (["--methods", "pegp", "--reference", "base", "--reference_samples", "128"],
+                      {"pegp": "pegp + reference (eps 0.99, 128 images)"}),
 }  # fmt: skip
 SMOKE = ["--num_tasks", "2", "--max_steps", "2", "--alignment_epochs", "20", "--zero_shot_samples", "100",
          "--feature_samples", "32", "--reference_samples", "32"]  # fmt: skip

