@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import class_incremental_heads, llm_orders, paradigms
+from benchmarks import class_incremental_heads, clip_reference, llm_orders, paradigms
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -151,3 +151,14 @@ def test_every_grid_table_is_its_results_files(doc, heading, folder, make_table,
         source, key = elsewhere.get(row, (folder, row))
         assert cells == (main if source == folder else rebuilt(source))[key], row
     assert set(main) <= set(documented), "rows of the results missing from the doc"
+
+
+CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
+                         ("### Reference size and threshold", "clip_reference_sweep")]  # fmt: skip
+
+
+@pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)
+def test_the_clip_reference_tables_are_their_results_files(heading, folder):
+    documented = table_rows(section("clip.md", heading))
+    runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
+    assert documented == table_rows(clip_reference.table(runs))
