@@ -22,7 +22,6 @@ Runs whose ``results.json`` already exists under ``--output_dir`` are read back,
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import classification_figures, finished, mean_std, split_flags
+from pegp_hf.experiments.grid import classification_figures, finished, mean_std, save_grid, split_flags
 from pegp_hf.plots import pyplot, save_figure
 
 OPTIMIZERS = {
@@ -116,10 +115,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         thresholds = (THRESHOLDS[0], THRESHOLDS[-1]) if options.smoke else THRESHOLDS
         settings.update({f"eps={t}": ["--threshold", str(t)] for t in thresholds})
     runs = [run(name, flags, seed, root, common) for name, flags in settings.items() for seed in seeds]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = summarize(runs, list(settings))
-    (root / "table.md").write_text(text + "\n")
+    save_grid(root, runs, text)
     if "threshold" in options.ablations:
         plot_thresholds(runs, root / "threshold.png")
     print(f"\npegp ablations, {len(seeds)} class order(s)\n")

@@ -13,13 +13,12 @@ writes ``<output_dir>/results.json`` (every run) and ``<output_dir>/table.md`` (
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 from pegp_hf.continual import HEADS
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import classification_figures, mean_std, split_flags
+from pegp_hf.experiments.grid import classification_figures, mean_std, save_grid, split_flags
 
 METHODS = ("head_only", "sequential", "pegp")
 # The LoRA setting of docs/results.md (it predates --pet and the paper's rank 5 on the first 5/12 of the blocks).
@@ -67,10 +66,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
             )  # fmt: skip
             for method, results in summary.items():
                 runs.append({"head": head, "method": method, "seed": seed, **classification_figures(results)})
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs, ("acc", "forgetting", "til_acc", "til_forgetting"))
-    (root / "table.md").write_text(text + "\n")
+    save_grid(root, runs, text)
     print(f"\nclass-incremental ACC / Forgetting and task-incremental ACC / Forgetting, {len(seeds)} class orders\n")
     print(text)
     return runs

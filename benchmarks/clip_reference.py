@@ -16,13 +16,12 @@ Runs whose ``results.json`` already exists under ``<output_dir>/<setting>/order<
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
 
 from pegp_hf.experiments import crossmodal
-from pegp_hf.experiments.grid import finished, mean_std, split_flags
+from pegp_hf.experiments.grid import finished, mean_std, save_grid, split_flags
 
 # setting -> (the recipe's flags, the label of each method's row)
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
@@ -89,10 +88,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             summary = finished(out) or crossmodal.run(*crossmodal.parse_args(common))
             runs += [{"setting": setting, "label": labels[method], "method": method, "seed": seed,
                       **figures(results)} for method, results in summary.items()]  # fmt: skip
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs)
-    (root / "table.md").write_text(text + "\n")
+    save_grid(root, runs, text)
     print(f"\nCLIP embedded default, {len(seeds)} class order(s)\n\n{text}")
     return runs
 

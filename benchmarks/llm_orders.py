@@ -17,7 +17,6 @@ Runs whose ``results.json`` already exists are read back, not run again.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from pegp_hf.experiments import language
-from pegp_hf.experiments.grid import finished, mean_std, split_flags
+from pegp_hf.experiments.grid import finished, mean_std, save_grid, split_flags
 
 SMOKE = ["--tasks", "reuters", "tweets", "--train_size", "8", "--test_size", "4", "--max_steps", "1",
          "--general_texts", "4", "--feature_samples", "8", "--reference_texts", "4"]  # fmt: skip
@@ -90,10 +89,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  *(SMOKE if options.smoke else []), *passthrough]  # fmt: skip
         summary = finished(out) or language.run(*language.parse_args(flags))
         runs += [{"method": method, "seed": seed, **figures(method, results)} for method, results in summary.items()]
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs)
-    (root / "table.md").write_text(text + "\n")
+    save_grid(root, runs, text)
     print(f"\nSmolLM2-135M, {len(seeds)} task order(s)\n\n{text}")
     return runs
 

@@ -20,14 +20,13 @@ continues where it stopped (use a fresh ``--output_dir`` after changing settings
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import numpy as np
 
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import classification_figures, finished, mean_std, split_flags
+from pegp_hf.experiments.grid import classification_figures, finished, mean_std, save_grid, split_flags
 from pegp_hf.plots import pyplot, save_figure
 from pegp_hf.tuners import PAPER_PARADIGMS, available_pets
 
@@ -125,10 +124,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "protected_tensors": len(results["subspace_dims"]),
                              "train_seconds": sum(t["train_seconds"] for t in results["timings"]),
                              "capture_seconds": sum(t["capture_seconds"] for t in results["timings"])})  # fmt: skip
-    root.mkdir(parents=True, exist_ok=True)
-    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     text = table(runs)
-    (root / "table.md").write_text(text + "\n")
+    save_grid(root, runs, text)
     plot(runs, root / "paradigms.png")
     print(f"\nclass-incremental and task-incremental ACC / Forgetting per PET paradigm, {len(seeds)} class order(s)\n")
     print(text)

@@ -38,3 +38,11 @@ def classification_figures(results: Mapping[str, Any]) -> dict[str, float]:
 def mean_std(values: Sequence[float]) -> str:
     """``"mean +- std"`` with one decimal (population std, as over class orders)."""
     return f"{np.mean(values):.1f} +- {np.std(values):.1f}"
+
+
+def save_grid(output_dir: str | Path, runs: list[dict[str, Any]], table: str) -> None:
+    """Write a grid's ``results.json`` (every run's figures) and ``table.md`` (``table``, made from them)."""
+    root = Path(output_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
+    (root / "table.md").write_text(table + "\n")
