@@ -20,7 +20,7 @@ from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.experiments import crossmodal
 from pegp_hf.experiments.runner import run_methods
 from pegp_hf.multimodal.alignment import align_projections
-from pegp_hf.multimodal.clip import CLIPForClassNameClassification, RevealSeenClasses
+from pegp_hf.multimodal.clip import CLIPForClassNameClassification, RevealSeenClasses, get_clip_pet_model
 from pegp_hf.multimodal.crossmodal import (
     CrossModalEvaluator,
     ZeroShotSet,
@@ -323,3 +323,16 @@ def test_an_unknown_reference_is_refused_before_anything_loads(tmp_path):
     with pytest.raises(ValueError, match="--reference is 'base' or 'none', not 'all'"):
         crossmodal.run(script, args)
     assert not any(tmp_path.iterdir())
+
+
+def test_a_reference_that_reaches_no_protected_tensor_is_refused_with_the_model_unchanged(tmp_path):
+    """Images reach the vision tower only; with LoRA on the text tower alone they would protect nothing."""
+    images = synthetic_images(num_labels=4, per_class=2, seed=7).remove_columns("label")
+    model = get_clip_pet_model(classifier(), "lora", "text", width=4, layers="all", target_modules=["q_proj", "v_proj"])
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path), tasks=_tasks(),
+                                   callbacks=[RevealSeenClasses()], reference_dataset=images)  # fmt: skip
+    with pytest.raises(ValueError, match="the reference set reached none of the tensors it would protect"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert not trainer.projector.reference_dims and not list(tmp_path.glob("task-*"))

@@ -28,8 +28,6 @@ from datasets import Array3D, Dataset, Features, Value, concatenate_datasets
 
 EMBEDDED = ("mnist", "digits", "mnist-full", "animals", "mnist+animals")
 IMAGE_SIZE = {"mnist": 28, "digits": 8, "mnist-full": 28, "animals": 28, "mnist+animals": 28}
-# The silhouettes' classes as the package describes them (alphabetical; the package does not document the ids).
-ANIMAL_NAMES = ("bear", "bird", "cat", "cow", "dog", "elephant", "giraffe", "horse", "sheep", "zebra")
 # (distribution, file inside it, sha256 of the file): the pickles read, pinned
 PINNED = {
     "animal_images": ("animal-mnist", "animal_mnist/data/Animal_MNIST/animal_data_version_3.gz",
