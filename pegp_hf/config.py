@@ -11,7 +11,7 @@ from transformers import TrainingArguments
 from pegp_hf.backends import PROJECTION_MODES
 from pegp_hf.continual.heads import HEADS
 
-METHODS = ("pegp", "sequential", "head_only")
+METHODS = ("pegp", "sequential", "head_only", "first_session")
 REPROJECTION = ("auto", "on", "off")
 LOSS_CLASSES = ("task", "seen")
 
@@ -32,7 +32,8 @@ class PEGPTrainingArguments(TrainingArguments):
         metadata={
             "help": "pegp: project PET gradients against old tasks' feature subspaces. sequential: the same PET "
             "trained task after task with no projection (the paper's naive baseline). head_only: the PET is frozen "
-            "and only the head learns (the floor any PET method must beat).",
+            "and only the head learns (the floor any PET method must beat). first_session: the PET trains on task 1 "
+            "only, then is frozen and only the head learns (first-session adaptation, APER: Zhou et al. 2024).",
             "choices": list(METHODS),
         },
     )
@@ -115,7 +116,9 @@ class PEGPTrainingArguments(TrainingArguments):
         metadata={
             "help": "Class-incremental head. masked_linear: the linear classifier as trained (the paper's protocol). "
             "prototype: cosine nearest class mean over the classifier's input features. aligned: the classifier's "
-            "seen-class rows re-fit after each task on features sampled from per-class Gaussians (as SLCA).",
+            "seen-class rows re-fit after each task on features sampled from per-class Gaussians (as SLCA). ranpac: a "
+            "ridge classifier on a fixed random projection of those features, exact under class-incremental updates "
+            "(RanPAC, McDonnell et al. 2023).",
             "choices": list(HEADS),
         },
     )
@@ -132,6 +135,22 @@ class PEGPTrainingArguments(TrainingArguments):
     )
     align_epochs: int = field(default=10, metadata={"help": "aligned head: epochs of each re-fit."})
     align_learning_rate: float = field(default=0.01, metadata={"help": "aligned head: SGD learning rate of re-fits."})
+    ranpac_dim: int = field(
+        default=2048,
+        metadata={"help": "ranpac head: width M of the random projection (RanPAC uses 10000; its Gram matrix is M x M "
+                  "float64)."},
+    )  # fmt: skip
+    ranpac_ridge: float | None = field(
+        default=None,
+        metadata={"help": "ranpac head: the ridge lambda; by default chosen after each task among 1e-8 ... 1e8 on a "
+                  "held-out fifth of the task's features, as RanPAC does."},
+    )  # fmt: skip
+    drift_compensation: bool = field(
+        default=False,
+        metadata={"help": "prototype / aligned heads: move the stored means of old classes by the drift of the current "
+                  "task's features, measured on the same samples before and after it trains (semantic drift "
+                  "compensation, Yu et al. 2020). Costs one more feature pass per task."},
+    )  # fmt: skip
     save_strategy: str = field(
         default="no",
         metadata={
@@ -161,6 +180,13 @@ class PEGPTrainingArguments(TrainingArguments):
             raise ValueError(f"loss_classes must be one of {LOSS_CLASSES}, got {self.loss_classes!r}")
         if self.head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {self.head!r}")
+        if self.drift_compensation and self.head not in ("prototype", "aligned"):
+            raise ValueError(f"drift_compensation moves the class means of the prototype / aligned heads; head "
+                             f"{self.head!r} keeps none: choose head='prototype' or 'aligned'")  # fmt: skip
+        if self.ranpac_dim < 1:
+            raise ValueError(f"ranpac_dim must be at least 1, got {self.ranpac_dim}")
+        if self.ranpac_ridge is not None and not self.ranpac_ridge > 0:
+            raise ValueError(f"ranpac_ridge must be > 0 (or None to choose it per task), got {self.ranpac_ridge}")
         if self.head_shrinkage < 0:
             raise ValueError(f"head_shrinkage must be >= 0, got {self.head_shrinkage}")
         if self.update_reprojection not in REPROJECTION:

@@ -150,8 +150,9 @@ class ContinualPEGPTrainer(Trainer):
         self.objective = _default_objective(tasks) if objective is None else objective
         self.objective.setup(model, args)
         head = {id(p) for p in self.objective.head_parameters()}
-        if args.method == "head_only" and not head:
-            raise ValueError(f"method='head_only' trains an objective's head, and {self.objective.config()} has none")
+        if args.method in ("head_only", "first_session") and not head:
+            raise ValueError(f"method={args.method!r} trains an objective's head, and {self.objective.config()} has "
+                             "none")  # fmt: skip
         pattern = re.compile(args.protect)
         listed = [] if args.method == "head_only" else self.pet.protected_tensors(strict=args.method == "pegp")
         protected = [tensor for tensor in listed if pattern.search(tensor.name)]
@@ -173,9 +174,9 @@ class ContinualPEGPTrainer(Trainer):
         if args.method == "pegp":
             check_frozen_after_first_task(self, self.pet.frozen_after_first_task())
         # The model changes from here on.
+        self._head = head
         if args.method == "head_only":
-            for parameter in self.model.parameters():
-                parameter.requires_grad_(id(parameter) in head and parameter.requires_grad)
+            self._train_only_head()
         if self.projection_mode == "hooks":  # before accelerator.prepare, which happens in Trainer.train
             for name, tensor in self.projector.tensors.items():
                 tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
@@ -192,6 +193,12 @@ class ContinualPEGPTrainer(Trainer):
         if unprotected and args.method == "pegp":
             logger.warning("trainable but not protected, so old tasks' outputs can drift through them: %s",
                            ", ".join(unprotected))  # fmt: skip
+
+    def _train_only_head(self) -> None:
+        """Freeze every parameter but the objective's head (``head_only`` from the start, ``first_session`` from
+        task 2 on); the head's own flags are kept."""
+        for parameter in self.model.parameters():
+            parameter.requires_grad_(id(parameter) in self._head and parameter.requires_grad)
 
     # ---- the per-step projection ----------------------------------------------------------------------------------
 
@@ -314,6 +321,9 @@ class ContinualPEGPTrainer(Trainer):
         if index > 0 and self.args.method == "pegp":
             for parameter in self.pet.frozen_after_first_task():
                 parameter.requires_grad_(False)
+        if index > 0 and self.args.method == "first_session":
+            self._train_only_head()
+        self.objective.before_task(self, index)  # before seeding: what it draws from the RNG changes no training
         # Seed per task: a resumed run enters task k with the same RNG state as an uninterrupted one.
         seed = self.args.seed + index
         enable_full_determinism(seed) if self.args.full_determinism else set_seed(seed)

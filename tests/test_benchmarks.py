@@ -35,6 +35,18 @@ def test_cost_benchmark_smoke(tmp_path, bf16):
     assert [row["samples"] for row in stored["scaling_samples"]] == [256, 512]
 
 
+def test_the_baselines_run_through_the_heads_benchmark(tmp_path):
+    methods = ["head_only", "first_session", "pegp"]
+    runs = class_incremental_heads.main(["--smoke", "--output_dir", str(tmp_path), "--heads", "ranpac", "--methods",
+                                         *methods])  # fmt: skip
+    recipe = json.loads((tmp_path / "ranpac-seed0" / "results.json").read_text())
+    assert [r["method"] for r in runs] == methods
+    for run in runs:
+        assert run["acc"] == recipe[run["method"]]["average"]
+    table = (tmp_path / "table.md").read_text()
+    assert [line.split(" | ")[1] for line in table.splitlines()[2:]] == methods
+
+
 def test_heads_benchmark_smoke(tmp_path):
     runs = class_incremental_heads.main(["--smoke", "--output_dir", str(tmp_path), "--heads", "prototype"])
     assert {(r["head"], r["method"]) for r in runs} == {("prototype", m) for m in ("head_only", "sequential", "pegp")}

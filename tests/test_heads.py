@@ -125,7 +125,7 @@ def test_prototype_accuracy_matches_an_independent_nearest_mean(tmp_path):
         assert matrices(trainer)["class_incremental"][i, 1] == pytest.approx(100 * np.mean(predicted == y))
 
 
-@pytest.mark.parametrize("head", ["prototype", "aligned"])
+@pytest.mark.parametrize("head", ["prototype", "aligned", "ranpac"])
 def test_statistics_round_trip_and_resume(tmp_path, head):
     full = make(tmp_path / "full", head)
     full.train()

@@ -8,9 +8,10 @@ config). While a class-split task trains, logits of the classes outside it are m
 After each task, every seen task's test set is scored: class-incremental accuracy (logits of every seen class
 compete) and task-incremental accuracy (logits of the task's own classes) fill two matrices; the headline is the
 task-incremental one for task-incremental sequences, else the class-incremental one. The ``head`` argument chooses
-what scores (:mod:`pegp_hf.continual.heads`): the linear classifier as trained, the nearest class mean, or the
-classifier re-fit on sampled class statistics, which are taken in the feature pass that grows the bases and kept in
-``pegp_head.safetensors``.
+what scores (:mod:`pegp_hf.continual.heads`): the linear classifier as trained, the nearest class mean, the
+classifier re-fit on sampled class statistics, or a ridge classifier on random features (RanPAC); the statistics are
+taken in the feature pass that grows the bases and kept in ``pegp_head.safetensors``. With ``drift_compensation``,
+the same samples also run through the model before the task trains, and the old class means follow their drift.
 """
 
 from __future__ import annotations
@@ -29,9 +30,16 @@ from datasets import Dataset
 from torch import nn
 
 from pegp_hf.continual.evaluators import ContinualEvaluator, Evaluation
-from pegp_hf.continual.heads import ClassStatistics, align_linear_head, prototype_logits
-from pegp_hf.continual.inference import forward_batches
+from pegp_hf.continual.heads import (
+    ClassStatistics,
+    HeadStatistics,
+    align_linear_head,
+    compensate_drift,
+    prototype_logits,
+)
+from pegp_hf.continual.inference import feature_sample_loader, forward_batches
 from pegp_hf.continual.objectives import BatchObserver, ContinualObjective
+from pegp_hf.continual.ranpac import RandomProjectionStatistics
 from pegp_hf.continual.results import MatrixSpec
 from pegp_hf.continual.tasks import TaskSequence
 
@@ -45,7 +53,7 @@ HEAD_NAME = "pegp_head.safetensors"
 class ClassificationObjective(ContinualObjective):
     """Masked cross-entropy, class- / task-incremental accuracy matrices and the class-incremental heads (see the
     module docstring), configured by the trainer's ``PEGPTrainingArguments`` (``loss_classes``, ``head``,
-    ``head_module``, ``head_shrinkage``, ``align_*``)."""
+    ``head_module``, ``head_shrinkage``, ``align_*``, ``ranpac_*``, ``drift_compensation``)."""
 
     model_takes_labels = False  # the loss is the objective's; a class-name classifier takes no labels at all
     name = "classification"
@@ -55,22 +63,27 @@ class ClassificationObjective(ContinualObjective):
         self.args: PEGPTrainingArguments | None = None
         self.model: nn.Module | None = None
         self.head_module: nn.Module | None = None
-        self.statistics: ClassStatistics | None = None
+        self.statistics: HeadStatistics | None = None
         self.train_classes: torch.Tensor | None = None
         self._observed: list[tuple[torch.Tensor, torch.Tensor]] = []  # (head inputs, labels) of the feature pass
+        self._before: torch.Tensor | None = None  # head inputs of the same samples before the task trained
 
     @property
     def num_labels(self) -> int:
         return int(self.model.config.num_labels)
 
     def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
-        """Find the head module (required by the prototype / aligned heads and by ``head_only``; the masked linear
-        head is judged by the model's own logits) and make the empty class statistics."""
+        """Find the head module (required by the statistics heads and by ``head_only`` / ``first_session``; the
+        masked linear head is judged by the model's own logits) and make the empty head statistics."""
         self.args, self.model = args, model
-        needs_head = self.args.head != "masked_linear" or self.args.method == "head_only"
+        needs_head = self.args.head != "masked_linear" or self.args.method in ("head_only", "first_session")
         self.head_module = _find_module(self.model, self.args.head_module, required=needs_head)
-        if self.args.head != "masked_linear":
-            dim = _trainable_linear(self.head_module).in_features
+        if self.args.head == "masked_linear":
+            return
+        dim = _trainable_linear(self.head_module).in_features
+        if self.args.head == "ranpac":
+            self.statistics = RandomProjectionStatistics.empty(self.num_labels, dim, args.ranpac_dim, args.seed)
+        else:
             self.statistics = ClassStatistics.empty(self.num_labels, dim, with_covariances=self.args.head == "aligned")
 
     def validate(self, tasks: TaskSequence) -> None:
@@ -80,7 +93,8 @@ class ClassificationObjective(ContinualObjective):
         return [] if self.head_module is None else list(self.head_module.parameters())
 
     def config(self) -> dict[str, Any]:
-        return {"objective": self.name, "head": self.args.head, "loss_classes": self.args.loss_classes}
+        return {"objective": self.name, "head": self.args.head, "loss_classes": self.args.loss_classes,
+                "drift_compensation": self.args.drift_compensation}  # fmt: skip
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -152,14 +166,28 @@ class ClassificationObjective(ContinualObjective):
         return (torch.cat(features) if self.statistics is not None else None), torch.cat(logits), torch.cat(labels)
 
     def head_logits(self, features: torch.Tensor) -> torch.Tensor:
-        """``(N, num_labels)`` logits of the prototype / aligned head for head inputs ``features`` ``(N, dim)``."""
+        """``(N, num_labels)`` logits of the statistics head for head inputs ``features`` ``(N, dim)``."""
         if self.args.head == "prototype":
             return prototype_logits(features, self.statistics)
+        if self.args.head == "ranpac":
+            return self.statistics.logits(features)
         head = self.head_module
         with torch.no_grad():
             return head(features.to(self.args.device, next(head.parameters()).dtype)).float().cpu()
 
     # ---- the feature pass after each task -------------------------------------------------------------------------
+
+    def before_task(self, trainer: ContinualPEGPTrainer, index: int) -> None:
+        """With ``drift_compensation``, once old classes exist: the head inputs of the samples the feature pass will
+        see after this task (same rows, same order, this process's share), taken now, before it trains."""
+        self._before = None
+        if not self.args.drift_compensation or index == 0:
+            return
+        loader = feature_sample_loader(trainer, trainer.tasks[index].train, self.args.feature_samples, self.args.seed)
+        with self._head_inputs() as captured:
+            for _ in forward_batches(trainer, loader):
+                pass
+        self._before = torch.cat([features.float().cpu() for features in captured])
 
     @contextlib.contextmanager
     def observing(self) -> Iterator[BatchObserver | None]:
@@ -176,14 +204,22 @@ class ClassificationObjective(ContinualObjective):
             yield observe
 
     def after_feature_pass(self, trainer: ContinualPEGPTrainer, index: int) -> None:
-        """Merge every process's head inputs into the class statistics, and re-fit the aligned head."""
+        """Move the old class means by the measured drift (``drift_compensation``), merge every process's head
+        inputs into the statistics, and re-fit the aligned head."""
         if self.statistics is None:
             return
         features = torch.cat([f for f, _ in self._observed])
         labels = torch.cat([y for _, y in self._observed])
-        parts = gather_object([(features, labels)])  # every process's samples, in process order
-        self.statistics.update(torch.cat([f for f, _ in parts]), torch.cat([y for _, y in parts]))
-        self._observed = []
+        parts = gather_object([(features, labels, self._before)])  # every process's samples, in process order
+        features, labels = torch.cat([part[0] for part in parts]), torch.cat([part[1] for part in parts])
+        if self._before is not None:
+            compensate_drift(self.statistics, torch.cat([part[2] for part in parts]), features,
+                             torch.nonzero(self.statistics.seen).flatten())  # fmt: skip
+        if self.args.head == "ranpac":
+            self.statistics.update(features, labels, self.args.ranpac_ridge)
+        else:
+            self.statistics.update(features, labels)
+        self._observed, self._before = [], None
         if self.args.head == "aligned":
             align_linear_head(
                 _trainable_linear(self.head_module), self.statistics, self.args.head_shrinkage,
@@ -197,12 +233,12 @@ class ClassificationObjective(ContinualObjective):
         if self.statistics is not None:
             self.statistics.save(Path(directory) / HEAD_NAME, self.args.head)
 
-    def read_checkpoint(self, directory: str | os.PathLike) -> ClassStatistics | None:
+    def read_checkpoint(self, directory: str | os.PathLike) -> dict[str, torch.Tensor] | None:
         return None if self.statistics is None else self.statistics.read_like(Path(directory) / HEAD_NAME)
 
-    def load_checkpoint(self, stored: ClassStatistics | None) -> None:
+    def load_checkpoint(self, stored: dict[str, torch.Tensor] | None) -> None:
         if stored is not None:
-            self.statistics = stored
+            self.statistics.load_state_dict(stored)
 
 
 class ClassificationAccuracy(ContinualEvaluator):

@@ -1,7 +1,7 @@
 """Class-incremental heads over the backbone features (the input of the classifier module).
 
 PEGP keeps the backbone's features of old tasks in place, so statistics taken when a task ends stay valid later.
-Three heads use that differently:
+Four heads use that differently:
 
 - ``masked_linear``: the paper's protocol. The linear classifier is trained with logits outside the current task
   masked, and its logits are used as they are.
@@ -10,8 +10,12 @@ Three heads use that differently:
 - ``aligned``: classifier alignment (as SLCA). After each task the linear classifier's rows for every seen class are
   re-fit on features sampled from per-class Gaussians (mean and shrunk covariance). This calibrates new classes
   against old ones without storing any image.
+- ``ranpac``: a fixed random projection of the features and a ridge classifier on their Gram matrix (RanPAC,
+  :mod:`pegp_hf.continual.ranpac`).
 
-Statistics live in :class:`ClassStatistics` with one row per label id; rows of unseen classes have count 0.
+Statistics live in a :class:`HeadStatistics` (:class:`ClassStatistics` here: one row per label id, count 0 for unseen
+classes), written to ``pegp_head.safetensors`` with every checkpoint. With ``drift_compensation``, the stored means of
+old classes follow the drift of the current task's features (:func:`compensate_drift`).
 """
 
 from __future__ import annotations
@@ -27,11 +31,53 @@ from torch import nn
 
 from pegp_hf.utils import CheckpointError, read_safetensors
 
-HEADS = ("masked_linear", "prototype", "aligned")
+HEADS = ("masked_linear", "prototype", "aligned", "ranpac")
+
+
+class HeadStatistics:
+    """What a statistics head keeps across tasks: tensors merged from the feature pass of each task, exactly (any
+    split of the data into batches, tasks or processes gives the same statistics). Subclasses are dataclasses of
+    tensors with the properties ``num_labels``, ``dim`` (the head's input width) and ``seen`` (``(num_labels,)``
+    bool)."""
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Merge head inputs ``(N, dim)`` with labels ``(N,)``."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Take the tensors of ``state`` (whose keys and shapes :meth:`read_like` checked)."""
+        for key, value in state.items():
+            setattr(self, key, value)
+
+    def save(self, path: str | os.PathLike, head: str) -> None:
+        """Write the statistics with the head's name, class count and feature dim as metadata."""
+        meta = {"head": head, "num_labels": self.num_labels, "feature_dim": self.dim}
+        tensors = {key: value.contiguous() for key, value in self.state_dict().items()}
+        save_file(tensors, str(path), metadata={"format": "pt", "pegp_hf": json.dumps(meta)})
+
+    def read_like(self, path: str | os.PathLike) -> dict[str, torch.Tensor]:
+        """The tensors written by :meth:`save`, which must have this object's keys and shapes (class count, feature
+        dim, covariances present or not, projection width); nothing is changed here.
+
+        Raises:
+            CheckpointError: an unreadable file, or statistics of other shapes.
+        """
+        stored = read_safetensors(path)
+        expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
+        found = {key: tuple(value.shape) for key, value in stored.items()}
+        if found != expected:
+            raise CheckpointError(
+                f"{path} holds head statistics of shapes {found}; this model and head need {expected} "
+                f"({self.num_labels} classes, feature dim {self.dim})"
+            )
+        return stored
 
 
 @dataclass
-class ClassStatistics:
+class ClassStatistics(HeadStatistics):
     """Per-class feature statistics for ``num_labels`` classes of ``dim``-dim features.
 
     Attributes:
@@ -87,30 +133,6 @@ class ClassStatistics:
         if self.covariances is not None:
             state["covariances"] = self.covariances
         return state
-
-    def save(self, path: str | os.PathLike, head: str) -> None:
-        """Write the statistics (counts, means and, for the aligned head, covariances) with the head's name, class
-        count and feature dim as metadata."""
-        meta = {"head": head, "num_labels": self.num_labels, "feature_dim": self.dim}
-        tensors = {key: value.contiguous() for key, value in self.state_dict().items()}
-        save_file(tensors, str(path), metadata={"format": "pt", "pegp_hf": json.dumps(meta)})
-
-    def read_like(self, path: str | os.PathLike) -> ClassStatistics:
-        """Statistics written by :meth:`save`, whose class count, feature dim and covariances (present or not) must
-        be this object's.
-
-        Raises:
-            CheckpointError: an unreadable file, or statistics of other shapes.
-        """
-        stored = read_safetensors(path)
-        expected = {key: tuple(value.shape) for key, value in self.state_dict().items()}
-        found = {key: tuple(value.shape) for key, value in stored.items()}
-        if found != expected:
-            raise CheckpointError(
-                f"{path} holds head statistics of shapes {found}; this model and head need {expected} "
-                f"({self.num_labels} classes, feature dim {self.dim})"
-            )
-        return ClassStatistics(stored["counts"], stored["means"], stored.get("covariances"))
 
 
 def prototype_logits(features: torch.Tensor, statistics: ClassStatistics) -> torch.Tensor:
@@ -173,3 +195,34 @@ def align_linear_head(
         linear.weight[rows] = weight.detach()
         if bias is not None:
             linear.bias[rows] = bias.detach()
+
+
+def compensate_drift(
+    statistics: ClassStatistics, before: torch.Tensor, after: torch.Tensor, classes: torch.Tensor
+) -> torch.Tensor:
+    """Semantic drift compensation (Yu et al., "Semantic Drift Compensation for Class-Incremental Learning", CVPR
+    2020): move the stored mean of each class in ``classes`` by the drift of the current task's features, weighted
+    by their closeness to that mean before the task.
+
+    ``before`` and ``after`` ``(N, dim)`` are the head inputs of the same N training samples of the current task,
+    taken before and after it trained. For an old class ``c``: ``w_i = exp(-|before_i - mu_c|^2 / (2 sigma^2))``,
+    ``mu_c += sum_i w_i (after_i - before_i) / sum_i w_i``, with ``sigma`` the median over samples of the distance to
+    the nearest old mean (the scale of "close" in these features, with no parameter to tune; Yu et al. fix 0.3 for
+    unit-norm embeddings). Covariances are kept as they are.
+
+    Returns:
+        ``(len(classes), dim)`` float64: the shift applied to each class's mean.
+    """
+    before, after = before.detach().to("cpu", torch.float64), after.detach().to("cpu", torch.float64)
+    if before.shape != after.shape or before.ndim != 2 or len(before) == 0:
+        raise ValueError(f"before and after must be the same (N, dim) features of N > 0 samples, got "
+                         f"{tuple(before.shape)} and {tuple(after.shape)}")  # fmt: skip
+    classes = torch.as_tensor(classes, dtype=torch.long).flatten()
+    if len(classes) == 0:
+        return torch.zeros(0, statistics.dim, dtype=torch.float64)
+    squared = torch.cdist(statistics.means[classes], before).square()  # (classes, N)
+    sigma_squared = squared.min(0).values.median().clamp_min(1e-12)
+    weights = torch.softmax(-squared / (2 * sigma_squared), dim=1)  # the normalised w_i, without underflow
+    shift = weights @ (after - before)
+    statistics.means[classes] += shift
+    return shift

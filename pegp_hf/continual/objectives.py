@@ -90,6 +90,9 @@ class ContinualObjective(ContinualCallback):
         checkpoint: the model as the training data need it (e.g. only its top layers)."""
         yield
 
+    def before_task(self, trainer: ContinualPEGPTrainer, index: int) -> None:
+        """At the start of task ``index``, before it trains and before the task's seed is set, on every process."""
+
     @contextlib.contextmanager
     def observing(self) -> Iterator[BatchObserver | None]:
         """While open, the feature pass after each task runs; the yielded function (if any) sees every batch's

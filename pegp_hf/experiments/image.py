@@ -57,7 +57,7 @@ class ImageExperimentArguments:
 
     methods: list[str] = field(
         default_factory=lambda: ["pegp", "sequential"],
-        metadata={"help": "Methods to run and compare, in order: pegp, sequential, head_only."},
+        metadata={"help": "Methods to run and compare, in order: pegp, sequential, head_only, first_session."},
     )
     dataset: str = field(default="mnist", metadata={"help": f"Embedded data set, no download: {EMBEDDED}."})
     dataset_name: str | None = field(
