@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import class_incremental_heads, clip_reference, llm_orders, paradigms
+from benchmarks import ablations, class_incremental_heads, clip_reference, llm_orders, paradigms
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -162,3 +162,10 @@ def test_the_clip_reference_tables_are_their_results_files(heading, folder):
     documented = table_rows(section("clip.md", heading))
     runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
     assert documented == table_rows(clip_reference.table(runs))
+
+
+def test_the_ablations_table_is_its_results_file():
+    documented = table_rows(section("benchmarks.md", "## Ablations"))
+    runs = json.loads((DOCS / "results" / "ablations" / "results.json").read_text())
+    settings = list(dict.fromkeys(run["setting"] for run in runs))
+    assert len(settings) == 8 and documented == table_rows(ablations.summarize(runs, settings))
