@@ -50,7 +50,7 @@ def plot_accuracy_matrix(matrix: list[list[float | None]], path: str | Path, tit
     axes.set_yticks(ticks, [str(i + 1) for i in ticks])
     axes.set(xlabel="after training task", ylabel="task", title=title)
     figure.colorbar(image, ax=axes, label="accuracy (%)")
-    return save_figure(figure, path, integer_ticks=True)
+    return save_figure(figure, path)  # its task ticks are set above; integer_ticks would tick the colour bar's x axis
 
 
 def plot_method_curves(results: Mapping[str, Mapping[str, Any]], path: str | Path, matrix: str | None = None) -> Path:

@@ -169,6 +169,8 @@ class ContinualPEGPTrainer(Trainer):
         specs = [spec for evaluator in self.evaluators for spec in evaluator.matrix_specs()]
         self.results = ContinualResults.empty(tasks.scenario, self.objective.headline(tasks), specs, len(tasks))
         super().__init__(model=model, args=args, compute_loss_func=self.objective.compute_loss, **kwargs)
+        # as Trainer sets transformers' verbosity: --log_level / --log_level_replica, or transformers' own when passive
+        logging.getLogger("pegp_hf").setLevel(args.get_process_log_level())
         self.projector = GradientProjector(protected)  # bases on the parameters' devices, where the Trainer put them
         self.projection_mode = resolve_projection_mode(self, self.projector)
         if args.method == "pegp":

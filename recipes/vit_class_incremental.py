@@ -32,33 +32,7 @@ Every ``PEGPTrainingArguments`` / ``TrainingArguments`` flag works (``--learning
 with every method's results. The experiment itself is :mod:`pegp_hf.experiments.image`.
 """
 
-from __future__ import annotations
-
-import logging
-from collections.abc import Sequence
-from typing import Any
-
-from pegp_hf.experiments import format_matrix
-from pegp_hf.experiments.image import parse_args, run
-
-
-def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
-    script, args = parse_args(argv)
-    logging.basicConfig(format="%(asctime)s %(name)s: %(message)s", level=logging.INFO)
-    summary = run(script, args)
-    if not args.should_save:  # not the main process
-        return summary
-    for method, results in summary.items():
-        print(f"\n{method} ({results['head']} head): {results['headline']} accuracy matrix (%), rows = task, "
-              "columns = after training task")  # fmt: skip
-        print(format_matrix(results["accuracy_matrix"]))
-    print(f"\n{'method':<12}{'ACC':>8}{'Forgetting':>12}{'BWT':>8}{'TIL ACC':>10}{'TIL Forg.':>11}")
-    for method, r in summary.items():
-        til = r["task_incremental"]
-        print(f"{method:<12}{r['acc']:8.2f}{r['forgetting']:12.2f}{r['bwt']:8.2f}{til['average']:10.2f}"
-              f"{til['forgetting']:11.2f}")  # fmt: skip
-    return summary
-
+from pegp_hf.experiments.image import main
 
 if __name__ == "__main__":
     main()

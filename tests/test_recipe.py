@@ -27,6 +27,8 @@ def test_recipe_runs_both_methods_and_writes_results(tmp_path, capsys):
         assert results["acc"] == summary[method]["acc"] == np.mean(matrix[:, 1])
         assert len(results["timings"]) == 2 and all(t["train_seconds"] > 0 for t in results["timings"])
         assert (tmp_path / method / "task-2" / "adapter_model.safetensors").is_file()
+        assert (tmp_path / f"accuracy_matrix_{method}.png").stat().st_size > 0
+    assert (tmp_path / "acc_forgetting.png").stat().st_size > 0
     assert sum(stored["pegp"]["subspace_dims"].values()) > 0
 
 

@@ -34,7 +34,7 @@ from transformers import set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import TaskSequence, make_tasks, split_per_class
-from pegp_hf.experiments.runner import parse_with_defaults, run_methods
+from pegp_hf.experiments.runner import parse_with_defaults, run_methods, setup_logging
 from pegp_hf.multimodal.alignment import align_projections
 from pegp_hf.multimodal.captions import DIGIT_NAMES, DIGIT_TEMPLATES, add_template_captions
 from pegp_hf.multimodal.clip import (
@@ -47,6 +47,7 @@ from pegp_hf.multimodal.clip import (
 from pegp_hf.multimodal.crossmodal import CrossModalEvaluator, ZeroShotSet
 from pegp_hf.offline.datasets import load_embedded
 from pegp_hf.offline.transforms import IMAGENET_MEAN, IMAGENET_STD, grey_to_rgb
+from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves, plot_task_metrics
 from pegp_hf.tuners.factory import parse_layers
 from pegp_hf.tuners.registry import available_pets
 
@@ -351,3 +352,42 @@ def results_table(summary: dict[str, dict[str, Any]]) -> str:
         note = f" (threshold {threshold:.2f})" if key == "false_match_rate" and threshold is not None else ""
         rows.append(f"| {label} after task {', '.join(later)}{note} | {' | '.join(cells)} |")
     return "\n".join(rows)
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``recipes/clip_bitm.py`` and ``pegp-hf clip``: parse, align, run every method, then (main process) save the
+    plots and ``table.md`` next to ``results.json`` and print the comparison."""
+    script, args = parse_args(argv)
+    setup_logging(args)
+    summary = run(script, args)
+    if not args.should_save:  # not the main process
+        return summary
+    if script.plots:
+        save_plots(summary, Path(args.output_dir))
+    (Path(args.output_dir) / "table.md").write_text(results_table(summary) + "\n")
+    print_summary(summary)
+    return summary
+
+
+def save_plots(summary: dict[str, Any], root: Path) -> None:
+    for method, results in summary.items():
+        plot_accuracy_matrix(results["accuracy_matrix"], root / f"accuracy_matrix_{method}.png", f"{method}: A[i, t]")
+    plot_method_curves(summary, root / "acc_forgetting.png")
+    plot_task_metrics(
+        summary, ("zero_shot_acc", "hallucination_rate", "false_match_rate"), root / "zero_shot.png", "zero_shot_acc"
+    )
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    columns = f"{'ACC':>7}{'Forg.':>7}{'I2T ACC':>9}{'T2I ACC':>9}{'zero-shot':>11}{'halluc.':>9}{'false m.':>9}"
+    print(f"\n{'method':<12}{columns}")
+    for method, r in summary.items():
+        last = r["task_metrics"][-1] if r["task_metrics"] else {}
+        before = r["initial_metrics"].get("zero_shot_acc")
+        zero = f"{before:.1f}->{last['zero_shot_acc']:.1f}" if before is not None and "zero_shot_acc" in last else "-"
+        cells = [r["acc"], r["forgetting"], r["image_to_text"].get("average"), r["text_to_image"].get("average")]
+        rates = [last.get("hallucination_rate"), last.get("false_match_rate")]
+        print(
+            f"{method:<12}" + "".join(f"{v:7.1f}" if i < 2 else f"{v:9.1f}" for i, v in enumerate(cells))
+            + f"{zero:>11}" + "".join("        -" if v is None else f"{v:9.1f}" for v in rates)
+        )  # fmt: skip

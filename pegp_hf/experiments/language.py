@@ -27,13 +27,14 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import ContinualTask, TaskSequence, dataset_tasks
-from pegp_hf.experiments.runner import parse_with_defaults, run_methods
+from pegp_hf.experiments.runner import format_matrix, parse_with_defaults, run_methods, setup_logging
 from pegp_hf.language.evaluators import GENERAL_INSTRUCTIONS, GeneralAbilityEvaluator, InstructionEvaluator
 from pegp_hf.language.frozen_bottom import AnswerOnlyCollator, encode_bottom
 from pegp_hf.language.objective import InstructionObjective
 from pegp_hf.language.reference import own_conversations
 from pegp_hf.language.tasks import LabelledText, class_subsets, instruction_tasks
 from pegp_hf.offline.text import LOADERS, load_chitchat, load_labelled_text
+from pegp_hf.plots import plot_accuracy_matrix, plot_task_metrics
 from pegp_hf.trainer import ContinualPEGPTrainer
 from pegp_hf.tuners.discovery import find_block_stacks
 from pegp_hf.tuners.factory import get_pet_model, parse_layers
@@ -246,3 +247,33 @@ def run_joint(
     means = {name: float(np.mean(values)) for name, values in per_task.items()}
     return {"method": "joint", **describe, **{f"{name}_per_task": values for name, values in per_task.items()}, **means,
             "timings": trainer.results.timings}  # fmt: skip
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """``recipes/llm_continual.py`` and ``pegp-hf llm``: parse, run every method, then (main process) print each
+    accuracy matrix and the comparison, and save the plots next to ``results.json``."""
+    script, args = parse_args(argv)
+    setup_logging(args)
+    summary = run(script, args)
+    if not args.should_save:  # not the main process
+        return summary
+    root = Path(args.output_dir)
+    continual = {method: results for method, results in summary.items() if method != "joint"}
+    for method, results in continual.items():
+        print(f"\n{method}: accuracy (%), rows = task, columns = after training task")
+        print(format_matrix(results["accuracy_matrix"]))
+        plot_accuracy_matrix(results["accuracy_matrix"], root / f"accuracy_matrix_{method}.png", f"{method}: A[i, t]")
+    if continual:
+        plot_task_metrics(continual, ("general_perplexity", "answer_agreement"), root / "general_ability.png",
+                          "general_perplexity")  # fmt: skip
+    print(f"\n{'method':<12}{'ACC':>7}{'Forg.':>7}{'EM':>7}{'ans.loss':>10}{'perplexity':>16}{'agreement':>11}")
+    for method, r in summary.items():
+        if method == "joint":
+            print(f"{method:<12}{r['accuracy']:7.1f}{'-':>7}{r['exact_match']:7.1f}{r['answer_loss']:10.3f}")
+            continue
+        last, before = r["task_metrics"][-1], r["initial_metrics"].get("general_perplexity")
+        perplexity = f"{before:.1f}->{last['general_perplexity']:.1f}" if "general_perplexity" in last else "-"
+        agreement = f"{last['answer_agreement']:.1f}" if "answer_agreement" in last else "-"
+        print(f"{method:<12}{r['acc']:7.1f}{r['forgetting']:7.1f}{r['exact_match']['average']:7.1f}"
+              f"{r['answer_loss']['average']:10.3f}{perplexity:>16}{agreement:>11}")  # fmt: skip
+    return summary

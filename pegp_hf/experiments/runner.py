@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import datasets
 import torch
+import transformers
+import yaml
 from datasets import Dataset
-from transformers import HfArgumentParser
+from transformers import HfArgumentParser, TrainingArguments
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.evaluators import ContinualEvaluator
@@ -24,10 +29,63 @@ def parse_with_defaults(
     dataclass_types: Sequence[type], defaults: Mapping[str, Any], argv: Sequence[str] | None
 ) -> tuple[Any, ...]:
     """``HfArgumentParser(dataclass_types)`` whose defaults are first replaced by ``defaults`` (so ``--help`` shows
-    them), then ``argv`` parsed into the dataclasses (``None``: the command line)."""
+    them), then by the values of ``--config <file.yaml>`` if given (as TRL's parser: a mapping of flag names without
+    ``--`` to values), then ``argv`` parsed into the dataclasses (``None``: the command line); a flag given on the
+    command line wins over both.
+
+    Raises:
+        ValueError: a config file that is missing, not a YAML mapping, or names flags the parser does not have.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = HfArgumentParser(list(dataclass_types))
-    parser.set_defaults(**defaults)
-    return parser.parse_args_into_dataclasses(args=None if argv is None else list(argv))
+    parser.add_argument("--config", default=None, help="A YAML file of flags (name: value, as TRL's --config): its "
+                        "values replace this recipe's defaults; flags on the command line win.")  # fmt: skip
+    values = dict(defaults)
+    config = _flag_value(argv, "--config")
+    if config is not None:
+        values.update(read_config(config, {action.dest for action in parser._actions} - {"help", "config"}))
+    parser.set_defaults(**values)
+    return tuple(parser.parse_args_into_dataclasses(args=argv)[: len(dataclass_types)])
+
+
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag value`` or ``--flag=value``; the last one wins), else ``None``."""
+    value = None
+    for i, token in enumerate(argv):
+        if token == flag and i + 1 < len(argv):
+            value = argv[i + 1]
+        elif token.startswith(flag + "="):
+            value = token[len(flag) + 1 :]
+    return value
+
+
+def read_config(path: str | Path, known: set[str]) -> dict[str, Any]:
+    """The flags of a recipe's YAML config file: a mapping whose keys are among ``known`` (flag names, no ``--``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"--config {path}: no such file")
+    try:
+        values = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        raise ValueError(f"--config {path} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of flag names to values, got {type(values).__name__}")
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"--config {path} names flags this recipe does not have: {unknown} (see --help)")
+    return values
+
+
+def setup_logging(args: TrainingArguments) -> None:
+    """Logging as in the HF example scripts: one handler on stdout, and transformers, datasets and pegp_hf at this
+    process's level (``--log_level`` on the main process, ``--log_level_replica`` on the others; the default
+    ``passive`` keeps transformers' own verbosity, warning)."""
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+                        handlers=[logging.StreamHandler(sys.stdout)])  # fmt: skip
+    level = args.get_process_log_level()
+    transformers.utils.logging.set_verbosity(level)
+    datasets.utils.logging.set_verbosity(level)
+    logging.getLogger("pegp_hf").setLevel(level)
 
 
 def run_methods(
