@@ -184,6 +184,7 @@ class ContinualPEGPTrainer(Trainer):
                 tensor.parameter.register_hook(functools.partial(self.projector.project_gradient, name))
         self._finite_losses: torch.Tensor | None = None  # the losses' finiteness since the last optimizer step
         self._task_index = 0
+        self._steps_before_task = 0  # optimizer steps of the finished tasks: the logs' step axis runs on from there
         self._bracket = UpdateBracket(lambda: self.projector, args.update_reprojection,
                                       skipped=lambda: self.is_deepspeed_enabled)  # fmt: skip
         self.add_callback(self._bracket)
@@ -239,12 +240,19 @@ class ContinualPEGPTrainer(Trainer):
         raise NonFiniteError(f"{where}: the loss or gradients of another process are not finite; {HINT}")
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """``Trainer.log``, with ``pegp_update_overlap`` = max ``|delta W U|`` over the steps since the last training
-        log (~0 when old outputs are protected) and ``pegp_update_max`` = max ``|delta W|`` for scale."""
+        """``Trainer.log`` on one step axis for the whole sequence (each task's optimizer steps follow those of the
+        tasks before it, in ``log_history`` and every ``report_to`` tracker), with ``pegp_update_overlap`` = max
+        ``|delta W U|`` over the steps since the last training log (~0 when old outputs are protected) and
+        ``pegp_update_max`` = max ``|delta W|`` for scale."""
         record = self._bracket.take_log_record() if "loss" in logs else None
         if record is not None:
             logs["pegp_update_overlap"], logs["pegp_update_max"] = record
-        super().log(logs, start_time)
+        offset = self._steps_before_task  # Trainer.train counts from 0 in every task
+        self.state.global_step += offset
+        try:
+            super().log(logs, start_time)
+        finally:
+            self.state.global_step -= offset
 
     # ---- the task loop --------------------------------------------------------------------------------------------
 
@@ -299,7 +307,7 @@ class ContinualPEGPTrainer(Trainer):
                 trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
                 check_tensors(trainable, "the weights after training", self._where())
                 self._feature_pass(index)
-            self._end_task(index, trained - start, time.perf_counter() - trained)
+            self._end_task(index, trained - start, time.perf_counter() - trained, output.global_step)
             steps += output.global_step
             losses.append(output.training_loss)
         metrics = {key: value for key, value in self.results.headline_figures().items() if key != "accuracy_matrix"}
@@ -315,6 +323,7 @@ class ContinualPEGPTrainer(Trainer):
     def _begin_task(self, index: int) -> None:
         task = self.tasks[index]
         self._task_index, self._finite_losses = index, None
+        self._steps_before_task = sum(timing.get("optimizer_steps", 0) for timing in self.results.timings)
         self.train_dataset, self.eval_dataset = task.train, task.test
         self.optimizer = self.lr_scheduler = None
         if self.is_deepspeed_enabled:  # Trainer.train destroys the last engine; Accelerate builds one per task
@@ -333,7 +342,7 @@ class ContinualPEGPTrainer(Trainer):
                     len(task.train), list(task.classes))  # fmt: skip
         self._task_event("on_task_begin", index)
 
-    def _end_task(self, index: int, train_seconds: float, capture_seconds: float) -> None:
+    def _end_task(self, index: int, train_seconds: float, capture_seconds: float, optimizer_steps: int) -> None:
         # None while no basis exists (the first task): there is nothing to be orthogonal to
         record = self._bracket.over_task
         overlap, largest = record.tolist() if record is not None else (None, None)
@@ -346,7 +355,7 @@ class ContinualPEGPTrainer(Trainer):
             columns=columns,
             scalars=scalars,
             timing={"train_seconds": train_seconds, "capture_seconds": capture_seconds,
-                    "eval_seconds": evaluated - captured},
+                    "eval_seconds": evaluated - captured, "optimizer_steps": optimizer_steps},
             update={"max_update_overlap": overlap, "max_update": largest},
         )  # fmt: skip
         self._log_task(index)

@@ -69,7 +69,8 @@ class ContinualResults:
         matrices: every evaluator's matrices by name.
         initial_metrics: evaluators' figures before the first task (e.g. zero-shot accuracy).
         task_metrics: per finished task, the evaluators' figures (``None`` where undefined).
-        timings: per finished task, ``train_seconds``, ``capture_seconds`` and ``eval_seconds``.
+        timings: per finished task, ``train_seconds``, ``capture_seconds``, ``eval_seconds`` and
+            ``optimizer_steps`` (which the logs' step axis adds up across tasks).
         updates: per finished task, ``max_update_overlap`` (the largest ``max |delta W U|`` of its optimizer steps)
             and ``max_update`` (the largest ``|delta W|``), ``None`` while no basis exists.
     """
@@ -139,13 +140,17 @@ class ContinualResults:
     def task_log(self, index: int) -> dict[str, float]:
         """What the trainer logs after task ``index``: ``task``, the headline's ``continual_average``,
         ``continual_forgetting`` and ``continual_bwt``, ``<matrix>_average`` / ``<matrix>_forgetting`` of every
-        matrix, and the task's figures that are defined."""
+        matrix, the column ``index`` of every matrix as ``<matrix>/task_<i>`` (``A[i, index]`` for each task ``i``
+        so far, 1-based: over the sequence, each is the curve of one task), and the task's figures that are
+        defined."""
         headline = self.summary()
         logs = {"task": index + 1, "continual_average": headline["average"],
                 "continual_forgetting": headline["forgetting"], "continual_bwt": headline["bwt"]}  # fmt: skip
-        for name in self.matrices:
+        for name, matrix in self.matrices.items():
             summary = self.summary(name)
             logs.update({f"{name}_average": summary["average"], f"{name}_forgetting": summary["forgetting"]})
+            column = matrix.values[: index + 1, index]
+            logs.update({f"{name}/task_{i + 1}": float(v) for i, v in enumerate(column) if not np.isnan(v)})
         return {**logs, **{key: value for key, value in self.task_metrics[index].items() if value is not None}}
 
     def describe(self, index: int) -> str:

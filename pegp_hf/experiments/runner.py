@@ -125,7 +125,8 @@ def run_methods(
     root = Path(args.output_dir)
     summary: dict[str, dict[str, Any]] = {}
     for method in methods:
-        method_args = dataclasses.replace(args, method=method, output_dir=str(root / method))
+        run_name = f"{args.run_name}-{method}" if args.run_name else method  # one tracker run per method
+        method_args = dataclasses.replace(args, method=method, output_dir=str(root / method), run_name=run_name)
         if args.push_to_hub and args.hub_model_id and len(methods) > 1:
             method_args = dataclasses.replace(method_args, hub_model_id=f"{args.hub_model_id}-{method}")
         trainer = ContinualPEGPTrainer(
@@ -139,6 +140,7 @@ def run_methods(
             **(trainer_kwargs or {}),
         )
         trainer.train(resume_from_checkpoint=resume)
+        end_tracker_runs(trainer.args)
         results = {"method": method, **describe, "task_classes": tasks.task_classes,
                    "num_processes": trainer.accelerator.num_processes, **trainer.continual_results()}  # fmt: skip
         if trainer.args.should_save:
@@ -148,6 +150,16 @@ def run_methods(
         root.mkdir(parents=True, exist_ok=True)
         (root / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
+
+
+def end_tracker_runs(args: TrainingArguments) -> None:
+    """Close the tracker runs that outlive a Trainer, so that the next method of the same process gets its own:
+    W&B keeps one run per process open (TensorBoard writes under each method's ``output_dir`` already)."""
+    if "wandb" in args.report_to:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
 
 
 def format_matrix(matrix: list[list[float | None]]) -> str:
