@@ -3,7 +3,14 @@ import math
 import numpy as np
 import pytest
 
-from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
+from pegp_hf.continual.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    intransigence,
+    summarize,
+)
 
 NAN = math.nan
 
@@ -79,3 +86,31 @@ def test_results_record_columns_in_order_and_refuse_a_gap():
         ContinualResults.empty("class_incremental", "c", [MatrixSpec("c")], 2).restore(stored, 1)
     with pytest.raises(ValueError, match="share a name"):
         ContinualResults.empty("class_incremental", "a", [MatrixSpec("a"), MatrixSpec("a")], 2)
+
+
+def test_forward_transfer_and_intransigence_against_hand_values():
+    matrix = [[80.0, 70.0, 60.0], [np.nan, 90.0, 85.0], [np.nan, np.nan, 70.0]]
+    assert forward_transfer(matrix, single_task=[85.0, 95.0, 80.0]) == pytest.approx(((90 - 95) + (70 - 80)) / 2)
+    assert intransigence(matrix, joint=[90.0, 90.0, 90.0]) == pytest.approx(((90 - 80) + 0 + (90 - 70)) / 3)
+    assert forward_transfer([[50.0]], single_task=[60.0]) == 0.0
+    with pytest.raises(ValueError, match="one finite accuracy per task"):
+        intransigence(matrix, joint=[90.0, 90.0])
+
+
+def test_the_evaluate_module_loads_offline_and_builds_the_matrix_from_predictions():
+    import evaluate
+
+    from pegp_hf.continual import CONTINUAL_ACCURACY
+
+    metric = evaluate.load(CONTINUAL_ACCURACY)
+    # task 0 after task 0: 3 of 4 right; task 0 after task 1: 1 of 2; task 1 after task 1: 2 of 2
+    metric.add_batch(predictions=[1, 1, 0, 0], references=[1, 0, 0, 0], task=[0] * 4, after_task=[0] * 4)
+    metric.add_batch(predictions=[0, 1, 2, 3], references=[0, 0, 2, 3], task=[0, 0, 1, 1], after_task=[1] * 4)
+    result = metric.compute(single_task=[80.0, 90.0], joint=[100.0, 100.0])
+    assert result["accuracy_matrix"] == [[75.0, 50.0], [None, 100.0]]
+    assert result["acc"] == pytest.approx(75.0) and result["forgetting"] == pytest.approx(25.0)
+    assert result["bwt"] == pytest.approx(-25.0) and result["fwt"] == pytest.approx(10.0)
+    assert result["intransigence"] == pytest.approx(12.5)
+    metric.add_batch(predictions=[0], references=[0], task=[1], after_task=[0])
+    with pytest.raises(ValueError, match="0 <= task <= after_task"):
+        metric.compute()

@@ -6,15 +6,25 @@
 - :mod:`~pegp_hf.continual.heads`: class statistics and the prototype / aligned heads;
 - :mod:`~pegp_hf.continual.evaluators`: :class:`ContinualEvaluator`, :class:`TaskLossEvaluator`;
 - :mod:`~pegp_hf.continual.results`: :class:`ContinualResults`, typed;
-- :mod:`~pegp_hf.continual.metrics`: ACC, Forgetting, BWT;
+- :mod:`~pegp_hf.continual.metrics`: ACC, Forgetting, BWT, FWT, intransigence; ``CONTINUAL_ACCURACY``, the path of
+  the same metrics as an ``evaluate`` module (``evaluate.load(CONTINUAL_ACCURACY)``, offline);
 - :mod:`~pegp_hf.continual.callbacks`: :class:`ContinualCallback`, the task events.
 """
+
+from pathlib import Path
 
 from pegp_hf.continual.callbacks import ContinualCallback
 from pegp_hf.continual.classification import ClassificationAccuracy, ClassificationObjective
 from pegp_hf.continual.evaluators import ContinualEvaluator, Evaluation, TaskLossEvaluator
 from pegp_hf.continual.heads import HEADS, ClassStatistics
-from pegp_hf.continual.metrics import average_accuracy, backward_transfer, forgetting, summarize
+from pegp_hf.continual.metrics import (
+    average_accuracy,
+    backward_transfer,
+    forgetting,
+    forward_transfer,
+    intransigence,
+    summarize,
+)
 from pegp_hf.continual.objectives import ContinualObjective, ModelLossObjective
 from pegp_hf.continual.results import ContinualMatrix, ContinualResults, MatrixSpec
 from pegp_hf.continual.tasks import (
@@ -30,7 +40,10 @@ from pegp_hf.continual.tasks import (
     task_incremental_tasks,
 )
 
+CONTINUAL_ACCURACY = str(Path(__file__).with_name("continual_accuracy.py"))
+
 __all__ = [
+    "CONTINUAL_ACCURACY",
     "HEADS",
     "SCENARIOS",
     "ClassificationAccuracy",
@@ -53,6 +66,8 @@ __all__ = [
     "dataset_tasks",
     "domain_incremental_tasks",
     "forgetting",
+    "forward_transfer",
+    "intransigence",
     "make_tasks",
     "online_tasks",
     "split_per_class",
