@@ -4,6 +4,8 @@
 - :mod:`~pegp_hf.continual.objectives`: :class:`ContinualObjective` (how tasks are trained and judged) and
   :class:`ModelLossObjective`; :mod:`~pegp_hf.continual.classification`: :class:`ClassificationObjective`;
 - :mod:`~pegp_hf.continual.heads`: class statistics and the prototype / aligned heads;
+- :mod:`~pegp_hf.continual.named`: benchmarks by name (Split CIFAR-100, ImageNet-R, CUB-200, the five text data
+  sets) with the literature's class orders;
 - :mod:`~pegp_hf.continual.evaluators`: :class:`ContinualEvaluator`, :class:`TaskLossEvaluator`;
 - :mod:`~pegp_hf.continual.results`: :class:`ContinualResults`, typed;
 - :mod:`~pegp_hf.continual.metrics`: ACC, Forgetting, BWT, FWT, intransigence; ``CONTINUAL_ACCURACY``, the path of
@@ -25,6 +27,7 @@ from pegp_hf.continual.metrics import (
     intransigence,
     summarize,
 )
+from pegp_hf.continual.named import five_datasets_text, named_image_tasks
 from pegp_hf.continual.objectives import ContinualObjective, ModelLossObjective
 from pegp_hf.continual.results import ContinualMatrix, ContinualResults, MatrixSpec
 from pegp_hf.continual.tasks import (
@@ -66,9 +69,11 @@ __all__ = [
     "dataset_tasks",
     "domain_incremental_tasks",
     "forgetting",
+    "five_datasets_text",
     "forward_transfer",
     "intransigence",
     "make_tasks",
+    "named_image_tasks",
     "online_tasks",
     "split_per_class",
     "summarize",
