@@ -71,8 +71,8 @@ from pegp_hf.io.checkpoint import (
     task_state,
     write_task_checkpoint,
 )
-from pegp_hf.io.hub import PushTaskToHubCallback, resolve_checkpoint
-from pegp_hf.io.model_card import model_card
+from pegp_hf.io.hub import PushTaskToHubCallback, create_task_model_card, push_latest_task_to_hub, resolve_checkpoint
+from pegp_hf.io.model_card import card_info, model_card
 from pegp_hf.tuners.handle import pet_handle
 
 logger = logging.getLogger(__name__)
@@ -366,8 +366,7 @@ class ContinualPEGPTrainer(Trainer):
         if self.args.should_save:  # the main process writes; every process waits for it, so any rank can resume
             state = task_state(self.tasks, self.results.finished_tasks, self.continual_results(), self._config(),
                                self.run_id)  # fmt: skip
-            card = functools.partial(model_card, state, self.results, self.pet.base_model_name(),
-                                     self.pet.library_name, self.pet.methods)  # fmt: skip
+            card = functools.partial(model_card, state, self.results, card_info(self))
             write_task_checkpoint(target, self.pet, self.projector, self.objective, state, card, gathered)
         self.accelerator.wait_for_everyone()
         self._task_event("on_task_save", index, checkpoint_dir=target)
@@ -480,6 +479,26 @@ class ContinualPEGPTrainer(Trainer):
             "saturated": self.projector.saturated(),
             "protected_share": {kind: k / d for kind, (k, d, _) in self.projector.dims_by_kind().items()},
         }
+
+    def create_model_card(
+        self, language: str | None = None, license: str | None = None, tags: str | list[str] | None = None,
+        model_name: str | None = None, finetuned_from: str | None = None, tasks: str | list[str] | None = None,
+        dataset_tags: str | list[str] | None = None, dataset: str | list[str] | None = None,
+        dataset_args: str | list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """The card of the newest ``task-<k>`` with these metadata, written to it and to ``output_dir/README.md``
+        (:func:`~pegp_hf.io.hub.create_task_model_card`), instead of the Trainer's generic card."""
+        create_task_model_card(self, language=language, license=license, tags=tags, model_name=model_name,
+                               finetuned_from=finetuned_from, tasks=tasks, dataset_tags=dataset_tags, dataset=dataset,
+                               dataset_args=dataset_args)  # fmt: skip
+
+    def push_to_hub(
+        self, commit_message: str | None = "End of training", blocking: bool = True, token: str | None = None,
+        revision: str | None = None, private: bool | None = None, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        """Upload the newest ``task-<k>`` folder with its card (``kwargs`` go to :meth:`create_model_card`), not the
+        whole ``output_dir`` (:func:`~pegp_hf.io.hub.push_latest_task_to_hub`)."""
+        return push_latest_task_to_hub(self, commit_message, blocking, token, revision, private, **kwargs)
 
     def _config(self) -> dict[str, Any]:
         """The settings a checkpoint records; ``method`` and the objective's ``must_match`` ones must match on

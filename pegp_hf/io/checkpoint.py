@@ -9,7 +9,7 @@
   JSON string with the threshold, feature dims, ranks and library versions;
 - what the objective keeps across tasks, e.g. ``pegp_head.safetensors`` for the prototype / aligned heads;
 - ``pegp_state.json``: finished task count, scenario, task names and classes, results, config, versions;
-- ``README.md``: the model card.
+- ``README.md``: the model card (:mod:`~pegp_hf.io.model_card`), merged with the one PEFT writes.
 
 A checkpoint is built in a hidden temporary folder next to its target and renamed into place, so a crash leaves
 either the previous checkpoint or the new one, never half of one. Reading one checks every file against the model,
@@ -331,13 +331,13 @@ def write_task_checkpoint(
     projector: GradientProjector,
     objective: ContinualObjective,
     state: Mapping[str, Any],
-    card: Callable[[list[str]], str],
+    card: Callable[[list[str], str | None], str],
     model_state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> None:
     """Write the whole ``task-<k>`` folder atomically: adapter, bases, the objective's files, state, and the model
-    card ``card(names of the files written)``. The adapter weights come from ``model_state_dict`` when given (under
-    FSDP2 the whole model gathered by ``Accelerator.get_state_dict``, since each rank holds only shards), else from
-    the model.
+    card ``card(names of the files written, the README.md PEFT's save_pretrained wrote or None)``. The adapter
+    weights come from ``model_state_dict`` when given (under FSDP2 the whole model gathered by
+    ``Accelerator.get_state_dict``, since each rank holds only shards), else from the model.
 
     Raises:
         NonFiniteError: an adapter weight or a basis holds NaN / inf (nothing is written).
@@ -350,7 +350,9 @@ def write_task_checkpoint(
                        projector.reference_dims)  # fmt: skip
         objective.save_checkpoint(staging)
         write_state(staging, state)
-        (staging / "README.md").write_text(card(sorted(path.name for path in staging.iterdir())))
+        readme = staging / "README.md"
+        peft_card = readme.read_text(encoding="utf-8") if readme.is_file() else None
+        readme.write_text(card(sorted(path.name for path in staging.iterdir()), peft_card), encoding="utf-8")
 
 
 @dataclass
