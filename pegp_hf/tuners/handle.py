@@ -100,14 +100,6 @@ class PETHandle(ABC):
         """The key of parameter ``parameter_name`` in ``adapter_model.safetensors``."""
         return parameter_name
 
-    def base_model_name(self) -> str | None:
-        """The base model's Hub id, or ``None`` for a local folder or a model built from a config."""
-        name = getattr(getattr(self._base_model(), "config", None), "_name_or_path", None)
-        return name if name and not os.path.isdir(name) else None
-
-    def _base_model(self) -> nn.Module:
-        return self.model
-
 
 class PeftHandle(PETHandle):
     """A ``peft.PeftModel``'s active adapter, saved and loaded with PEFT.
@@ -190,9 +182,6 @@ class PeftHandle(PETHandle):
         ``...ia3_l.<adapter>`` -> ``...ia3_l``."""
         name = re.escape(self.adapter_name)
         return re.sub(rf"\.{name}(\.[^.]+)?$", lambda m: m.group(1) or "", parameter_name)
-
-    def _base_model(self) -> nn.Module:
-        return self.model.get_base_model()
 
 
 class TunerHandle(PETHandle):
