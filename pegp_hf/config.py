@@ -14,6 +14,7 @@ from pegp_hf.continual.heads import HEADS
 METHODS = ("pegp", "sequential", "head_only", "first_session")
 REPROJECTION = ("auto", "on", "off")
 LOSS_CLASSES = ("task", "seen")
+FEATURE_CAPTURE = ("pass", "training")
 
 
 @dataclass
@@ -68,6 +69,16 @@ class PEGPTrainingArguments(TrainingArguments):
     reference_samples: int | None = field(
         default=None,
         metadata={"help": "Rows of the reference set run through the model (default: feature_samples)."},
+    )
+    feature_capture: str = field(
+        default="pass",
+        metadata={
+            "help": "Where the features of a finished task come from. pass: a separate eval pass over feature_samples "
+            "training samples after the task (exact: the final weights, no dropout). training: the forward passes of "
+            "the task's last optimizer steps, about feature_samples samples, as they train (no extra forward pass; "
+            "the weights still move and dropout is on during those steps).",
+            "choices": list(FEATURE_CAPTURE),
+        },
     )
     covariances_on_cpu: bool = field(
         default=False,
@@ -197,6 +208,11 @@ class PEGPTrainingArguments(TrainingArguments):
             raise ValueError(f"reference_threshold must be in (0, 1], got {self.reference_threshold}")
         if self.reference_samples is not None and self.reference_samples < 1:
             raise ValueError(f"reference_samples must be at least 1, got {self.reference_samples}")
+        if self.feature_capture not in FEATURE_CAPTURE:
+            raise ValueError(f"feature_capture must be one of {FEATURE_CAPTURE}, got {self.feature_capture!r}")
+        if self.feature_capture == "training" and self.gradient_checkpointing:
+            raise ValueError("feature_capture='training' would count each checkpointed forward twice (it is recomputed "
+                             "in backward): use feature_capture='pass' with gradient_checkpointing")  # fmt: skip
         if self.feature_samples < 1:
             raise ValueError(f"feature_samples must be at least 1, got {self.feature_samples}")
         if self.feature_tokens_per_sequence is not None and self.feature_tokens_per_sequence < 1:

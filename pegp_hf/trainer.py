@@ -73,6 +73,7 @@ from pegp_hf.io.checkpoint import (
 )
 from pegp_hf.io.hub import PushTaskToHubCallback, create_task_model_card, push_latest_task_to_hub, resolve_checkpoint
 from pegp_hf.io.model_card import card_info, model_card
+from pegp_hf.training_capture import TrainingFeatureCapture
 from pegp_hf.tuners.handle import pet_handle
 
 logger = logging.getLogger(__name__)
@@ -185,6 +186,13 @@ class ContinualPEGPTrainer(Trainer):
         self._finite_losses: torch.Tensor | None = None  # the losses' finiteness since the last optimizer step
         self._task_index = 0
         self._steps_before_task = 0  # optimizer steps of the finished tasks: the logs' step axis runs on from there
+        self._training_capture: TrainingFeatureCapture | None = None
+        if args.method == "pegp" and args.feature_capture == "training":
+            per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            self._training_capture = TrainingFeatureCapture(
+                lambda: self._capturing(self.projector.tensors.values()), args.feature_samples, per_step
+            )
+            self.add_callback(self._training_capture)
         self._bracket = UpdateBracket(lambda: self.projector, args.update_reprojection,
                                       skipped=lambda: self.is_deepspeed_enabled)  # fmt: skip
         self.add_callback(self._bracket)
@@ -210,6 +218,8 @@ class ContinualPEGPTrainer(Trainer):
     ) -> torch.Tensor:
         """``Trainer.training_step``, then, on the micro-batch that ends an accumulation window, the projection of
         every protected gradient against the old-task bases (before the Trainer clips and steps)."""
+        if self._training_capture is not None:
+            self._training_capture.select_tokens(inputs)
         loss = super().training_step(model, inputs, num_items_in_batch)
         finite = torch.isfinite(loss.detach()).all()
         self._finite_losses = finite if self._finite_losses is None else self._finite_losses & finite
@@ -302,7 +312,11 @@ class ContinualPEGPTrainer(Trainer):
             self._begin_task(index)
             start = time.perf_counter()
             with self.objective.training_view():
-                output = super().train(**kwargs)
+                try:
+                    output = super().train(**kwargs)
+                finally:
+                    if self._training_capture is not None:
+                        self._training_capture.close()
                 trained = time.perf_counter()
                 trainable = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
                 check_tensors(trainable, "the weights after training", self._where())
@@ -375,14 +389,19 @@ class ContinualPEGPTrainer(Trainer):
         """One eval pass over ``feature_samples`` training samples of the finished task, split across processes:
         the protected tensors' ``x x^T`` over the batch's real tokens (its ``attention_mask``, at most
         ``feature_tokens_per_sequence`` each) grow the PEGP bases, and the objective observes the same batches.
-        Skipped when neither needs it."""
+        With ``feature_capture="training"`` the bases grow from the sums of the task's last training steps instead,
+        and the pass runs only if the objective observes (a statistics head). Skipped when neither needs it."""
         pegp = self.args.method == "pegp"
-        tensors = self.projector.tensors.values() if pegp else []
+        in_pass = pegp and self._training_capture is None  # else the sums come from the last training steps
+        tensors = self.projector.tensors.values() if in_pass else []
         with self._capturing(tensors) as capture, self.objective.observing() as observe:
-            if pegp or observe is not None:
+            if in_pass or observe is not None:
                 self._capture(capture, self.tasks[index].train, self.args.feature_samples, observe)
         if pegp:
-            grow_bases_on_every_rank(self.projector, capture.covariances, self.args.threshold, self._where())
+            covariances = capture.covariances if in_pass else self._training_capture.covariances
+            if covariances is None:
+                raise RuntimeError(f"{self._where()}: feature_capture='training' saw no training step to capture")
+            grow_bases_on_every_rank(self.projector, covariances, self.args.threshold, self._where())
         self.objective.after_feature_pass(self, index)
 
     def _capturing(self, tensors: Iterable[ProtectedTensor]) -> FeatureCovariances:
