@@ -27,6 +27,8 @@ class UpdateBracket(TrainerCallback):
             ``training_step``; the clipping before it then saw them unprojected, which leaves the update's
             guarantee intact).
         skipped: ``skipped()`` true means no bracket (DeepSpeed steps inside backward: there is no update to see).
+        check_every: measure ``max |delta W U|`` on every ``check_every``-th optimizer step of a task (its first
+            included); between them an update that needs no re-projection is not bracketed at all (no snapshot).
     """
 
     def __init__(
@@ -35,9 +37,12 @@ class UpdateBracket(TrainerCallback):
         update_reprojection: str,
         project_gradients: bool = False,
         skipped: Callable[[], bool] = lambda: False,
+        check_every: int = 1,
     ) -> None:
+        if check_every < 1:
+            raise ValueError(f"check_every must be at least 1, got {check_every}")
         self.projector, self.update_reprojection = projector, update_reprojection
-        self.project_gradients, self.skipped = project_gradients, skipped
+        self.project_gradients, self.skipped, self.check_every = project_gradients, skipped, check_every
         self.new_task()
 
     def new_task(self) -> None:
@@ -45,24 +50,31 @@ class UpdateBracket(TrainerCallback):
         self.reproject: bool | None = None
         self.since_log: torch.Tensor | None = None
         self.over_task: torch.Tensor | None = None
+        self.steps = 0  # optimizer steps seen in this task
+        self._measure = self._bracketed = False
 
     def _active(self) -> GradientProjector | None:
         projector = self.projector()
         return projector if projector is not None and projector.active and not self.skipped() else None
 
-    def on_pre_optimizer_step(self, args, state, control, **kwargs) -> None:
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
         projector = self._active()
+        self._measure = self.steps % self.check_every == 0
+        self.steps += 1
+        self._bracketed = projector is not None and (self._measure or self.reprojects(optimizer, projector))
         if projector is not None:
             if self.project_gradients:
                 projector.project_gradients()
-            projector.snapshot()
+            if self._bracketed:
+                projector.snapshot()
 
     def on_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
         projector = self._active()
-        if projector is not None:
-            measured = projector.finish_update(self.reprojects(optimizer, projector))
-            self.since_log = measured if self.since_log is None else torch.maximum(self.since_log, measured)
-            self.over_task = measured if self.over_task is None else torch.maximum(self.over_task, measured)
+        if projector is not None and self._bracketed:
+            measured = projector.finish_update(self.reprojects(optimizer, projector), measure=self._measure)
+            if measured is not None:
+                self.since_log = measured if self.since_log is None else torch.maximum(self.since_log, measured)
+                self.over_task = measured if self.over_task is None else torch.maximum(self.over_task, measured)
 
     def take_log_record(self) -> list[float] | None:
         """``[max |delta W U|, max |delta W|]`` since the last call (``None`` if no step was bracketed)."""

@@ -103,6 +103,14 @@ class PEGPTrainingArguments(TrainingArguments):
             "choices": list(REPROJECTION),
         },
     )
+    update_check_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Measure max |delta W U| (pegp_update_overlap, the results' max_update_overlap) on every N-th "
+            "optimizer step of a task, its first included. Above 1, a step whose update needs no re-projection "
+            "(plain SGD) skips the snapshot and check entirely: less fixed work per step, a sampled record."
+        },
+    )
     projection_mode: str = field(
         default="auto",
         metadata={
@@ -213,6 +221,8 @@ class PEGPTrainingArguments(TrainingArguments):
         if self.feature_capture == "training" and self.gradient_checkpointing:
             raise ValueError("feature_capture='training' would count each checkpointed forward twice (it is recomputed "
                              "in backward): use feature_capture='pass' with gradient_checkpointing")  # fmt: skip
+        if self.update_check_steps < 1:
+            raise ValueError(f"update_check_steps must be at least 1, got {self.update_check_steps}")
         if self.feature_samples < 1:
             raise ValueError(f"feature_samples must be at least 1, got {self.feature_samples}")
         if self.feature_tokens_per_sequence is not None and self.feature_tokens_per_sequence < 1:

@@ -194,7 +194,8 @@ class ContinualPEGPTrainer(Trainer):
             )
             self.add_callback(self._training_capture)
         self._bracket = UpdateBracket(lambda: self.projector, args.update_reprojection,
-                                      skipped=lambda: self.is_deepspeed_enabled)  # fmt: skip
+                                      skipped=lambda: self.is_deepspeed_enabled,
+                                      check_every=args.update_check_steps)  # fmt: skip
         self.add_callback(self._bracket)
         self.add_callback(self.objective)
         if args.push_to_hub:

@@ -7,7 +7,7 @@ import torch
 from helpers import AtTaskStart, lora_layer_outputs, lora_weights, synthetic_images, tiny_vit, training_args
 from transformers import TrainerCallback
 
-from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf import ContinualPEGPTrainer, GradientProjector, class_incremental_tasks
 from pegp_hf.core.subspace import max_overlap
 
 
@@ -151,3 +151,22 @@ def test_gradient_accumulation_gives_the_same_projected_updates(tmp_path):
     assert trainer.seen_overlaps and max(trainer.seen_overlaps) < 1e-6  # clipped, stepped grads were projected
     for name in one:
         torch.testing.assert_close(one[name], two[name], atol=2e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_a_periodic_update_check_samples_the_steps_and_keeps_the_guarantee(tmp_path, optimizer, monkeypatch):
+    snapshots = []
+    original = GradientProjector.snapshot
+    monkeypatch.setattr(GradientProjector, "snapshot", lambda self: snapshots.append(1) or original(self))
+    settings = dict(update_check_steps=3, **OPTIMIZERS[optimizer])
+    trainer, before, weights_before, after, bases = run_two_tasks(tmp_path, **settings)
+    steps = trainer.state.global_step  # of task 2, the only one with bases
+    measured = [log for log in trainer.state.log_history if "pegp_update_overlap" in log]
+    assert len(measured) == -(-steps // 3)  # steps 1, 4, 7, ... of the task (logging_steps=1)
+    assert all(log["pegp_update_overlap"] <= 1e-6 < log["pegp_update_max"] for log in measured)
+    # plain SGD needs no re-projection: only the measured steps are bracketed; AdamW re-projects every step
+    assert len(snapshots) == (steps if optimizer == "adamw_reprojected" else len(measured))
+    assert max_relative_change(before, after) < 1e-4  # old outputs still in place
+    weights_after = lora_weights(trainer.model)
+    for name in trainer.projector.tensors:
+        assert float(((weights_after[name] - weights_before[name]) @ bases[name]).abs().max()) < 1e-5, name

@@ -37,6 +37,7 @@ class GradientProjector:
         # k_ref per tensor: its basis's first k_ref columns came from a reference set (task 0), see grow()
         self.reference_dims: dict[str, int] = {}
         self._before: dict[str, torch.Tensor] = {}
+        self._buffers: dict[str, torch.Tensor] = {}  # snapshot storage, reused while the tensors and shapes stay
 
     @property
     def active(self) -> bool:
@@ -174,16 +175,23 @@ class GradientProjector:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Remember the protected parameters before the optimizer step."""
-        self._before = {name: _local(tensor.parameter).detach().clone() for name, tensor, _ in self._with_basis()}
+        """Remember the protected parameters before the optimizer step (into buffers kept from the last snapshot of
+        the same tensors, copied with one ``torch._foreach_copy_``)."""
+        sources = {name: _local(tensor.parameter).detach() for name, tensor, _ in self._with_basis()}
+        kept = self._buffers
+        if kept.keys() != sources.keys() or any(kept[n].shape != t.shape for n, t in sources.items()):
+            self._buffers = kept = {name: torch.empty_like(t) for name, t in sources.items()}
+        if sources:
+            torch._foreach_copy_(list(kept.values()), list(sources.values()))
+        self._before = kept
 
     @torch.no_grad()
-    def finish_update(self, reproject: bool) -> torch.Tensor:
+    def finish_update(self, reproject: bool, measure: bool = True) -> torch.Tensor | None:
         """After the step: ``delta W = W - W_before``; if ``reproject``, ``W = W_before + delta W - (delta W U) U^T``.
 
         Returns ``[max |delta W U|, max |delta W|]`` over all protected tensors as a 2-element float32 tensor on the
         parameters' device (no host sync), measured on the final parameters: the first is ~0 when the guarantee
-        holds, the second gives its scale.
+        holds, the second gives its scale. ``None`` without ``measure`` (the re-projection still happens).
         """
         measured = []
         for name, tensor, basis in self._with_basis():
@@ -191,13 +199,15 @@ class GradientProjector:
             if before is None:
                 continue
             local = _local(tensor.parameter)
-            delta = local - before
             if reproject:
-                local.copy_(before + tensor.rows(project_out(tensor.rows(delta), basis)))
+                local.copy_(before + tensor.rows(project_out(tensor.rows(local - before), basis)))
+            if measure:
                 delta = local - before
-            overlap = max_overlap(tensor.rows(delta), basis).float()
-            measured.append(torch.stack([overlap, delta.float().abs().amax()]))
+                overlap = max_overlap(tensor.rows(delta), basis).float()
+                measured.append(torch.stack([overlap, delta.float().abs().amax()]))
         self._before = {}
+        if not measure:
+            return None
         return torch.stack(measured).amax(0) if measured else torch.zeros(2)
 
 
