@@ -59,3 +59,21 @@ def test_a_resumed_run_continues_the_step_axis(tmp_path):
     resumed = make(tmp_path)
     resumed.train(resume_from_checkpoint=True)
     check_the_sequence_was_logged(scalars(tmp_path / "runs"), resumed)
+
+
+def test_the_default_recipe_logs_one_run_per_method_to_tensorboard(tmp_path):
+    from recipes import vit_class_incremental
+
+    summary = vit_class_incremental.main([
+        "--dataset", "digits", "--num_tasks", "2", "--num_train_epochs", "1", "--feature_samples", "64",
+        "--output_dir", str(tmp_path), "--disable_tqdm", "true", "--report_to", "tensorboard", "--logging_steps", "5",
+        "--plots", "false",
+    ])  # fmt: skip
+    for method, results in summary.items():
+        logged = scalars(tmp_path / method / "runs")  # one TensorBoard run per method, under its output_dir
+        loss_steps = [step for step, _ in logged["train/loss"]]
+        assert loss_steps == sorted(set(loss_steps)) and loss_steps[-1] > 5  # one axis across both tasks
+        total = sum(timing["optimizer_steps"] for timing in results["timings"])
+        matrix = results["class_incremental"]["matrix"]
+        assert logged["train/class_incremental/task_1"][-1] == (total, pytest.approx(matrix[0][1], rel=1e-6))
+        assert logged["train/class_incremental/task_2"] == [(total, pytest.approx(matrix[1][1], rel=1e-6))]
