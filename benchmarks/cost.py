@@ -142,6 +142,17 @@ def summary(times: list[float]) -> dict[str, float]:
     return {"median_s": statistics.median(times), "q1_s": quartiles[0], "q3_s": quartiles[2]}
 
 
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int | None:
+    """The peak allocated GPU memory while ``fn()`` runs, in bytes (``None`` off CUDA)."""
+    if device.type != "cuda":
+        return None
+    synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
 def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | None:
     """Peak memory while ``fn()`` runs minus the memory before it, in bytes: allocated GPU memory on CUDA, resident
     memory on CPU (Linux: the peak ``VmHWM`` is reset through ``/proc/self/clear_refs``); ``None`` where that cannot
@@ -170,11 +181,13 @@ def peak_memory_growth(fn: Callable[[], object], device: torch.device) -> int | 
 
 def step_cost(
     backbone: str, image_size: int, batch: int, threshold: float, repeats: int, device: torch.device, bf16: bool,
-    optim: str = "sgd",
+    optim: str = "sgd", check_every: int = 1,
 ) -> dict:  # fmt: skip
     """Step time with / without the PEGP step work; with ``bf16`` the forward and loss run under bf16 autocast (the
     Trainer's ``--bf16``), the weights, gradients and bases stay float32. ``optim``: ``sgd`` (momentum 0.9, no update
-    re-projection) or ``adamw`` (with it, as the trainer does for Adam)."""
+    re-projection) or ``adamw`` (with it, as the trainer does for Adam). ``check_every``: the update check on every
+    N-th PEGP step only, as ``update_check_steps`` (an SGD step between checks is only projected). On a GPU, the
+    peak allocated memory of one step with PEGP and of one without (bases held in both) are kept too."""
     work = build(backbone, image_size, device)
     model = work.model.train()
     batch_inputs = work.inputs(batch)
@@ -204,14 +217,21 @@ def step_cost(
             loss = work.loss(model, batch_inputs)
         loss.backward()
 
+    pegp_steps = [0]
+
     def step(with_pegp: bool) -> None:
         backward()
+        bracketed = False
         if with_pegp:
+            check = pegp_steps[0] % check_every == 0
+            pegp_steps[0] += 1
+            bracketed = check or reproject
             projector.project_gradients()
-            projector.snapshot()
+            if bracketed:
+                projector.snapshot()
         optimizer.step()
-        if with_pegp:
-            projector.finish_update(reproject=reproject)
+        if bracketed:
+            projector.finish_update(reproject=reproject, measure=check)
         optimizer.zero_grad()
 
     for _ in range(3):  # warm-up
@@ -221,6 +241,7 @@ def step_cost(
     for _ in range(repeats):  # interleaved
         plain += timed(lambda: step(False), 1, device)
         pegp += timed(lambda: step(True), 1, device)
+    step_peaks = {"with": peak_memory(lambda: step(True), device), "without": peak_memory(lambda: step(False), device)}
     backward()  # gradients in place: the projection alone, timed apart from the steps
     projection_only = timed(projector.project_gradients, repeats, device)
     optimizer.zero_grad()
@@ -244,6 +265,8 @@ def step_cost(
         "pet_bytes": pet * 4,
         "capture_samples": 4 * batch, "forward_peak_bytes": forward_peak, "capture_peak_bytes": capture_peak,
         "covariance_bytes": capture.stored_bytes,  # distinct float64 sums (LoRA A of q and v share one)
+        "check_every": check_every, "step_peak_with_bytes": step_peaks["with"],
+        "step_peak_without_bytes": step_peaks["without"],
     }  # fmt: skip
 
 

@@ -140,3 +140,18 @@ def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(clip_reference.crossmodal, "run", _no_more_training)
     assert clip_reference.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not run again
+
+
+def test_gpu_benchmark_smoke(tmp_path):
+    from benchmarks import gpu
+
+    rows = gpu.main(["--smoke", "--device", "cpu", "--output_dir", str(tmp_path)])
+    stored = json.loads((tmp_path / "results.json").read_text())["rows"]
+    assert [(r["backbone"], r["check_every"]) for r in stored] == [("vit-tiny", 1), ("vit-tiny", 10)]
+    lines = (tmp_path / "table.md").read_text().splitlines()[2:]
+    for row, line in zip(rows, lines, strict=True):
+        cells = [cell.strip() for cell in line.strip("|").split("|")]
+        assert cells[6].startswith(f"{row['ratio_median']:.3f}")
+        steps = -(-row["task_samples"] // row["batch"])  # the task's share is the recipe of its own figures
+        assert row["capture_share"] == pytest.approx(row["capture_s"] / (steps * row["step_with"]["median_s"]))
+        assert cells[10] == f"{100 * row['capture_share']:.1f}%"
