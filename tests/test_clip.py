@@ -336,3 +336,26 @@ def test_a_reference_that_reaches_no_protected_tensor_is_refused_with_the_model_
         trainer.train()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert not trainer.projector.reference_dims and not list(tmp_path.glob("task-*"))
+
+
+def test_corda_kpm_starts_from_the_pretrained_outputs_and_spares_the_base_data(tmp_path):
+    """``--lora_init corda_kpm``: PEFT's CorDA builds LoRA from the base split's activations and keeps the rest in the
+    base weights, so the model before task 1 is the aligned one (the zero-shot accuracy before the sequence equals
+    the default LoRA's, whose B is zero), while its LoRA branches are non-zero."""
+    common = [
+        "--model_name_or_path", str(_clip_folder(tmp_path / "clip")), "--dataset_name",
+        str(_image_dataset(tmp_path / "data")), "--caption_column", "caption", "--templates", *TEMPLATES,
+        "--num_tasks", "2", "--base_per_class", "4", "--alignment_epochs", "5", "--zero_shot", str(tmp_path / "data"),
+        "--methods", "sequential", "--pet_layers", "all", "--lora_target_modules", "q_proj", "v_proj",
+        "--max_steps", "1", "--per_device_train_batch_size", "16", "--feature_samples", "16", "--corda_samples", "8",
+        "--disable_tqdm", "true", "--use_cpu", "true", "--plots", "false",
+    ]  # fmt: skip
+    default = clip_bitm.main([*common, "--output_dir", str(tmp_path / "default")])["sequential"]
+    corda = clip_bitm.main([*common, "--lora_init", "corda_kpm", "--output_dir", str(tmp_path / "corda")])
+    corda = corda["sequential"]
+    assert corda["lora_init"] == "corda_kpm" and default["lora_init"] == "default"
+    assert corda["initial_metrics"]["zero_shot_acc"] == default["initial_metrics"]["zero_shot_acc"]
+    weights = load_file(tmp_path / "corda" / "sequential" / "task-1" / "adapter_model.safetensors")
+    assert min(float(w.abs().max()) for k, w in weights.items() if "lora_B" in k) > 0  # not PEFT's zero init
+    with pytest.raises(ValueError, match="--lora_init is 'default' or 'corda_kpm'"):
+        clip_bitm.main([*common, "--lora_init", "corda_kpm", "--pet", "adapter", "--output_dir", str(tmp_path / "x")])

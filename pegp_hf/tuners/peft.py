@@ -121,8 +121,12 @@ def peft_protected_tensors(model: nn.Module) -> list[ProtectedTensor]:
 def _build_lora(
     model: nn.Module, target_modules: Sequence[str], width: int | None, modules_to_save: Sequence[str], **options
 ) -> nn.Module:
+    """LoRA through PEFT. ``init_lora_weights="corda"`` (PEFT's CorDA, with ``corda_config``) also needs
+    ``corda_run_model``: a callable that runs the data whose knowledge the adapter must spare through ``model``
+    (PEFT's ``preprocess_corda`` hooks the target layers while it runs)."""
     from peft import LoraConfig, get_peft_model
 
+    run_model = options.pop("corda_run_model", None)
     config = LoraConfig(
         r=width,
         lora_alpha=options.pop("lora_alpha", None) or width,
@@ -130,6 +134,13 @@ def _build_lora(
         modules_to_save=list(modules_to_save) or None,
         **options,
     )
+    if config.init_lora_weights == "corda":
+        from peft.tuners.lora.corda import preprocess_corda
+
+        if run_model is None:
+            raise ValueError("init_lora_weights='corda' needs corda_run_model: a callable that runs the data to spare "
+                             "through the model")  # fmt: skip
+        preprocess_corda(model, config, run_model=run_model)
     return get_peft_model(model, config)
 
 
