@@ -34,9 +34,8 @@ def noisy_images(per_class: int, seed: int) -> Dataset:
 TRAIN, TEST = noisy_images(24, seed=0), noisy_images(12, seed=1)
 TASKS = class_incremental_tasks(TRAIN, TEST, 2, seed=0)
 PIXELS = TEST[:]["pixel_values"]
-RUNS = [("lora", head) for head in ("masked_linear", "prototype", "aligned", "ranpac")] + [
-    (pet, head) for pet in ("adapter", "prefix", "prompt") for head in ("masked_linear", "prototype")
-]
+RUNS = [(pet, head) for pet in ("lora", "adapter", "prefix", "prompt")
+        for head in ("masked_linear", "prototype", "aligned", "ranpac")]  # fmt: skip
 
 
 def pet_model(pet: str) -> torch.nn.Module:
