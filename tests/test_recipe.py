@@ -46,3 +46,41 @@ def test_the_recipe_defaults_are_the_parser_defaults_that_help_shows(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert "default: 0.05" in shown and "default: outputs/vit_class_incremental" in shown
     assert set(TRAINING_DEFAULTS) <= set(vars(args))
+
+
+def _own_images(folder):
+    """A DatasetDict of PIL images (4 classes, RGB, 20 x 20) written with save_to_disk: a user's own local data."""
+    from datasets import ClassLabel, DatasetDict, Features, Image
+
+    rng = np.random.default_rng(0)
+
+    def split(per_class):
+        labels = np.repeat(np.arange(4), per_class)
+        images = [(rng.random((20, 20, 3)) * 60 + 50 * label).astype(np.uint8) for label in labels]
+        from datasets import Dataset
+
+        features = Features({"img": Image(), "y": ClassLabel(num_classes=4)})
+        return Dataset.from_dict({"img": images, "y": labels.tolist()}, features=features)
+
+    DatasetDict({"train": split(8), "holdout": split(3)}).save_to_disk(str(folder))
+    return str(folder)
+
+
+@pytest.mark.parametrize("backbone", ["vit-tiny", "dinov2-small"])
+def test_own_local_data_runs_with_no_network(tmp_path, backbone, monkeypatch):
+    import transformers
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError("the recipe reached for the Hub")
+
+    monkeypatch.setattr(transformers.AutoImageProcessor, "from_pretrained", no_hub)
+    data = _own_images(tmp_path / "data")
+    common = ["--dataset_name", data, "--image_column", "img", "--label_column", "y", "--backbone", backbone,
+              "--num_tasks", "2", "--max_steps", "1", "--feature_samples", "8", "--image_size", "28", "--methods",
+              "pegp", "--disable_tqdm", "true", "--plots", "false"]  # fmt: skip
+    with pytest.raises(ValueError, match=r"has no split 'validation' .*--test_split"):
+        vit_class_incremental.main([*common, "--output_dir", str(tmp_path / "a")])
+    summary = vit_class_incremental.main([*common, "--test_split", "holdout", "--output_dir", str(tmp_path / "b")])
+    results = summary["pegp"]
+    assert results["data"] == data and len(results["accuracy_matrix"]) == 2
+    assert sum(results["subspace_dims"].values()) > 0

@@ -29,10 +29,12 @@ from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, make_tasks
 from pegp_hf.experiments.runner import format_matrix, parse_with_defaults, run_methods, setup_logging
 from pegp_hf.offline.datasets import EMBEDDED, IMAGE_SIZE, load_embedded
-from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb
+from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb, images_to_pixel_values
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves
 from pegp_hf.tuners.factory import get_pet_model, parse_layers
 from pegp_hf.tuners.registry import available_pets
+
+TINY_SIZE = 28  # the random-init ViT's input side for a --dataset_name (one channel, patch 7)
 
 # SGD with momentum, as the paper's code. threshold 0.99, not the library's 0.97: in the random-init default ViT most
 # feature energy sits in a few directions, and at 0.97 the unprotected 3% still carries old-task information
@@ -66,6 +68,11 @@ class ImageExperimentArguments:
     dataset_name: str | None = field(
         default=None,
         metadata={"help": "A Hub data set id or local path for datasets.load_dataset (replaces --dataset)."},
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of --dataset_name."})
+    train_split: str = field(default="train", metadata={"help": "Training split of --dataset_name."})
+    test_split: str | None = field(
+        default=None, metadata={"help": "Test split of --dataset_name (default: 'test', else 'validation')."}
     )
     image_column: str = field(default="image", metadata={"help": "Image column of --dataset_name."})
     label_column: str = field(default="label", metadata={"help": "Label column of --dataset_name."})
@@ -119,17 +126,30 @@ def load_data(script: ImageExperimentArguments) -> tuple[Dataset, Dataset, str]:
             transform = grey_to_processor_input(processor)
             train, test = train.with_transform(transform), test.with_transform(transform)
         return train, test, "label"
-    from datasets import load_dataset
+    from datasets import load_dataset, load_from_disk
 
-    data = load_dataset(script.dataset_name)
-    processor = processor or AutoImageProcessor.from_pretrained("google/vit-base-patch16-224-in21k")
+    folder = Path(script.dataset_name)
+    if (folder / "dataset_dict.json").is_file():  # a DatasetDict written by save_to_disk
+        data = load_from_disk(str(folder))
+    else:
+        data = load_dataset(script.dataset_name, script.dataset_config_name)
+    test_split = script.test_split or ("test" if "test" in data else "validation")
+    for split in (script.train_split, test_split):
+        if split not in data:
+            raise ValueError(f"{script.dataset_name} has no split {split!r} (it has {list(data)}): set --train_split "
+                             "/ --test_split")  # fmt: skip
+    if processor is not None:
 
-    def transform(batch: dict) -> dict:  # the default collator turns "label" into the model's "labels"
-        images = [image.convert("RGB") for image in batch[script.image_column]]
-        return {**processor(images, return_tensors="pt"), "label": batch[script.label_column]}
+        def transform(batch: dict) -> dict:  # the default collator turns "label" into the model's "labels"
+            images = [image.convert("RGB") for image in batch[script.image_column]]
+            return {**processor(images, return_tensors="pt"), "label": batch[script.label_column]}
 
-    test_split = "test" if "test" in data else "validation"
-    return data["train"].with_transform(transform), data[test_split].with_transform(transform), script.label_column
+    elif script.backbone == "dinov2-small":  # ImageNet statistics, as the embedded path: no processor to fetch
+        transform = images_to_pixel_values(script.image_column, script.label_column, script.image_size)
+    else:  # the one-channel tiny ViT, at its 28 px
+        transform = images_to_pixel_values(script.image_column, script.label_column, TINY_SIZE, 1, (0.5,), (0.5,))
+    train, test = data[script.train_split], data[test_split]
+    return train.with_transform(transform), test.with_transform(transform), script.label_column
 
 
 def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) -> torch.nn.Module:
@@ -144,7 +164,7 @@ def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) ->
     elif script.model_name_or_path is None:
         if script.backbone != "vit-tiny":
             raise ValueError(f"unknown --backbone {script.backbone!r}: vit-tiny or dinov2-small")
-        size = IMAGE_SIZE[script.dataset]
+        size = IMAGE_SIZE[script.dataset] if script.dataset_name is None else TINY_SIZE
         config = ViTConfig(hidden_size=64, num_hidden_layers=4, num_attention_heads=4, intermediate_size=128,
                            image_size=size, patch_size=7 if size == 28 else 2, num_channels=1,
                            num_labels=num_labels)  # fmt: skip
