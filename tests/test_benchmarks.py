@@ -155,3 +155,19 @@ def test_gpu_benchmark_smoke(tmp_path):
         steps = -(-row["task_samples"] // row["batch"])  # the task's share is the recipe of its own figures
         assert row["capture_share"] == pytest.approx(row["capture_s"] / (steps * row["step_with"]["median_s"]))
         assert cells[10] == f"{100 * row['capture_share']:.1f}%"
+
+
+def test_baselines_benchmark_smoke(tmp_path):
+    from benchmarks import baselines
+
+    settings = ["head_only_ranpac", "first_session_aligned", "pegp_aligned_sdc"]
+    runs = baselines.main(["--smoke", "--output_dir", str(tmp_path), "--settings", *settings])
+    assert [r["setting"] for r in runs] == settings
+    for run in runs:  # each row is the recipe's own figures of that setting's run
+        recipe = json.loads((tmp_path / run["setting"] / "order0" / "results.json").read_text())[run["method"]]
+        assert run["acc"] == recipe["acc"] and run["til_forgetting"] == recipe["task_incremental"]["forgetting"]
+    sdc = json.loads((tmp_path / "pegp_aligned_sdc" / "order0" / "results.json").read_text())["pegp"]
+    assert sdc["drift_compensation"] is True
+    rows = (tmp_path / "table.md").read_text().splitlines()[2:]
+    assert [row.split(" | ")[0].strip("| ") for row in rows] == [baselines.SETTINGS[s][0] for s in settings]
+    assert baselines.main(["--smoke", "--output_dir", str(tmp_path), "--settings", *settings]) == runs  # read back
