@@ -218,6 +218,10 @@ class PEGPTrainingArguments(TrainingArguments):
             raise ValueError(f"reference_samples must be at least 1, got {self.reference_samples}")
         if self.feature_capture not in FEATURE_CAPTURE:
             raise ValueError(f"feature_capture must be one of {FEATURE_CAPTURE}, got {self.feature_capture!r}")
+        if self.feature_capture == "training" and str(getattr(self.eval_strategy, "value", self.eval_strategy)) != "no":
+            raise ValueError("feature_capture='training' counts every forward pass of a task's last steps, so an "
+                             "evaluation inside training (eval_strategy) would enter the bases: set eval_strategy="
+                             "'no' (pegp_hf evaluates after each task) or feature_capture='pass'")  # fmt: skip
         if self.feature_capture == "training" and self.gradient_checkpointing:
             raise ValueError("feature_capture='training' would count each checkpointed forward twice (it is recomputed "
                              "in backward): use feature_capture='pass' with gradient_checkpointing")  # fmt: skip

@@ -80,6 +80,8 @@ logger = logging.getLogger(__name__)
 
 CONFIG_KEYS = (
     "method",
+    "feature_capture",
+    "update_check_steps",
     "threshold",
     "feature_samples",
     "protect",
@@ -171,7 +173,10 @@ class ContinualPEGPTrainer(Trainer):
         self.results = ContinualResults.empty(tasks.scenario, self.objective.headline(tasks), specs, len(tasks))
         super().__init__(model=model, args=args, compute_loss_func=self.objective.compute_loss, **kwargs)
         # as Trainer sets transformers' verbosity: --log_level / --log_level_replica, or transformers' own when passive
-        logging.getLogger("pegp_hf").setLevel(args.get_process_log_level())
+        # (a level the user set on pegp_hf's logger is kept then)
+        package_logger = logging.getLogger("pegp_hf")
+        if args.log_level != "passive" or package_logger.level == logging.NOTSET:
+            package_logger.setLevel(args.get_process_log_level())
         self.projector = GradientProjector(protected)  # bases on the parameters' devices, where the Trainer put them
         self.projection_mode = resolve_projection_mode(self, self.projector)
         if args.method == "pegp":

@@ -88,3 +88,27 @@ def test_the_heatmap_colour_bar_has_no_task_ticks(tmp_path, monkeypatch):
     plots.plot_accuracy_matrix([[90.0, 80.0], [None, 95.0]], tmp_path / "a.png", "A")
     heatmap, colour_bar = ticks["axes"]
     assert heatmap == [0, 1] and colour_bar == []
+
+
+def test_a_scalar_config_value_of_a_list_flag_is_a_one_item_list(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    config.write_text("methods: pegp\nlora_target_modules: query\n")
+    script, _ = image.parse_args(["--config", str(config)])
+    assert script.methods == ["pegp"] and script.lora_target_modules == ["query"]
+
+
+def test_the_trainer_keeps_a_level_set_on_pegp_hf_when_the_log_level_is_passive(tmp_path):
+    from helpers import synthetic_images, tiny_vit, training_args
+
+    from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+
+    tasks = class_incremental_tasks(synthetic_images(), synthetic_images(seed=1), 2)
+    package = logging.getLogger("pegp_hf")
+    try:
+        package.setLevel(logging.DEBUG)
+        ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path), tasks=tasks)
+        assert package.level == logging.DEBUG  # passive: the user's choice stands
+        ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path, log_level="error"), tasks=tasks)
+        assert package.level == logging.ERROR  # an explicit --log_level wins
+    finally:
+        package.setLevel(logging.NOTSET)

@@ -29,6 +29,7 @@ from pegp_hf.multimodal.crossmodal import (
     text_to_image_precision,
 )
 from pegp_hf.tuners import get_pet_model
+from pegp_hf.utils import CheckpointError
 from recipes import clip_bitm
 
 NAMES = ["circle", "square", "cross", "bar"]
@@ -359,3 +360,14 @@ def test_corda_kpm_starts_from_the_pretrained_outputs_and_spares_the_base_data(t
     assert min(float(w.abs().max()) for k, w in weights.items() if "lora_B" in k) > 0  # not PEFT's zero init
     with pytest.raises(ValueError, match="--lora_init is 'default' or 'corda_kpm'"):
         clip_bitm.main([*common, "--lora_init", "corda_kpm", "--pet", "adapter", "--output_dir", str(tmp_path / "x")])
+    with pytest.raises(ValueError, match="corda_kpm starts LoRA non-zero"):
+        clip_bitm.main(
+            [*common, "--lora_init", "corda_kpm", "--reference", "base", "--output_dir", str(tmp_path / "y")]
+        )
+    # its base weights were rewritten: neither a plain base model nor a default-initialised run may take the adapter
+    from pegp_hf import ContinualModel
+
+    with pytest.raises(CheckpointError, match="rewrote the base weights"):
+        ContinualModel.from_pretrained(tmp_path / "corda" / "sequential", torch.nn.Linear(2, 2))
+    with pytest.raises(CheckpointError, match="init_lora_weights='corda' and the model's with 'True'"):
+        clip_bitm.main([*common, "--output_dir", str(tmp_path / "corda"), "--resume_from_checkpoint", "true"])

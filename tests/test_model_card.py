@@ -204,3 +204,14 @@ def test_create_model_card_needs_a_finished_task(tmp_path, monkeypatch):
     with pytest.raises(CheckpointError, match="holds no task-<k> checkpoint"):
         make(tmp_path).create_model_card(license="mit")
     assert not (tmp_path / "README.md").exists()
+
+
+def test_the_quick_start_of_a_statistics_head_loads_the_head_too():
+    from pegp_hf.io.model_card import _quick_start
+
+    info = CardInfo("peft", ("lora",), base_model="org/vit", pipeline_tag="image-classification", num_labels=10,
+                    repo_id="user/run")  # fmt: skip
+    for head in ("prototype", "ranpac"):
+        code = _quick_start(info, 2, head)
+        assert 'ContinualModel.from_pretrained("user/run", base)' in code and "PeftModel" not in code
+    assert 'PeftModel.from_pretrained(base, "user/run")' in _quick_start(info, 2, "masked_linear")

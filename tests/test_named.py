@@ -88,3 +88,18 @@ def test_a_data_set_that_cannot_be_loaded_is_named_with_the_fix():
         named_image_tasks("cifar")
     with pytest.raises(ValueError, match="order must be 1-4"):
         five_datasets_text(order=5)
+
+
+def test_string_labels_of_a_two_split_copy_get_the_train_splits_ids():
+    def split(names):
+        return Dataset.from_dict({"img": [[float(i)] for i in range(len(names))], "fine_label": names, "tag": names})
+
+    names = [f"c{i:03d}" for i in range(100)]
+    train = split([name for name in names[::-1] for _ in range(2)])
+    test = split(names[1::2] + names[::2])  # another row order, so ids taken from the test split alone would differ
+    tasks = named_image_tasks("split_cifar100", load=fake_loader({("uoft-cs/cifar100", "train"): train,
+                                                                  ("uoft-cs/cifar100", "test"): test}))  # fmt: skip
+    for task in tasks:
+        for part in (task.train, task.test):
+            for row in part:
+                assert row["tag"] == names[row["label"]]  # id = index in the train split's sorted names

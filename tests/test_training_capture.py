@@ -53,3 +53,8 @@ def test_the_captured_steps_are_the_last_ones_for_about_feature_samples_samples(
 def test_training_capture_refuses_gradient_checkpointing(tmp_path):
     with pytest.raises(ValueError, match="feature_capture='training' would count each checkpointed forward twice"):
         PEGPTrainingArguments(output_dir=str(tmp_path), feature_capture="training", gradient_checkpointing=True)
+
+
+def test_training_capture_refuses_evaluation_inside_training(tmp_path):
+    with pytest.raises(ValueError, match="an evaluation inside training"):
+        PEGPTrainingArguments(output_dir=str(tmp_path), feature_capture="training", eval_strategy="epoch")

@@ -93,8 +93,11 @@ class ClassificationObjective(ContinualObjective):
         return [] if self.head_module is None else list(self.head_module.parameters())
 
     def config(self) -> dict[str, Any]:
-        return {"objective": self.name, "head": self.args.head, "loss_classes": self.args.loss_classes,
-                "drift_compensation": self.args.drift_compensation}  # fmt: skip
+        config = {"objective": self.name, "head": self.args.head, "loss_classes": self.args.loss_classes,
+                  "drift_compensation": self.args.drift_compensation}  # fmt: skip
+        if self.args.head == "ranpac":
+            config.update(ranpac_dim=self.args.ranpac_dim, ranpac_ridge=self.args.ranpac_ridge)
+        return config
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -184,6 +187,9 @@ class ClassificationObjective(ContinualObjective):
         if not self.args.drift_compensation or index == 0:
             return
         loader = feature_sample_loader(trainer, trainer.tasks[index].train, self.args.feature_samples, self.args.seed)
+        parameter = next(trainer.model.parameters())
+        if parameter.device != trainer.args.device and not hasattr(parameter, "to_local"):
+            trainer.model.to(trainer.args.device)  # a resume under DeepSpeed / FSDP: not placed until Trainer.train
         with self._head_inputs() as captured:
             for _ in forward_batches(trainer, loader):
                 pass

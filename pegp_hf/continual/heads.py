@@ -35,8 +35,9 @@ HEADS = ("masked_linear", "prototype", "aligned", "ranpac")
 
 
 class HeadStatistics:
-    """What a statistics head keeps across tasks: tensors merged from the feature pass of each task, exactly (any
-    split of the data into batches, tasks or processes gives the same statistics). Subclasses are dataclasses of
+    """What a statistics head keeps across tasks: tensors merged from the feature pass of each task. The sums
+    (counts, means, covariances, Gram matrices) are exact for any split of the data into batches or processes; what
+    is chosen per task (RanPAC's ridge, a drift compensation) depends on that task's rows. Subclasses are dataclasses of
     tensors with the properties ``num_labels``, ``dim`` (the head's input width) and ``seen`` (``(num_labels,)``
     bool)."""
 

@@ -97,8 +97,10 @@ def named_image_tasks(
     load = load or datasets.load_dataset
     source = path or spec.path
     if spec.test_share is None:
-        train = _with_integer_labels(_load(source, "train", load), spec.label_column)
-        test = _with_integer_labels(_load(source, "test", load), spec.label_column, sorted(set(train["label"])))
+        raw_train = _load(source, "train", load)
+        names = sorted(set(raw_train[spec.label_column]))  # the train split's ids, given to the test split too
+        train = _with_integer_labels(raw_train, spec.label_column, names)
+        test = _with_integer_labels(_load(source, "test", load), spec.label_column, names)
     else:
         whole = _with_integer_labels(_load(source, "test", load), spec.label_column)
         train, test = _per_class_split(whole, spec.test_share)
@@ -138,7 +140,8 @@ def five_datasets_text(
             splits.append(data)
         for data, parts in zip(splits, (train_parts, test_parts), strict=True):
             parts.append(_as_text_rows(data, columns, label, offset))
-        offset += int(max(max(splits[0][label]), max(splits[1][label]))) + 1
+        feature = splits[0].features[label]
+        offset += feature.num_classes if isinstance(feature, ClassLabel) else int(max(splits[0][label])) + 1
     parts = dict(zip(TEXT_DATASETS, zip(train_parts, test_parts, strict=True), strict=True))
     tasks = tuple(ContinualTask(name, *parts[name], tuple(sorted(set(parts[name][0]["label"]))))
                   for name in TEXT_ORDERS[order - 1])  # fmt: skip

@@ -179,7 +179,9 @@ class GradientProjector:
         the same tensors, copied with one ``torch._foreach_copy_``)."""
         sources = {name: _local(tensor.parameter).detach() for name, tensor, _ in self._with_basis()}
         kept = self._buffers
-        if kept.keys() != sources.keys() or any(kept[n].shape != t.shape for n, t in sources.items()):
+        if kept.keys() != sources.keys() or any(
+            (kept[n].shape, kept[n].dtype, kept[n].device) != (t.shape, t.dtype, t.device) for n, t in sources.items()
+        ):
             self._buffers = kept = {name: torch.empty_like(t) for name, t in sources.items()}
         if sources:
             torch._foreach_copy_(list(kept.values()), list(sources.values()))

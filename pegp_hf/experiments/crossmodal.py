@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -299,6 +300,9 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     if script.lora_init not in ("default", "corda_kpm") or (script.lora_init != "default" and script.pet != "lora"):
         raise ValueError(f"--lora_init is 'default' or 'corda_kpm' (with --pet lora), not {script.lora_init!r} with "
                          f"--pet {script.pet}")  # fmt: skip
+    if script.lora_init == "corda_kpm" and script.reference != "none":
+        raise ValueError("--lora_init corda_kpm starts LoRA non-zero, and --reference base needs a zero adapter "
+                         "output at the start: compare them in separate runs")  # fmt: skip
     resume = script.resume_from or args.resume_from_checkpoint
     set_seed(args.seed)
     dual_encoder, tokenizer, processor, (mean, std) = load_dual_encoder(script)
@@ -395,6 +399,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     plots and ``table.md`` next to ``results.json`` and print the comparison."""
     script, args = parse_args(argv)
     setup_logging(args)
+    if script.plots and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plots needs matplotlib: pip install 'pegp_hf[recipes]', or pass --plots false")
     summary = run(script, args)
     if not args.should_save:  # not the main process
         return summary

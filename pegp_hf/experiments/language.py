@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import functools
+import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -254,6 +255,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     accuracy matrix and the comparison, and save the plots next to ``results.json``."""
     script, args = parse_args(argv)
     setup_logging(args)
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the language recipe saves plots: pip install 'pegp_hf[recipes]'")
     summary = run(script, args)
     if not args.should_save:  # not the main process
         return summary

@@ -44,6 +44,9 @@ def parse_with_defaults(
     config = _flag_value(argv, "--config")
     if config is not None:
         values.update(read_config(config, {action.dest for action in parser._actions} - {"help", "config"}))
+        lists = {action.dest for action in parser._actions if action.nargs in ("+", "*")}
+        values = {key: [value] if key in lists and not isinstance(value, list) else value
+                  for key, value in values.items()}  # fmt: skip
     parser.set_defaults(**values)
     return tuple(parser.parse_args_into_dataclasses(args=argv)[: len(dataclass_types)])
 

@@ -363,7 +363,15 @@ def _attach_adapter(model: nn.Module, folder: Path) -> nn.Module:
     checked against the model's adapter (PEFT alone would skip unknown keys)."""
     from peft import PeftModel
 
-    library = _adapter_document(folder).get("library_name")
+    document = _adapter_document(folder)
+    library = document.get("library_name")
+    init = str(document.get("init_lora_weights"))
+    if init.startswith(("corda", "pissa", "olora")):
+        raise CheckpointError(
+            f"{folder}: this LoRA was initialised with init_lora_weights={init!r}, which also rewrote the base "
+            "weights during training; a plain base model does not fit it. Build the model as the run did (the same "
+            "initialisation on the same data) and load the adapter weights onto it"
+        )
     if isinstance(model, PeftModel):
         raise ValueError(
             "base_model already carries a PEFT adapter: pass the model without it (a freshly built one, or "

@@ -58,7 +58,8 @@ CITATION = """@article{qiao2024pegp,
 FILES = {
     "adapter_model.safetensors": "the adapter",
     "pegp_subspaces.safetensors": "the subspace bases that protect the finished tasks",
-    "pegp_head.safetensors": "the class statistics of the prototype / aligned head",
+    "pegp_head.safetensors": "the head's statistics: class means (and covariances) of the prototype / aligned head, "
+    "or the RanPAC head's projection and Gram matrix",
     "pegp_state.json": "the state of the sequence: tasks, settings, every matrix and figure",
 }
 LOADERS = {
@@ -432,8 +433,9 @@ def _base_line(info: CardInfo) -> str:
     return "- Base model: unknown (built from a config)"
 
 
-def _quick_start(info: CardInfo, done: int) -> str:
-    """Python that loads the adapter onto its base model."""
+def _quick_start(info: CardInfo, done: int, head: str | None = None) -> str:
+    """Python that loads the adapter onto its base model; for a statistics head (``prototype``, ``ranpac``), whose
+    scores are not the model's logits, through ``pegp_hf.ContinualModel``, which also loads the head."""
     base = info.base_model or "<base model>"
     repo = info.repo_id or f"<this repo id, or the task-{done} folder>"
     if info.base_class == "CLIPForClassNameClassification":
@@ -449,7 +451,11 @@ def _quick_start(info: CardInfo, done: int) -> str:
             options = f", num_labels={info.num_labels}, ignore_mismatched_sizes=True" if info.num_labels else ""
         imports = [f"from transformers import {auto}"]
         build = [f'base = {auto}.from_pretrained("{base}"{options})']
-    if info.library_name == "peft":
+    if head in ("prototype", "ranpac"):
+        imports.append("from pegp_hf import ContinualModel")
+        load = [f'model = ContinualModel.from_pretrained("{repo}", base)  # the {head} head\'s scores, as measured',
+                "labels = model.predict(batch)  # the arg-max over the seen classes"]  # fmt: skip
+    elif info.library_name == "peft":
         imports.insert(0, "from peft import PeftModel")
         load = [f'model = PeftModel.from_pretrained(base, "{repo}")']
     else:
@@ -501,7 +507,7 @@ Load it with {LOADERS[info.library_name]}; continue the sequence with
 
 ## Quick start
 
-{_quick_start(info, done)}
+{_quick_start(info, done, config.get("head"))}
 
 ## Task sequence
 

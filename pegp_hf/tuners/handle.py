@@ -162,6 +162,13 @@ class PeftHandle(PETHandle):
         except (OSError, json.JSONDecodeError) as error:
             raise CheckpointError(f"{path} is missing or not valid JSON: {error}") from error
         current = self.model.peft_config[self.adapter_name].to_dict()
+        inits = (_init_name(stored.get("init_lora_weights")), _init_name(current.get("init_lora_weights")))
+        if inits[0] != inits[1] and (inits[0] in BASE_REWRITING_INITS or inits[1] in BASE_REWRITING_INITS):
+            raise CheckpointError(
+                f"{path}: the adapter was initialised with init_lora_weights={inits[0]!r} and the model's with "
+                f"{inits[1]!r}; {'/'.join(BASE_REWRITING_INITS)} also rewrite the base weights, so the stored "
+                "adapter only fits a model built with the same initialisation (and the same data)"
+            )
         differ = {key: (stored[key], current[key]) for key in sorted(set(stored) & set(current) - _CONFIG_UNCHECKED)
                   if _comparable(stored[key]) != _comparable(current[key])}  # fmt: skip
         if differ:
@@ -224,6 +231,17 @@ class TunerHandle(PETHandle):
 
 
 # settings of the saved config that do not change what the weights compute
+# PEFT initialisations that also rewrite the base layer's weight (W -> W - scale B0 A0): their adapters only fit a
+# base model prepared the same way
+BASE_REWRITING_INITS = ("corda", "pissa", "olora")
+
+
+def _init_name(value: object) -> str:
+    """``init_lora_weights`` by family: ``pissa_niter_16`` -> ``pissa``; booleans and ``gaussian`` as they are."""
+    text = str(value)
+    return next((name for name in BASE_REWRITING_INITS if text.startswith(name)), text)
+
+
 _CONFIG_UNCHECKED = {"auto_mapping", "base_model_name_or_path", "revision", "inference_mode", "peft_version",
                      "init_lora_weights"}  # fmt: skip
 
