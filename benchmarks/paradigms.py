@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,25 @@ def table(runs: list[dict]) -> str:
                 shares = [r["capture_seconds"] / r["train_seconds"] for r in chosen]
                 times = [spread(paired) if paired else "-", spread(shares)]
             lines.append(f"| {pet} | {method} | " + " | ".join(cells + times) + " |")
+    return "\n".join(lines)
+
+
+def headline(grids: Mapping[str, list[dict]]) -> str:
+    """Forgetting of ``pegp`` against ``sequential`` per PET, mean over orders: task-incremental, then
+    class-incremental, one column per grid (``{"digits": runs, "MNIST-5k": runs}``, each a grid's ``results.json``)."""
+    names = list(grids)
+    header = [f"{kind} Forgetting, {name}: pegp / seq" for kind in ("TIL", "CIL") for name in names]
+    lines = ["| PET | " + " | ".join(header) + " |", "|---|" + "---|" * len(header)]
+    for pet in available_pets():
+        cells = []
+        for metric in ("til_forgetting", "forgetting"):
+            for name in names:
+                means = {method: [r[metric] for r in grids[name] if r["pet"] == pet and r["method"] == method]
+                         for method in ("pegp", "sequential")}  # fmt: skip
+                if all(means.values()):
+                    cells.append(f"{np.mean(means['pegp']):.1f} / {np.mean(means['sequential']):.1f}")
+        if len(cells) == len(header):
+            lines.append(f"| {pet} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
