@@ -131,6 +131,7 @@ GRID_TABLES = [
      {("masked_linear", "pegp, eps 0.97"): ("heads_random_vit_eps097", ("masked_linear", "pegp"))}),
     ("results.md", "## 2. Pretrained DINOv2-S/14", "heads_dinov2", heads_table, {}),
     ("results.md", "## 3. The four PET paradigms", "paradigms_random_vit", paradigms.table, {}),
+    ("benchmarks.md", "### sklearn digits", "paradigms_dinov2_digits_adamw", paradigms.table, {}),
 ]  # fmt: skip
 
 
