@@ -340,6 +340,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bf16", action="store_true", help="bf16 autocast for the forward and loss")
     parser.add_argument("--optim", default="sgd", choices=["sgd", "adamw"], help="adamw re-projects each update")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--check_every", type=int, default=1, help="the update check on every N-th PEGP step only")
     parser.add_argument("--threshold", type=float, default=0.97)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--dims", type=int, nargs="+", default=[256, 512, 1024, 2048, 4096])
@@ -370,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
             device,
             options.bf16,
             options.optim,
+            options.check_every,
         ),
         "scaling": scaling(options.dims, options.samples, options.repeats),
         "scaling_tasks": scaling_tasks(
