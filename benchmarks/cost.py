@@ -327,6 +327,50 @@ def scaling_samples(d: int, counts: list[int]) -> list[dict]:
     return rows
 
 
+def step_table(rows: list[tuple[str, dict]]) -> str:
+    """The per-step table of docs/benchmarks.md: one ``(label, cost.json's "step")`` per row."""
+    lines = ["| backbone | step without | step with PEGP | ratio (median, quartiles) | FLOP floor | projection alone "
+             "| protected dims | bases / PET params |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for label, step in rows:
+        without, with_pegp = step["step_without"]["median_s"] * 1e3, step["step_with"]["median_s"] * 1e3
+        low, high = step["ratio_q1_q3"]
+        projection = step["projection_alone"]["median_s"] * 1e3
+        lines.append(
+            f"| {label} | {without:.3g} ms | {with_pegp:.3g} ms | {step['ratio_median']:.3f} ({low:.3f} - {high:.3f}) "
+            f"| {step['flop_floor_ratio']:.4f} | {projection:.2f} ms ({100 * projection / without:.1f}%) | "
+            f"{step['protected_dims']} / {step['feature_dims']} | {step['basis_bytes'] / 1e6:.2f} MB / "
+            f"{step['pet_bytes'] / 1e6:.2f} MB |"
+        )
+    return "\n".join(lines)
+
+
+def scaling_table(rows: list[dict]) -> str:
+    """The scaling-in-d table of docs/benchmarks.md from cost.json's ``scaling``."""
+    lines = ["| d | project (ms) | grow basis (s) | streaming covariance (s) | stored samples + SVD (s) | streaming "
+             "memory (MB) | stored samples (MB) |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        lines.append(f"| {r['d']} | {r['project_s'] * 1e3:.3f} | {r['grow_basis_s']:.3f} | "
+                     f"{r['streaming_covariance_s']:.3f} | {r['stored_samples_svd_s']:.3f} | "
+                     f"{r['streaming_bytes'] / 1e6:.1f} | {r['stored_samples_bytes'] / 1e6:.1f} |")  # fmt: skip
+    return "\n".join(lines)
+
+
+def tasks_table(rows: list[dict], tasks: tuple[int, ...] = (1, 2, 5, 10)) -> str:
+    """The scaling-in-tasks table of docs/benchmarks.md from cost.json's ``scaling_tasks`` (the listed tasks)."""
+    lines = ["| task | basis k | grow basis (s) | project (ms) |", "|---|---|---|---|"]
+    lines += [f"| {r['task']} | {r['k']} | {r['grow_basis_s']:.3f} | {r['project_s'] * 1e3:.3f} |"
+              for r in rows if r["task"] in tasks]  # fmt: skip
+    return "\n".join(lines)
+
+
+def samples_table(rows: list[dict]) -> str:
+    """The scaling-in-samples table of docs/benchmarks.md from cost.json's ``scaling_samples``."""
+    lines = ["| samples n | streaming covariance (s) | stored samples + SVD (s) |", "|---|---|---|"]
+    lines += [f"| {r['samples']:,} | {r['streaming_covariance_s']:.3f} | {r['stored_samples_svd_s']:.3f} |"
+              for r in rows]  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backbone", default="vit-tiny", choices=list(BACKBONES))
