@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablations, class_incremental_heads, clip_reference, llm_orders, paradigms
+from benchmarks import ablations, class_incremental_heads, clip_reference, cost, llm_orders, paradigms
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -181,3 +181,27 @@ def test_the_headline_forgetting_table_is_both_grids_results():
     }
     rebuilt = table_rows(paradigms.headline(grids))
     assert len(rebuilt) == 5 and documented == rebuilt  # header and four PETs
+
+
+def cost_results(name: str) -> dict:
+    return json.loads((DOCS / "results" / name / "cost.json").read_text())
+
+
+COST_TABLES = [
+    ("## Cost: `benchmarks/cost.py`", lambda: cost.step_table([
+        ("DINOv2-S/14, 56 px", cost_results("cost_dinov2")["step"]),
+        ("ViT 4 x 64 (random), 28 px", cost_results("cost_tiny")["step"]),
+        ("ViT-B/16, 224 px, bf16, batch 2", cost_results("cost_vitb_cpu")["step"])])),
+    ("### Scaling in the feature dimension d", lambda: cost.scaling_table(cost_results("cost_tiny")["scaling"])),
+    ("### Scaling in the number of tasks", lambda: "\n".join([
+        cost.tasks_table(cost_results("cost_scaling")["scaling_tasks"]),
+        cost.samples_table(cost_results("cost_scaling")["scaling_samples"])])),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("heading", "make_table"), COST_TABLES, ids=[heading for heading, _ in COST_TABLES])
+def test_the_cost_tables_are_their_results_files(heading, make_table):
+    text = section("benchmarks.md", heading)
+    cut = text.find("\n### ", 1)  # the section up to its first subsection
+    documented = table_rows(text if cut < 0 else text[:cut])
+    assert documented and documented == table_rows(make_table())
