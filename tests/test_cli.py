@@ -104,6 +104,7 @@ def test_the_trainer_keeps_a_level_set_on_pegp_hf_when_the_log_level_is_passive(
 
     tasks = class_incremental_tasks(synthetic_images(), synthetic_images(seed=1), 2)
     package = logging.getLogger("pegp_hf")
+    before = transformers.utils.logging.get_verbosity()  # Trainer sets transformers' verbosity from log_level too
     try:
         package.setLevel(logging.DEBUG)
         ContinualPEGPTrainer(model=tiny_vit(), args=training_args(tmp_path), tasks=tasks)
@@ -112,3 +113,4 @@ def test_the_trainer_keeps_a_level_set_on_pegp_hf_when_the_log_level_is_passive(
         assert package.level == logging.ERROR  # an explicit --log_level wins
     finally:
         package.setLevel(logging.NOTSET)
+        transformers.utils.logging.set_verbosity(before)
