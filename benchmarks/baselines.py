@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pegp_hf.experiments import image
-from pegp_hf.experiments.grid import classification_figures, finished, mean_std, save_grid, split_flags
+from pegp_hf.experiments.grid import classification_figures, finished, labelled_table, save_grid, split_flags
 
 # setting -> (row label, the recipe's flags)
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -51,12 +51,7 @@ LABELS = {"acc": "CIL ACC", "forgetting": "CIL Forgetting", "til_acc": "TIL ACC"
 
 def table(runs: list[dict[str, Any]]) -> str:
     """One row per setting, mean +- std over the class orders it ran on (their count in the last column)."""
-    lines = ["| setting | " + " | ".join(LABELS.values()) + " | orders |", "|---|" + "---|" * (len(LABELS) + 1)]
-    for label in dict.fromkeys(run["label"] for run in runs):
-        chosen = [run for run in runs if run["label"] == label]
-        cells = [mean_std([run[key] for run in chosen]) for key in LABELS]
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(chosen)} |")
-    return "\n".join(lines)
+    return labelled_table(runs, LABELS, "setting")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pegp_hf.experiments import crossmodal
-from pegp_hf.experiments.grid import finished, mean_std, save_grid, split_flags
+from pegp_hf.experiments.grid import finished, labelled_table, save_grid, split_flags
 
 # setting -> (the recipe's flags, the label of each method's row)
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
@@ -58,13 +58,7 @@ def figures(results: dict[str, Any]) -> dict[str, float | None]:
 
 def table(runs: list[dict[str, Any]]) -> str:
     """One row per method label, mean +- std over the class orders it ran on (their count in the last column)."""
-    lines = ["| method | " + " | ".join(COLUMNS.values()) + " | orders |", "|---|" + "---|" * (len(COLUMNS) + 1)]
-    for label in dict.fromkeys(run["label"] for run in runs):
-        chosen = [run for run in runs if run["label"] == label]
-        cells = [mean_std(values) if (values := [r[key] for r in chosen if r[key] is not None]) else "-"
-                 for key in COLUMNS]  # fmt: skip
-        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(chosen)} |")
-    return "\n".join(lines)
+    return labelled_table(runs, COLUMNS, "method")
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:

@@ -187,9 +187,6 @@ class ClassificationObjective(ContinualObjective):
         if not self.args.drift_compensation or index == 0:
             return
         loader = feature_sample_loader(trainer, trainer.tasks[index].train, self.args.feature_samples, self.args.seed)
-        parameter = next(trainer.model.parameters())
-        if parameter.device != trainer.args.device and not hasattr(parameter, "to_local"):
-            trainer.model.to(trainer.args.device)  # a resume under DeepSpeed / FSDP: not placed until Trainer.train
         with self._head_inputs() as captured:
             for _ in forward_batches(trainer, loader):
                 pass

@@ -23,10 +23,14 @@ def forward_batches(
     """Run every batch of ``loader`` through ``trainer.model`` in eval mode, without gradients, under the trainer's
     autocast; yield ``(inputs, outputs)`` with ``inputs`` on the model's device.
 
-    ``labels`` stay in ``inputs``; the model gets them only ``with_labels`` (a seq2seq model builds its decoder
-    inputs from them). ``before_forward(inputs)`` runs before each forward pass; forward hooks installed on the model
-    fire as usual (feature capture).
+    A model the Trainer has not placed yet (DeepSpeed / FSDP, before ``Trainer.train``) is moved to the trainer's
+    device first. ``labels`` stay in ``inputs``; the model gets them only ``with_labels`` (a seq2seq model builds its
+    decoder inputs from them). ``before_forward(inputs)`` runs before each forward pass; forward hooks installed on
+    the model fire as usual (feature capture).
     """
+    parameter = next(trainer.model.parameters(), None)
+    if parameter is not None and parameter.device != trainer.args.device and not hasattr(parameter, "to_local"):
+        trainer.model.to(trainer.args.device)  # DeepSpeed / FSDP place it only in Trainer.train (e.g. on a resume)
     trainer.model.eval()
     for batch in loader:
         inputs = trainer._prepare_inputs(batch)

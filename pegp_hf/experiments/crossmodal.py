@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib.util
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -36,7 +35,7 @@ from transformers import set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import TaskSequence, make_tasks, split_per_class
-from pegp_hf.experiments.runner import parse_with_defaults, run_methods, setup_logging
+from pegp_hf.experiments.runner import parse_with_defaults, require_matplotlib, run_methods, setup_logging
 from pegp_hf.multimodal.alignment import align_projections
 from pegp_hf.multimodal.captions import DIGIT_NAMES, DIGIT_TEMPLATES, add_template_captions
 from pegp_hf.multimodal.clip import (
@@ -399,8 +398,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     plots and ``table.md`` next to ``results.json`` and print the comparison."""
     script, args = parse_args(argv)
     setup_logging(args)
-    if script.plots and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("--plots needs matplotlib: pip install 'pegp_hf[recipes]', or pass --plots false")
+    require_matplotlib(script.plots)
     summary = run(script, args)
     if not args.should_save:  # not the main process
         return summary

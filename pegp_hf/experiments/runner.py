@@ -4,6 +4,7 @@ methods (``pegp``, ``sequential``, ``head_only``) on the same task sequence and 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
 import sys
@@ -77,6 +78,12 @@ def read_config(path: str | Path, known: set[str]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"--config {path} names flags this recipe does not have: {unknown} (see --help)")
     return values
+
+
+def require_matplotlib(plots: bool) -> None:
+    """Before a recipe trains: its plots need matplotlib (the ``recipes`` extra), so say so now, not after training."""
+    if plots and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("the plots need matplotlib: pip install 'pegp_hf[recipes]', or pass --plots false")
 
 
 def setup_logging(args: TrainingArguments) -> None:
