@@ -1,5 +1,7 @@
-"""Zero-shot retention on the CLIP recipe's embedded default: ``sequential``, ``pegp``, and ``pegp`` with a reference
-set ("task 0": the base split's images, ``--reference base``), over several class orders (docs/clip.md).
+"""Zero-shot retention on the CLIP recipe's embedded default: ``sequential``, ``pegp``, ``pegp`` with a reference
+set ("task 0": the base split's images, ``--reference base``), and both methods on a LoRA initialised by PEFT's CorDA
+in knowledge-preserved mode (``--lora_init corda_kpm``, the initialisation-only anchor), over several class orders
+(docs/clip.md).
 
 Runs the experiment of ``recipes/clip_bitm.py`` (:mod:`pegp_hf.experiments.crossmodal`) once per (setting, class
 order) and writes ``<output_dir>/results.json`` (every run's figures) and ``<output_dir>/table.md`` (mean +- std over
@@ -8,6 +10,8 @@ orders)::
     python benchmarks/clip_reference.py --seeds 0 1 2
     python benchmarks/clip_reference.py --seeds 0 --settings reference_eps09 reference_eps0999 reference_128 \
         --output_dir outputs/clip_reference_sweep           # other thresholds and sizes of the reference
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
+                                                    # LoRA from PEFT's CorDA (knowledge-preserved mode) instead
     python benchmarks/clip_reference.py --smoke      # 2 tasks, 2 steps each, first seed only
 
 Runs whose ``results.json`` already exists under ``<output_dir>/<setting>/order<k>/`` are read back, not run again.
@@ -33,6 +37,8 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                           {"pegp": "pegp + reference (eps 0.999, 512 images)"}),
     "reference_128": (["--methods", "pegp", "--reference", "base", "--reference_samples", "128"],
                       {"pegp": "pegp + reference (eps 0.99, 128 images)"}),
+    "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
+              {"pegp": "pegp, CorDA KPM init", "sequential": "sequential, CorDA KPM init"}),
 }  # fmt: skip
 SMOKE = ["--num_tasks", "2", "--max_steps", "2", "--alignment_epochs", "20", "--zero_shot_samples", "100",
          "--feature_samples", "32", "--reference_samples", "32"]  # fmt: skip
