@@ -9,6 +9,8 @@ permutation) and writes
     python benchmarks/llm_orders.py --seeds 0 1 2
     python benchmarks/llm_orders.py --seeds 0 1 2 --output_dir outputs/llm_orders_eps099 -- --threshold 0.99 \\
         --methods pegp
+    python benchmarks/llm_orders.py --seeds 0 1 2 --output_dir outputs/llm_orders_reference --joint_from \
+        outputs/llm_orders -- --methods pegp sequential   # intransigence against another grid's joint runs
     python benchmarks/llm_orders.py --smoke       # seconds of training: 2 tasks, 1 step each
 
 Runs whose ``results.json`` already exists are read back, not run again.
@@ -28,18 +30,19 @@ from pegp_hf.experiments.grid import finished, mean_std, save_grid, split_flags
 
 SMOKE = ["--tasks", "reuters", "tweets", "--train_size", "8", "--test_size", "4", "--max_steps", "1",
          "--general_texts", "4", "--feature_samples", "8", "--reference_texts", "4"]  # fmt: skip
-FIGURES = ("acc", "forgetting", "exact_match", "answer_loss", "perplexity_increase", "agreement_loss")
+FIGURES = ("acc", "forgetting", "intransigence", "exact_match", "answer_loss", "perplexity_increase", "agreement_loss")
 
 
 def figures(method: str, results: dict[str, Any]) -> dict[str, Any]:
-    """The table's figures of one method's results (``joint``: its per-task means)."""
+    """The table's figures of one method's results (``joint``: its per-task means; ``intransigence`` only where the
+    same order ran ``joint``)."""
     if method == "joint":
         seconds = results["timings"][0]["train_seconds"]
         return {"acc": results["accuracy"], "exact_match": results["exact_match"],
                 "answer_loss": results["answer_loss"], "train_seconds": seconds}  # fmt: skip
     last, before = results["task_metrics"][-1], results["initial_metrics"]
     return {
-        "acc": results["acc"], "forgetting": results["forgetting"],
+        "acc": results["acc"], "forgetting": results["forgetting"], "intransigence": results.get("intransigence"),
         "exact_match": results["exact_match"]["average"], "answer_loss": results["answer_loss"]["average"],
         "perplexity_increase": last.get("general_perplexity_increase"),
         "perplexity": [before.get("general_perplexity"), last.get("general_perplexity")],
@@ -51,8 +54,8 @@ def figures(method: str, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def table(runs: list[dict[str, Any]]) -> str:
-    lines = ["| method | ACC | Forgetting | exact match | answer loss | perplexity increase | agreement loss (%) |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| method | ACC | Forgetting | intransigence | exact match | answer loss | perplexity increase "
+             "| agreement loss (%) |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for method in ("sequential", "pegp", "joint"):
         chosen = [r for r in runs if r["method"] == method]
         if not chosen:
@@ -79,6 +82,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--output_dir", default="outputs/llm_orders")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="task-order seeds")
     parser.add_argument("--smoke", action="store_true", help="2 tasks, 1 step each, first seed only")
+    parser.add_argument("--joint_from", default=None, help="a grid folder of the same orders whose joint runs give "
+                        "the intransigence of a grid without joint (joint uses none of pegp's settings)")  # fmt: skip
     options = parser.parse_args(own)
     seeds = options.seeds[:1] if options.smoke else options.seeds
     root = Path(options.output_dir)
@@ -88,6 +93,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         flags = ["--task_order_seed", str(seed), "--output_dir", str(out), "--disable_tqdm", "true",
                  *(SMOKE if options.smoke else []), *passthrough]  # fmt: skip
         summary = finished(out) or language.run(*language.parse_args(flags))
+        if "joint" not in summary and options.joint_from:
+            joint = finished(Path(options.joint_from) / f"order{seed}")
+            if joint is None or "joint" not in joint:
+                raise ValueError(f"--joint_from {options.joint_from}: order {seed} has no finished joint run there")
+            language.add_intransigence({**summary, "joint": joint["joint"]})
+        language.add_intransigence(summary)  # runs read back from before it was recorded get it too
         runs += [{"method": method, "seed": seed, **figures(method, results)} for method, results in summary.items()]
     text = table(runs)
     save_grid(root, runs, text)

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -122,6 +123,27 @@ def test_llm_orders_benchmark_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(llm_orders.language, "run", _no_more_training)
     assert llm_orders.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not trained again
+
+    # intransigence: joint's accuracy per task minus the method's just after learning it, from the recipe's files
+    summary = json.loads((tmp_path / "order0" / "results.json").read_text())
+    joint = summary["joint"]["accuracy_per_task"]
+    by = {r["method"]: r for r in runs}
+    for method in ("pegp", "sequential"):
+        diagonal = np.diag(np.array(summary[method]["accuracy_matrix"], dtype=float))
+        assert by[method]["intransigence"] == pytest.approx(np.mean(np.array(joint) - diagonal))
+        assert summary[method]["intransigence"] == by[method]["intransigence"]  # the recipe recorded it too
+    assert by["joint"].get("intransigence") is None
+
+    # a grid without joint takes it from another grid of the same orders, or says which order has none
+    alone = tmp_path / "alone"
+    (alone / "order0").mkdir(parents=True)
+    pegp = {key: value for key, value in summary["pegp"].items() if key != "intransigence"}
+    (alone / "order0" / "results.json").write_text(json.dumps({"pegp": pegp}))
+    assert llm_orders.main(["--smoke", "--output_dir", str(alone)])[0]["intransigence"] is None
+    borrowed = llm_orders.main(["--smoke", "--output_dir", str(alone), "--joint_from", str(tmp_path)])
+    assert borrowed[0]["intransigence"] == by["pegp"]["intransigence"]
+    with pytest.raises(ValueError, match="order 0 has no finished joint run"):
+        llm_orders.main(["--smoke", "--output_dir", str(alone), "--joint_from", str(alone)])
 
 
 def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from datasets import concatenate_datasets
 from transformers import DataCollatorForSeq2Seq, set_seed
 
 from pegp_hf.config import PEGPTrainingArguments
+from pegp_hf.continual.metrics import intransigence
 from pegp_hf.continual.tasks import ContinualTask, TaskSequence, dataset_tasks
 from pegp_hf.experiments.runner import (
     format_matrix,
@@ -230,6 +231,7 @@ def run(script: LanguageExperimentArguments, args: PEGPTrainingArguments) -> dic
                           reference_dataset=reference)  # fmt: skip
     if "joint" in script.methods:
         summary["joint"] = run_joint(sequence, model_init, args, describe, collator, objective)
+        add_intransigence(summary)
         if args.should_save:
             (Path(args.output_dir) / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
@@ -255,6 +257,19 @@ def run_joint(
             "timings": trainer.results.timings}  # fmt: skip
 
 
+def add_intransigence(summary: dict[str, dict[str, Any]]) -> None:
+    """With a ``joint`` run in ``summary``, give every continual method its ``intransigence`` (Chaudhry et al. 2018):
+    joint's accuracy on each task minus the method's accuracy on it just after learning it, averaged over tasks
+    (points; how much less each task is learnt than training on every task's data together learns it). In place;
+    nothing without ``joint``."""
+    if "joint" not in summary:
+        return
+    per_task = summary["joint"]["accuracy_per_task"]
+    for method, results in summary.items():
+        if method != "joint":
+            results["intransigence"] = intransigence(results["accuracy_matrix"], per_task)
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     """``recipes/llm_continual.py`` and ``pegp-hf llm``: parse, run every method, then (main process) print each
     accuracy matrix and the comparison, and save the plots next to ``results.json``."""
@@ -273,14 +288,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
     if continual:
         plot_task_metrics(continual, ("general_perplexity", "answer_agreement"), root / "general_ability.png",
                           "general_perplexity")  # fmt: skip
-    print(f"\n{'method':<12}{'ACC':>7}{'Forg.':>7}{'EM':>7}{'ans.loss':>10}{'perplexity':>16}{'agreement':>11}")
+    print(f"\n{'method':<12}{'ACC':>7}{'Forg.':>7}{'Intr.':>7}{'EM':>7}{'ans.loss':>10}{'perplexity':>16}"
+          f"{'agreement':>11}")  # fmt: skip
     for method, r in summary.items():
         if method == "joint":
-            print(f"{method:<12}{r['accuracy']:7.1f}{'-':>7}{r['exact_match']:7.1f}{r['answer_loss']:10.3f}")
+            print(f"{method:<12}{r['accuracy']:7.1f}{'-':>7}{'-':>7}{r['exact_match']:7.1f}{r['answer_loss']:10.3f}")
             continue
+        intr = f"{r['intransigence']:7.1f}" if "intransigence" in r else f"{'-':>7}"
         last, before = r["task_metrics"][-1], r["initial_metrics"].get("general_perplexity")
         perplexity = f"{before:.1f}->{last['general_perplexity']:.1f}" if "general_perplexity" in last else "-"
         agreement = f"{last['answer_agreement']:.1f}" if "answer_agreement" in last else "-"
-        print(f"{method:<12}{r['acc']:7.1f}{r['forgetting']:7.1f}{r['exact_match']['average']:7.1f}"
+        print(f"{method:<12}{r['acc']:7.1f}{r['forgetting']:7.1f}{intr}{r['exact_match']['average']:7.1f}"
               f"{r['answer_loss']['average']:10.3f}{perplexity:>16}{agreement:>11}")  # fmt: skip
     return summary
