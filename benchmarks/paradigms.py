@@ -41,15 +41,16 @@ def spread(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ({min(values):.2f} - {max(values):.2f})"
 
 
-def table(runs: list[dict]) -> str:
+def table(runs: list[dict], times: bool = True) -> str:
     """Mean +- std per (PET, method). Joint is one task: its task-incremental columns would only repeat its ACC.
 
-    For ``pegp``, two time ratios, mean (min - max) over orders: its training time against ``sequential``'s on the
-    same order (the per-step projection, end to end), and its feature capture + basis growth against its own
-    training time.
+    With ``times``, for ``pegp``, two time ratios, mean (min - max) over orders: its training time against
+    ``sequential``'s on the same order (the per-step projection, end to end), and its feature capture + basis growth
+    against its own training time (leave them out for a grid that shared the machine).
     """
-    lines = ["| PET | method | CIL ACC | CIL Forgetting | TIL ACC | TIL Forgetting | train time / sequential "
-             "| capture / train time |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    header = "| PET | method | CIL ACC | CIL Forgetting | TIL ACC | TIL Forgetting |"
+    lines = [header + (" train time / sequential | capture / train time |" if times else ""),
+             "|---" * (8 if times else 6) + "|"]  # fmt: skip
     for pet in available_pets():
         for method in METHODS:
             chosen = [r for r in runs if r["pet"] == pet and r["method"] == method]
@@ -60,13 +61,15 @@ def table(runs: list[dict]) -> str:
                 mean_std([r[m] for r in chosen])
                 for m in METRICS
             ]  # fmt: skip
-            times = ["-", "-"]
-            if method == "pegp":
-                plain = {r["seed"]: r["train_seconds"] for r in runs if r["pet"] == pet and r["method"] == "sequential"}
-                paired = [r["train_seconds"] / plain[r["seed"]] for r in chosen if r["seed"] in plain]
-                shares = [r["capture_seconds"] / r["train_seconds"] for r in chosen]
-                times = [spread(paired) if paired else "-", spread(shares)]
-            lines.append(f"| {pet} | {method} | " + " | ".join(cells + times) + " |")
+            if times:
+                cells += ["-", "-"]
+                if method == "pegp":
+                    plain = {r["seed"]: r["train_seconds"] for r in runs
+                             if r["pet"] == pet and r["method"] == "sequential"}  # fmt: skip
+                    paired = [r["train_seconds"] / plain[r["seed"]] for r in chosen if r["seed"] in plain]
+                    shares = [r["capture_seconds"] / r["train_seconds"] for r in chosen]
+                    cells[-2:] = [spread(paired) if paired else "-", spread(shares)]
+            lines.append(f"| {pet} | {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
