@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from recipes import vit_class_incremental
 
@@ -84,3 +85,23 @@ def test_own_local_data_runs_with_no_network(tmp_path, backbone, monkeypatch):
     results = summary["pegp"]
     assert results["data"] == data and len(results["accuracy_matrix"]) == 2
     assert sum(results["subspace_dims"].values()) > 0
+
+
+def test_pet_options_reach_the_tuners_config_and_bad_ones_fail_before_anything_is_written(tmp_path):
+    from pegp_hf.experiments.image import build_model, parse_args, run
+    from pegp_hf.tuners import Prefix
+
+    options = '{"init_std": 0.5, "value_prefix": "freeze_after_first_task"}'
+    script, _ = parse_args(["--pet", "prefix", "--dataset", "digits", "--pet_options", options])
+    prefixes = [m for m in build_model(script, 10, seed=0).modules() if isinstance(m, Prefix)]
+    assert prefixes and all(p.freeze_value for p in prefixes)
+    assert 0.4 < float(torch.cat([p.value.flatten() for p in prefixes]).std()) < 0.6  # init_std 0.5, not 0.02
+
+    for bad, message in (('{"init_std": 0.5', "not valid JSON"), ("[0.5]", "must be a JSON object")):
+        script, args = parse_args(["--pet", "prefix", "--pet_options", bad, "--output_dir", str(tmp_path / "run")])
+        with pytest.raises(ValueError, match=message):
+            run(script, args)
+    assert not (tmp_path / "run").exists()
+    script, _ = parse_args(["--pet", "prefix", "--dataset", "digits", "--pet_options", '{"init_sd": 0.5}'])
+    with pytest.raises(TypeError, match="init_sd"):  # a field the config does not have is named
+        build_model(script, 10, seed=0)

