@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from benchmarks import ablations, class_incremental_heads, clip_reference, cost, llm_orders, paradigms, scale
+from benchmarks import (
+    ablations,
+    class_incremental_heads,
+    clip_reference,
+    cost,
+    llm_orders,
+    paradigms,
+    prompt_drift,
+    scale,
+)
 
 
 def _no_more_training(argv):
@@ -193,3 +202,37 @@ def test_baselines_benchmark_smoke(tmp_path):
     rows = (tmp_path / "table.md").read_text().splitlines()[2:]
     assert [row.split(" | ")[0].strip("| ") for row in rows] == [baselines.SETTINGS[s][0] for s in settings]
     assert baselines.main(["--smoke", "--output_dir", str(tmp_path), "--settings", *settings]) == runs  # read back
+
+
+def test_prompt_drift_parts_are_exact_and_each_comes_from_its_own_path():
+    generator = torch.Generator().manual_seed(0)
+    before = {kind: torch.randn(2, 3, 9, 4, generator=generator) for kind in ("query", "key", "value")}
+    rows = slice(1, 4)
+
+    def changed(kind: str, where: slice | torch.Tensor) -> dict[str, torch.Tensor]:
+        after = {name: tensor.clone() for name, tensor in before.items()}
+        after[kind][:, :, where] += torch.randn_like(after[kind][:, :, where], generator=generator)
+        return after
+
+    old = torch.tensor([True, False, False, False, True, True, True, True, True])
+    only = {"values": changed("value", rows), "keys": changed("key", rows), "propagated": changed("value", old)}
+    for path, after in only.items():
+        parts = prompt_drift.decompose(before, after, rows)
+        assert parts["total"] > 1e-2 and parts["sum_error"] < 1e-6
+        assert parts[path] == pytest.approx(parts["total"], rel=1e-5), path
+        assert all(parts[other] < 1e-6 for other in prompt_drift.PARTS[:3] if other != path), (path, parts)
+    assert prompt_drift.decompose(before, only["keys"], rows)["key_logits"] > 1e-2
+    assert prompt_drift.decompose(before, only["values"], rows)["key_logits"] == 0
+
+
+def test_prompt_drift_benchmark_smoke(tmp_path, monkeypatch):
+    rows = prompt_drift.main(["--smoke", "--images", "16", "--output_dir", str(tmp_path)])
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    for method in ("pegp", "sequential"):
+        layers = [r for r in rows if r["method"] == method]
+        assert [r["layer"] for r in layers] == list(range(4)) and [r["prompted"] for r in layers[:2]] == [True, True]
+        assert layers[0]["propagated"] == 0  # nothing upstream of the first prompted block changed
+        assert all(r["sum_error"] < 1e-5 and r["total"] > 0 for r in layers)
+
+    monkeypatch.setattr(prompt_drift.image, "run_from_flags", _no_more_training)
+    assert prompt_drift.main(["--smoke", "--images", "16", "--output_dir", str(tmp_path)]) == rows  # read back
