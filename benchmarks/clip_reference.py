@@ -41,7 +41,7 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
               {"pegp": "pegp, CorDA KPM init", "sequential": "sequential, CorDA KPM init"}),
 }  # fmt: skip
 SMOKE = ["--num_tasks", "2", "--max_steps", "2", "--alignment_epochs", "20", "--zero_shot_samples", "100",
-         "--feature_samples", "32", "--reference_samples", "32"]  # fmt: skip
+         "--feature_samples", "32", "--reference_samples", "32", "--corda_samples", "8"]  # fmt: skip
 COLUMNS = {"zero_shot_before": "zero-shot before", "zero_shot_after": "zero-shot after the last task",
            "acc": "CIL ACC", "forgetting": "CIL Forgetting", "til_acc": "TIL ACC", "til_forgetting": "TIL Forgetting",
            "hallucination": "hallucination after the last task"}  # fmt: skip

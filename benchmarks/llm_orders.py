@@ -9,7 +9,7 @@ permutation) and writes
     python benchmarks/llm_orders.py --seeds 0 1 2
     python benchmarks/llm_orders.py --seeds 0 1 2 --output_dir outputs/llm_orders_eps099 -- --threshold 0.99 \\
         --methods pegp
-    python benchmarks/llm_orders.py --seeds 0 1 2 --output_dir outputs/llm_orders_reference --joint_from \
+    python benchmarks/llm_orders.py --seeds 0 1 2 --output_dir outputs/llm_orders_reference --joint_from \\
         outputs/llm_orders -- --methods pegp sequential   # intransigence against another grid's joint runs
     python benchmarks/llm_orders.py --smoke       # seconds of training: 2 tasks, 1 step each
 
@@ -30,6 +30,7 @@ from pegp_hf.experiments.grid import finished, mean_std, save_grid, split_flags
 
 SMOKE = ["--tasks", "reuters", "tweets", "--train_size", "8", "--test_size", "4", "--max_steps", "1",
          "--general_texts", "4", "--feature_samples", "8", "--reference_texts", "4"]  # fmt: skip
+SAME_SETUP = ("model", "tasks", "train_size", "test_size", "max_text_tokens", "lora", "trained_from_layer")
 FIGURES = ("acc", "forgetting", "intransigence", "exact_match", "answer_loss", "perplexity_increase", "agreement_loss")
 
 
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="task-order seeds")
     parser.add_argument("--smoke", action="store_true", help="2 tasks, 1 step each, first seed only")
     parser.add_argument("--joint_from", default=None, help="a grid folder of the same orders whose joint runs give "
-                        "the intransigence of a grid without joint (joint uses none of pegp's settings)")  # fmt: skip
+                        "the intransigence of a grid without joint (same tasks, sizes, model: checked)")  # fmt: skip
     options = parser.parse_args(own)
     seeds = options.seeds[:1] if options.smoke else options.seeds
     root = Path(options.output_dir)
@@ -97,6 +98,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             joint = finished(Path(options.joint_from) / f"order{seed}")
             if joint is None or "joint" not in joint:
                 raise ValueError(f"--joint_from {options.joint_from}: order {seed} has no finished joint run there")
+            ours = next(iter(summary.values()))
+            differ = [key for key in SAME_SETUP if joint["joint"].get(key) != ours.get(key)]
+            if differ:
+                raise ValueError(f"--joint_from {options.joint_from}: order {seed}'s joint run differs in {differ}; "
+                                 "give a grid of the same tasks, sizes, model and LoRA")  # fmt: skip
             language.add_intransigence({**summary, "joint": joint["joint"]})
         language.add_intransigence(summary)  # runs read back from before it was recorded get it too
         runs += [{"method": method, "seed": seed, **figures(method, results)} for method, results in summary.items()]

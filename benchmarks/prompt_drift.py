@@ -11,21 +11,27 @@ the prompt rows ``1 .. L``), primes for the task-2 state and ``p`` / ``x`` for t
     keys       = A(Q', [K'p, K'x], [Vp,  V'x]) - A(Q', [Kp, K'x], [Vp, V'x])  # the prompt rows' attention weights
     values     = A(Q', [K'p, K'x], [V'p, V'x]) - A(Q', [K'p, K'x], [Vp, V'x])  # the prompt rows' values
 
-so ``total = propagated + keys + values`` to float error. Each part is reported as its Frobenius norm over images,
-tokens and heads relative to that of ``A(Q, K, V)``. ``key logits`` is ``|Q' (K'p - Kp)^T| / |Q' Kp^T|``: the change
-of the old queries' logits on the prompt rows, which the paper's condition (``x dp^T = 0`` on the raw prompt, before
-LayerNorm and ``W_K``) is meant to remove. Writes ``<output_dir>/results.json`` and ``<output_dir>/table.md``::
+so ``total = propagated + keys + values`` to float error (the parts are taken in that order: another order would
+split the cross terms differently). At a prompted block rows ``1 .. L`` hold that block's prompt; at a block without
+one they hold what the prompt rows became in the blocks before, so there ``keys`` and ``values`` are the change
+through those rows (the prompt's own update and the drift those rows took on upstream). Each part is reported as
+its Frobenius norm over images, tokens and heads relative to that of ``A(Q, K, V)``. ``key logits`` is
+``|Q' (K'p - Kp)^T| / |Q' Kp^T|``: the change of the old queries' logits on the prompt rows, which the paper's
+condition (``x dp^T = 0`` on the raw prompt, before LayerNorm and ``W_K``) is meant to remove. Writes
+``<output_dir>/results.json`` and ``<output_dir>/table.md``::
 
     python benchmarks/prompt_drift.py -- --backbone dinov2-small --dataset digits --num_train_epochs 3 \\
         --optim adamw_torch --learning_rate 0.001 --threshold 0.97     # the DINOv2 digits setting of the benchmarks
     python benchmarks/prompt_drift.py --smoke                        # seconds: tiny ViT, 1 epoch
 
-Flags after ``--`` go to the recipe. A finished recipe run under ``<output_dir>/run`` is read back, not run again.
+Flags after ``--`` go to the recipe. A finished recipe run under ``<output_dir>/run`` is read back, not run again,
+if it was made with the same flags (``<output_dir>/run/flags.json``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -91,7 +97,10 @@ def reading_qkv(model: nn.Module):
     for index, block in enumerate(stack):
         _, attention = attention_module(block)
         heads, head_dim = attention_heads(attention)
-        names = next(n for n in QKV_NAMES if all(hasattr(attention, name) for name in n))
+        names = next((n for n in QKV_NAMES if all(hasattr(attention, name) for name in n)), None)
+        if names is None:
+            raise ValueError(f"{type(attention).__name__} fuses its query, key and value projections: the drift is "
+                             "read from separate q / k / v projections")  # fmt: skip
 
         def keep(kind: str, index: int = index, heads: int = heads, head_dim: int = head_dim):
             def hook(module: nn.Module, args: Any, output: torch.Tensor) -> None:
@@ -127,6 +136,8 @@ def measure(flags: list[str], run_dir: Path, method: str, images: int) -> list[d
         states.append(read)
     blocks = find_block_stacks(model)[0][1]
     prompted = {i for i, block in enumerate(blocks) if hasattr(block, "pegp_prompt")}
+    if not prompted:
+        raise ValueError("the model has no prompts: the drift is measured for --pet prompt (do not pass another --pet)")
     length = blocks[min(prompted)].pegp_prompt.prompt.shape[0]
     return [{"method": method, "layer": i, "prompted": i in prompted,
              **decompose(states[0][i], states[1][i], slice(1, 1 + length))}
@@ -156,8 +167,12 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     flags = ["--pet", "prompt", "--num_tasks", "2", "--methods", "pegp", "sequential", "--plots", "false",
              "--disable_tqdm", "true", "--logging_steps", "1000", *(SMOKE if options.smoke else []),
              *passthrough]  # fmt: skip
+    recorded = root / "run" / "flags.json"
     if finished(root / "run") is None:
         image.run_from_flags([*flags, "--output_dir", str(root / "run")])
+        recorded.write_text(json.dumps(flags) + "\n")
+    elif not recorded.exists() or json.loads(recorded.read_text()) != flags:
+        raise ValueError(f"{root / 'run'} holds a run made with other flags than {flags}: give another --output_dir")
     rows = [row for method in ("pegp", "sequential") for row in measure(flags, root / "run", method, options.images)]
     text = table(rows)
     save_grid(root, rows, text)

@@ -153,6 +153,9 @@ def test_llm_orders_benchmark_smoke(tmp_path, monkeypatch):
     assert borrowed[0]["intransigence"] == by["pegp"]["intransigence"]
     with pytest.raises(ValueError, match="order 0 has no finished joint run"):
         llm_orders.main(["--smoke", "--output_dir", str(alone), "--joint_from", str(alone)])
+    (alone / "order0" / "results.json").write_text(json.dumps({"pegp": {**pegp, "train_size": 9}}))
+    with pytest.raises(ValueError, match=r"differs in \['train_size'\]"):  # another setup's joint is refused
+        llm_orders.main(["--smoke", "--output_dir", str(alone), "--joint_from", str(tmp_path)])
 
 
 def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):
@@ -230,9 +233,11 @@ def test_prompt_drift_benchmark_smoke(tmp_path, monkeypatch):
     assert json.loads((tmp_path / "results.json").read_text()) == rows
     for method in ("pegp", "sequential"):
         layers = [r for r in rows if r["method"] == method]
-        assert [r["layer"] for r in layers] == list(range(4)) and [r["prompted"] for r in layers[:2]] == [True, True]
+        assert [(r["layer"], r["prompted"]) for r in layers] == [(0, True), (1, True), (2, False), (3, False)]
         assert layers[0]["propagated"] == 0  # nothing upstream of the first prompted block changed
         assert all(r["sum_error"] < 1e-5 and r["total"] > 0 for r in layers)
 
     monkeypatch.setattr(prompt_drift.image, "run_from_flags", _no_more_training)
     assert prompt_drift.main(["--smoke", "--images", "16", "--output_dir", str(tmp_path)]) == rows  # read back
+    with pytest.raises(ValueError, match="made with other flags"):  # not measured on another setup's checkpoints
+        prompt_drift.main(["--smoke", "--output_dir", str(tmp_path), "--", "--class_order_seed", "1"])

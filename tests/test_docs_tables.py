@@ -6,6 +6,7 @@ rows of the markdown file a reader sees; a number edited by hand, or a results f
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -79,6 +80,21 @@ def test_a_changed_number_is_caught():
     edited = re.sub(r"\| 54\.2 \+- 4\.2", "| 54.3 +- 4.2", (DOCS / "llm.md").read_text(), count=1)
     rebuilt = rebuilt_rows(DOCS / "results" / "llm_orders" / "results.json")
     assert table_rows(edited)["sequential"] != rebuilt["sequential"]
+
+
+@pytest.mark.parametrize(("folder", "seeds"), [("llm_orders", "0 1 2"), ("llm_orders_eps099", "0 1 2"),
+                                              ("llm_orders_reference", "0 1 2"),
+                                              ("llm_reference_thresholds/eps09", "0"),
+                                              ("llm_reference_thresholds/eps0999", "0")])  # fmt: skip
+def test_each_language_grid_file_is_what_its_order_files_give(folder, seeds, tmp_path, monkeypatch):
+    """The grid's ``results.json`` (intransigence included, joint taken from ``llm_orders``) rebuilt by the benchmark
+    from the committed per-order files, with no training."""
+    monkeypatch.setattr(llm_orders.language, "run", None)  # reading back only
+    copy = tmp_path / "grid"
+    shutil.copytree(DOCS / "results" / folder, copy)
+    joint = [] if folder == "llm_orders" else ["--joint_from", str(DOCS / "results" / "llm_orders")]
+    rebuilt = llm_orders.main(["--seeds", *seeds.split(), "--output_dir", str(copy), *joint])
+    assert json.loads(json.dumps(rebuilt)) == json.loads((DOCS / "results" / folder / "results.json").read_text())
 
 
 # docs/llm.md's reference-threshold table (order 0): (label, results folder, method, reference share column)

@@ -87,21 +87,28 @@ def test_own_local_data_runs_with_no_network(tmp_path, backbone, monkeypatch):
     assert sum(results["subspace_dims"].values()) > 0
 
 
-def test_pet_options_reach_the_tuners_config_and_bad_ones_fail_before_anything_is_written(tmp_path):
-    from pegp_hf.experiments.image import build_model, parse_args, run
+def test_pet_options_reach_the_tuners_config_and_bad_ones_fail_before_anything_is_loaded(tmp_path, monkeypatch):
+    from pegp_hf.experiments import image
     from pegp_hf.tuners import Prefix
 
     options = '{"init_std": 0.5, "value_prefix": "freeze_after_first_task"}'
-    script, _ = parse_args(["--pet", "prefix", "--dataset", "digits", "--pet_options", options])
-    prefixes = [m for m in build_model(script, 10, seed=0).modules() if isinstance(m, Prefix)]
+    script, _ = image.parse_args(["--pet", "prefix", "--dataset", "digits", "--pet_options", options])
+    prefixes = [m for m in image.build_model(script, 10, seed=0).modules() if isinstance(m, Prefix)]
     assert prefixes and all(p.freeze_value for p in prefixes)
     assert 0.4 < float(torch.cat([p.value.flatten() for p in prefixes]).std()) < 0.6  # init_std 0.5, not 0.02
 
-    for bad, message in (('{"init_std": 0.5', "not valid JSON"), ("[0.5]", "must be a JSON object")):
-        script, args = parse_args(["--pet", "prefix", "--pet_options", bad, "--output_dir", str(tmp_path / "run")])
+    def no_data(script):
+        raise AssertionError("the data were loaded before --pet_options was checked")
+
+    monkeypatch.setattr(image, "load_data", no_data)
+    for pet, bad, message in (
+        ("prefix", '{"init_std": 0.5', "not valid JSON"),
+        ("prefix", "[0.5]", "must be a JSON object"),
+        ("prefix", '{"init_sd": 0.5}', r"PrefixConfig has no field \['init_sd'\]"),
+        ("lora", '{"lora_alfa": 16}', r"LoraConfig has no field \['lora_alfa'\]"),
+        ("lora", '{"r": 16}', r"use \['--pet_width'\] instead"),
+    ):
+        script, args = image.parse_args(["--pet", pet, "--pet_options", bad, "--output_dir", str(tmp_path / "run")])
         with pytest.raises(ValueError, match=message):
-            run(script, args)
+            image.run(script, args)
     assert not (tmp_path / "run").exists()
-    script, _ = parse_args(["--pet", "prefix", "--dataset", "digits", "--pet_options", '{"init_sd": 0.5}'])
-    with pytest.raises(TypeError, match="init_sd"):  # a field the config does not have is named
-        build_model(script, 10, seed=0)

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 from datasets import Dataset
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from transformers import (
     AutoImageProcessor,
     AutoModelForImageClassification,
@@ -38,7 +39,7 @@ from pegp_hf.offline.datasets import EMBEDDED, IMAGE_SIZE, load_embedded
 from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb, images_to_pixel_values
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves
 from pegp_hf.tuners.factory import get_pet_model, parse_layers
-from pegp_hf.tuners.registry import available_pets
+from pegp_hf.tuners.registry import PEFT_METHODS, TUNERS, available_pets
 
 TINY_SIZE = 28  # the random-init ViT's input side for a --dataset_name (one channel, patch 7)
 
@@ -60,6 +61,11 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "feature_samples": 768,
     "report_to": "none",
 }
+
+
+# config fields the recipe sets from flags of their own (--pet_options may not set them)
+OWN_FLAGS = {"r": "--pet_width", "length": "--pet_width", "width": "--pet_width", "layers": "--pet_layers",
+             "target_modules": "--lora_target_modules", "modules_to_save": "the recipe (the classifier)"}  # fmt: skip
 
 
 @dataclass
@@ -186,25 +192,37 @@ def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) ->
         )
     return get_pet_model(model, script.pet, width=script.pet_width, layers=parse_layers(script.pet_layers),
                          modules_to_save=["classifier"], target_modules=script.lora_target_modules,
-                         **pet_options(script.pet_options))  # fmt: skip
+                         **pet_options(script))  # fmt: skip
 
 
-def pet_options(text: str | None) -> dict[str, Any]:
-    """``--pet_options``: a JSON object of PET config fields (``None``: none).
+def pet_options(script: ImageExperimentArguments) -> dict[str, Any]:
+    """``--pet_options``: a JSON object of fields of ``--pet``'s config (``None``: none).
 
     Raises:
-        ValueError: text that is not a JSON object.
+        ValueError: text that is not a JSON object, a field the config does not have, or one a flag of its own sets.
     """
-    if text is None:
+    if script.pet_options is None:
         return {}
     try:
-        options = json.loads(text)
+        options = json.loads(script.pet_options)
     except json.JSONDecodeError as error:
         raise ValueError(
             f"--pet_options is not valid JSON ({error}): give an object such as '{{\"init_std\": 0.1}}'"
         ) from error
     if not isinstance(options, dict):
-        raise ValueError(f"--pet_options must be a JSON object of config fields, got {text!r}")
+        raise ValueError(f"--pet_options must be a JSON object of config fields, got {script.pet_options!r}")
+    flagged = sorted(set(options) & set(OWN_FLAGS))
+    if flagged:
+        raise ValueError(f"--pet_options sets {flagged}: use {sorted({OWN_FLAGS[key] for key in flagged})} instead")
+    if script.pet in TUNERS:
+        config_class = TUNERS[script.pet].config_class
+    elif script.pet in PEFT_METHODS:
+        config_class = PEFT_TYPE_TO_CONFIG_MAPPING[PEFT_METHODS[script.pet].peft_type]
+    else:
+        raise ValueError(f"unknown --pet {script.pet!r}: {' | '.join(available_pets())}")
+    unknown = sorted(set(options) - {f.name for f in fields(config_class)})
+    if unknown:
+        raise ValueError(f"--pet_options: {config_class.__name__} has no field {unknown}")
     return options
 
 
@@ -216,7 +234,7 @@ def build_tasks(script: ImageExperimentArguments, train: Dataset, test: Dataset,
 def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
     """Every method of ``script.methods`` on the same tasks (see :func:`~pegp_hf.experiments.runner.run_methods`).
     ``--resume_from_checkpoint true`` resumes each method from its own newest ``task-<k>``."""
-    options = pet_options(script.pet_options)  # a malformed value fails before the data are loaded
+    options = pet_options(script)  # a malformed value fails before the data are loaded
     train, test, label_column = load_data(script)
     tasks = build_tasks(script, train, test, label_column)
     num_labels = 1 + max(max(task.classes) for task in tasks)
