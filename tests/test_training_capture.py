@@ -58,3 +58,39 @@ def test_training_capture_refuses_gradient_checkpointing(tmp_path):
 def test_training_capture_refuses_evaluation_inside_training(tmp_path):
     with pytest.raises(ValueError, match="an evaluation inside training"):
         PEGPTrainingArguments(output_dir=str(tmp_path), feature_capture="training", eval_strategy="epoch")
+
+
+def test_lora_b_sums_come_from_the_final_a_when_a_moves_through_the_captured_steps():
+    from peft import LoraConfig, get_peft_model
+    from transformers import TrainerState
+
+    from pegp_hf.core import FeatureCovariances
+    from pegp_hf.training_capture import TrainingFeatureCapture
+    from pegp_hf.tuners.peft import lora_protected_tensors
+
+    torch.manual_seed(0)
+    model = get_peft_model(torch.nn.Sequential(torch.nn.Linear(8, 8)), LoraConfig(r=3, target_modules=["0"]))
+    tensors = {tensor.name: tensor for tensor in lora_protected_tensors(model)}
+    (a_name, a), (b_name, b) = sorted(tensors.items(), key=lambda item: item[1].kind)
+    assert (a.kind, b.kind, b.image_of) == ("lora_A", "lora_B", a_name)
+    capture = TrainingFeatureCapture(lambda: FeatureCovariances(tensors.values(), None, False), 8, 4, tensors)
+    state = TrainerState(max_steps=3)
+    capture.on_train_begin(None, state, None)
+    inputs = [torch.randn(4, 5, 8) for _ in range(3)]
+    moved_sum = torch.zeros(3, 3, dtype=torch.float64)
+    for step, x in enumerate(inputs):  # steps 1 and 2 are captured (ceil(8 / 4) = 2), A moves after each step
+        state.global_step = step
+        capture.on_step_begin(None, state, None)
+        model(x)
+        if step > 0:
+            tokens = x.reshape(-1, 8).double() @ a.parameter.detach().double().T
+            moved_sum += tokens.T @ tokens
+        with torch.no_grad():
+            a.parameter.add_(torch.randn_like(a.parameter))
+    capture.on_train_end(None, state, None)
+
+    x_sum = sum(x.reshape(-1, 8).double().T @ x.reshape(-1, 8).double() for x in inputs[1:])
+    final = a.parameter.detach().double()
+    assert torch.allclose(capture.covariances[a_name], x_sum)
+    assert torch.allclose(capture.covariances[b_name], final @ x_sum @ final.T)  # the final A's outputs, exactly
+    assert not torch.allclose(moved_sum, final @ x_sum @ final.T, rtol=0.1)  # what capturing A_t x would have summed

@@ -28,6 +28,10 @@ class ProtectedTensor:
         axis_aligned: ``W`` scales each feature coordinate on its own (``h_j = w_j x_j``, IA3), so the condition is
             per coordinate and the basis is made of coordinate axes (:func:`~pegp_hf.core.subspace.grow_axis_basis`),
             not of eigenvectors that mix coordinates.
+        image_of: the name of the protected tensor whose weight ``V`` (``(d, d_in)``, no bias) maps its features to
+            this tensor's (LoRA ``B``: ``A x``, the image of ``A``'s features ``x``). Sums taken while ``V`` moves
+            (:mod:`pegp_hf.training_capture`) are then derived as ``V C V^T`` from that tensor's sums ``C``, with
+            ``V`` as the task ends: exact in ``V``. ``None``: the features are captured as they come.
         reference: how a reference set ("task 0", the pre-trained model's own inputs) protects the tensor before the
             first task (:meth:`~pegp_hf.core.projector.GradientProjector.null_reference_weights`): ``"null"``, the input
             side of a branch that is zero when this tensor's output is (LoRA ``A``: ``B A x``; an adapter's
@@ -47,6 +51,7 @@ class ProtectedTensor:
     features: FeatureFn
     transposed: bool = False
     axis_aligned: bool = False
+    image_of: str | None = None
     reference: Literal["null", "grow"] | None = None
 
     @property

@@ -65,7 +65,7 @@ def lora_protected_tensors(model: nn.Module, adapter_name: str = "default") -> l
         a_name, b_name = names[id(lora_a.weight)], names[id(lora_b.weight)]
         tensors.append(ProtectedTensor(a_name, "lora_A", lora_a, "weight", lora_a, module_input,
                                        reference="null"))  # fmt: skip
-        tensors.append(ProtectedTensor(b_name, "lora_B", lora_b, "weight", lora_a, module_output))
+        tensors.append(ProtectedTensor(b_name, "lora_B", lora_b, "weight", lora_a, module_output, image_of=a_name))
     return tensors
 
 
