@@ -195,7 +195,9 @@ class ContinualPEGPTrainer(Trainer):
         if args.method == "pegp" and args.feature_capture == "training":
             per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
             self._training_capture = TrainingFeatureCapture(
-                lambda: self._capturing(self.projector.tensors.values()), args.feature_samples, per_step,
+                lambda: self._capturing(self.projector.tensors.values()),
+                args.feature_samples,
+                per_step,
                 self.projector.tensors,
             )
             self.add_callback(self._training_capture)
