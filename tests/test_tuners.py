@@ -454,3 +454,97 @@ def test_saturated_bases_are_reported_and_freeze_their_tensor(tmp_path, caplog):
     assert full_after_1  # width 2: the 2-dim bottleneck spaces fill on the first task
     for name in full_after_1:  # so those weights do not move during task 2
         torch.testing.assert_close(now[name], after_1[name], rtol=0, atol=1e-6)
+
+
+class prompt_key_logits:  # noqa: N801 (a context manager used like a function)
+    """Records, while open, each prompted block's queries and keys ``(B, heads, S, d_h)`` from its own query / key
+    projections, to compare old queries' logits on the prompt rows."""
+
+    def __init__(self, model) -> None:
+        self.model, self.read, self.handles = model, {}, []
+
+    def __enter__(self):
+        for name, module in self.model.named_modules():
+            if hasattr(module, "pegp_prompt"):
+                attention = next(m for n, m in module.named_modules() if n.endswith(("attention", "self_attn")))
+                for kind in ("q_proj", "k_proj", "query", "key"):
+                    if hasattr(attention, kind):
+                        hook = lambda m, a, out, key=(name, kind[0]): self.read.__setitem__(key, out.detach())  # noqa: E731
+                        self.handles.append(getattr(attention, kind).register_forward_hook(hook))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+LR = 0.02  # small steps: the rest left by condition='keys' falls with the step squared, the paper's with the step
+
+
+def key_logit_change(family: str, condition: str) -> tuple[float, float]:
+    """Grow the prompt bases under ``condition`` on one task-1 image (eps = 1), take 5 small projected SGD steps on
+    task-2 images; return the largest relative change of the old queries' logits on the prompt rows over the prompted
+    blocks (queries of before, keys of after: the key path alone) and the largest change of a prompt entry."""
+    build, inputs, output, pattern, _, insert = FAMILIES[family]
+    model = inject_pet(build(0), PromptConfig(length=PROMPT, layers=[0, 1], layers_pattern=pattern, insert=insert,
+                                              condition=condition))  # fmt: skip
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(0.3 * torch.randn_like(parameter))
+        for module in model.modules():  # LayerNorm gains away from 1, as in a trained model
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.uniform_(0.5, 1.5)
+    tensors = find_protected_tensors(model)
+    task_1, task_2 = inputs(1, count=1), inputs(2, count=8)
+    with prompt_key_logits(model) as before, FeatureCovariances(tensors) as capture, torch.no_grad():
+        output(model, task_1)
+    projector = GradientProjector(tensors)
+    projector.grow(capture.covariances, threshold=1.0)
+    prompts_before = [t.parameter.detach().clone() for t in tensors]
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=LR)
+    target = torch.randn_like(output(model, task_2))
+    for _ in range(5):
+        optimizer.zero_grad()
+        (output(model, task_2) - target).pow(2).mean().backward()
+        projector.project_gradients()
+        optimizer.step()
+    with prompt_key_logits(model) as after, torch.no_grad():
+        output(model, task_1)
+    rows = slice(1, 1 + PROMPT)
+    old = [i for i in range(before.read[next(iter(before.read))].shape[1]) if not 1 <= i < 1 + PROMPT]
+    changes = []
+    for block in {name for name, _ in before.read}:
+        query = before.read[block, "q"][0, old].view(len(old), HEADS, -1).transpose(0, 1)  # (heads, T, d_h)
+        key, key_after = (
+            read[block, "k"][0, rows].view(PROMPT, HEADS, -1).transpose(0, 1) for read in (before.read, after.read)
+        )
+        changes.append(((query @ (key_after - key).mT).norm() / (query @ key.mT).norm()).item())
+    moved = max((t.parameter.detach() - p).abs().max().item() for t, p in zip(tensors, prompts_before, strict=True))
+    return max(changes), moved
+
+
+@pytest.mark.parametrize("family", ["vit", "dinov2", "clip_vision", "clip_text"])
+def test_the_keys_condition_keeps_old_queries_logits_on_the_prompt_where_the_papers_does_not(family):
+    """Through the LayerNorm and W_K the paper's condition (orthogonal to the raw tokens) moves the old queries' logits
+    on the prompt rows to first order; condition='keys' leaves a second-order rest."""
+    keys, moved_keys = key_logit_change(family, "keys")
+    paper, moved_paper = key_logit_change(family, "paper")
+    assert min(moved_keys, moved_paper) > 1e-4  # both prompts learned
+    assert paper > 3e-4 and keys < 2e-2 * paper, (keys, paper)  # measured: 3e-4 to 1e-2 of it
+
+
+def test_the_keys_condition_round_trips_and_is_refused_where_no_layernorm_precedes_the_attention(tmp_path):
+    model = inject_pet(vit(), PromptConfig(length=PROMPT, condition="keys"))
+    save_pet_pretrained(model, tmp_path)
+    loaded = load_pet_pretrained(vit(1), tmp_path)
+    assert read_pet_configs(tmp_path)[0].condition == "keys"
+    assert [t.module for t in find_protected_tensors(loaded)] == [loaded.vit.layers[0].layernorm_before]
+    from transformers import BertConfig, BertModel
+
+    bert = BertModel(BertConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
+                                intermediate_size=64, vocab_size=50))  # fmt: skip
+    with pytest.raises(ValueError, match="LayerNorm in front of the attention.*condition='paper'"):
+        inject_pet(bert, PromptConfig(length=PROMPT, insert=False, condition="keys"))
+    with pytest.raises(ValueError, match="condition must be 'paper' or 'keys'"):
+        PromptConfig(condition="values")

@@ -13,21 +13,41 @@ rows mean different things, we stack the vectors). That union is the block's inp
 in, so one hook on the :class:`Prompt` module's output gives the features: ``X p^T`` is kept. The ``L`` prompt rows
 are few and start small next to ``T`` tokens, so an energy threshold would drop them: the features scale the prompt
 rows of each batch to the tokens' total energy, and the two spans enter the basis with equal weight (at eps 0.97 at
-most 6% of either part's energy is left out).
+most 6% of either part's energy is left out). This is ``condition="paper"``.
+
+That condition is the one for the raw prompt; the keys see ``LN(p) W_K^T``. ``condition="keys"`` protects the old
+queries' logits on the prompt rows through both: head ``h``'s logit of an old token's query ``q_h`` on prompt row
+``p`` moves by ``q_h^T W_K,h J(p) dp`` to first order, ``J(p) = diag(gamma) (I - 1 1^T / d - p^ p^T / d) / sigma``
+the LayerNorm's Jacobian (``p^`` the normalised row). With ``dp`` orthogonal to ``1`` and to the old prompt rows
+``J(p) dp = diag(gamma) dp / sigma``, so it is enough that ``dp`` is also orthogonal to ``diag(gamma) W_K,h^T q_h`` for
+every old query and head: the features are those ``T x heads`` vectors per image, the prompt rows and ``1`` (each
+part scaled to the same energy). It is exact for the logit's linear part; what is left is second order (``sigma``
+grows with ``|dp|^2 / d``). The value path is not covered by either condition: the change ``sum_l a_il W_V J dp_l``
+reaches every old token with its own weights ``a_il``, and no ``dp`` but zero keeps it for all of them
+(docs/method.md). ``"keys"`` needs a pre-LayerNorm block with separate query / key projections (ViT, DINOv2, CLIP,
+Llama: the norm named in ``PRE_ATTENTION_NORMS``); it reads ``gamma``, ``W_Q`` and ``W_K`` when features are taken.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from pegp_hf.core.protected import ProtectedTensor
 from pegp_hf.tuners.base import Attachment, PETConfig, PETModule, check_not_adapted
-from pegp_hf.tuners.discovery import find_block_stacks, hidden_size, select_layers
+from pegp_hf.tuners.discovery import (
+    QKV_NAMES,
+    attention_heads,
+    attention_module,
+    find_block_stacks,
+    hidden_size,
+    select_layers,
+)
 from pegp_hf.tuners.registry import register_tuner
 
 
@@ -40,25 +60,77 @@ class PromptConfig(PETConfig):
         insert: insert the tokens after the first one (vision); ``False``: overwrite positions ``1 .. L``, for inputs
             that hold ``L`` placeholder tokens there (text towers: CoOp context tokens before the class name).
         init_std: standard deviation of the normal initialisation.
+        condition: ``"paper"``: the update is orthogonal to the block's old input tokens and prompt rows (PGP);
+            ``"keys"``: orthogonal to the old queries seen through ``W_K`` and the LayerNorm in front of the
+            attention, to ``1`` and to the prompt rows, which keeps the old queries' logits on the prompt rows to
+            first order (module docstring).
     """
 
     pet_type = "prompt"
     length: int = 10
     insert: bool = True
     init_std: float = 0.02
+    condition: Literal["paper", "keys"] = "paper"
 
     def __post_init__(self) -> None:
         if self.length < 1:
             raise ValueError(f"length must be at least 1, got {self.length}")
+        if self.condition not in ("paper", "keys"):
+            raise ValueError(f"condition must be 'paper' or 'keys', got {self.condition!r}")
+
+
+# the LayerNorm in front of the attention, by name (ViT, DINOv2, CLIP, Llama / Qwen2, GPT-2)
+PRE_ATTENTION_NORMS = ("layernorm_before", "norm1", "layer_norm1", "input_layernorm", "ln_1")
+
+
+@dataclass(frozen=True)
+class KeyPath:
+    """What turns a block's input rows into attention keys and queries: ``norm``, then ``query`` / ``key`` linear
+    layers (PEFT wrappers removed) with ``heads`` heads. Held as a plain attribute, so the modules stay where they
+    are registered."""
+
+    norm: nn.Module
+    query: nn.Linear
+    key: nn.Linear
+    heads: int
+
+
+def key_path(block: nn.Module) -> KeyPath:
+    """The :class:`KeyPath` of a pre-LayerNorm block.
+
+    Raises:
+        ValueError: the block has no norm named in ``PRE_ATTENTION_NORMS`` with a ``weight`` of the hidden size, or
+            fuses its query, key and value projections.
+    """
+    _, attention = attention_module(block)
+    names = next((n for n in QKV_NAMES if all(isinstance(getattr(attention, m, None), nn.Module) for m in n)), None)
+    projections = [getattr(getattr(attention, m), "base_layer", getattr(attention, m)) for m in names or ()]
+    if not projections or not all(isinstance(layer, nn.Linear) for layer in projections):
+        raise ValueError(
+            f"condition='keys' reads separate query and key nn.Linear layers; {type(attention).__name__} has none: "
+            "use condition='paper'"
+        )
+    norms = [getattr(block, n) for n in PRE_ATTENTION_NORMS if isinstance(getattr(block, n, None), nn.Module)]
+    norm = norms[0] if norms else None
+    width = projections[1].in_features
+    weight = getattr(norm, "weight", None)
+    if norm is None or (weight is not None and weight.shape != (width,)):
+        raise ValueError(
+            f"condition='keys' needs the LayerNorm in front of the attention of {type(block).__name__}, a child named "
+            f"one of {PRE_ATTENTION_NORMS} with a weight of size {width} (a pre-LayerNorm block): use "
+            "condition='paper'"
+        )
+    return KeyPath(norm, projections[0], projections[1], attention_heads(attention)[0])
 
 
 class Prompt(PETModule):
     """``L`` prompt tokens for one block: ``forward`` puts them into the block's input ``(B, T, d)``."""
 
-    def __init__(self, length: int, dim: int, insert: bool, init_std: float) -> None:
+    def __init__(self, length: int, dim: int, insert: bool, init_std: float, path: KeyPath | None = None) -> None:
         super().__init__()
         self.prompt = nn.Parameter(torch.randn(length, dim) * init_std)
         self.insert = insert
+        self.path = path  # condition="keys": where the features are read; None: condition="paper"
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, T, d)`` -> ``(B, T + L, d)`` when inserting, else ``(B, T, d)`` with rows ``1 .. L`` replaced."""
@@ -73,7 +145,9 @@ class Prompt(PETModule):
     def protected_tensors(self, name: str) -> list[ProtectedTensor]:
         if not self.prompt.requires_grad:
             return []
-        return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self, self.tokens_and_prompt_rows)]
+        if self.path is None:
+            return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self, self.tokens_and_prompt_rows)]
+        return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self.path.norm, self.keys_ones_and_rows)]
 
     def tokens_and_prompt_rows(self, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """Features of the prompt: the block input's token rows ``(B, T, d)`` and its prompt rows ``(B, L, d)``,
@@ -83,6 +157,38 @@ class Prompt(PETModule):
         rows = output[:, 1 : 1 + length].float()
         scale = (tokens.pow(2).sum() / rows.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
         return torch.cat([tokens, rows * scale], dim=1)
+
+    def keys_ones_and_rows(self, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
+        """Features of the prompt under ``condition="keys"``, read on the pre-attention norm (input: the block input
+        ``(B, T + L, d)`` with the prompt in rows ``1 .. L``; output: its normalised rows). Per image: the old
+        tokens' ``diag(gamma) W_K,h^T q_h`` for every head ``(T * heads, d)``, then the prompt rows ``(L, d)`` and
+        ``1`` ``(1, d)``, the last two scaled to the first part's energy: ``(B, T * heads + L + 1, d)``.
+
+        Raises:
+            RuntimeError: the norm's input does not hold this prompt in rows ``1 .. L`` (it is not the norm in front
+                of this block's attention).
+        """
+        length, path = self.prompt.shape[0], self.path
+        hidden = args[0]
+        if hidden.ndim != 3 or not torch.equal(hidden[0, 1 : 1 + length], self.prompt.to(hidden.dtype)):
+            raise RuntimeError(
+                f"{type(path.norm).__name__} does not read this block's prompted input, so it is not the LayerNorm in "
+                "front of the attention: use condition='paper'"
+            )
+        normed = torch.cat([output[:, :1], output[:, 1 + length :]], dim=1).float()
+        batch, tokens, dim = normed.shape
+        bias = None if path.query.bias is None else path.query.bias.float()
+        queries = F.linear(normed, path.query.weight.float(), bias)
+        per_head = queries.view(batch, tokens, path.heads, -1)
+        key_weight = path.key.weight.float().view(path.heads, per_head.shape[-1], dim)
+        gamma = torch.ones(dim, device=normed.device) if path.norm.weight is None else path.norm.weight.float()
+        seen = torch.einsum("bthe,hed->bthd", per_head, key_weight).reshape(batch, tokens * path.heads, dim) * gamma
+        energy = seen.pow(2).sum()
+        tiny = torch.finfo(torch.float32).tiny
+        rows = self.prompt.detach().float().expand(batch, -1, -1)
+        ones = torch.ones(batch, 1, dim, device=normed.device)
+        rows = rows * (energy / rows.pow(2).sum().clamp_min(tiny)).sqrt()
+        return torch.cat([seen, rows, ones * (energy / ones.pow(2).sum()).sqrt()], dim=1)
 
 
 def _put_prompt(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
@@ -116,7 +222,8 @@ def plan_prompts(model: nn.Module, config: PromptConfig) -> list[Attachment]:
         for position, index in enumerate(select_layers(len(stack), config.layers)):
             block, insert = stack[index], config.insert and position == 0
             check_not_adapted(block, "pegp_prompt")
-            build = partial(Prompt, config.length, hidden_size(block), insert, config.init_std)
+            path = key_path(block) if config.condition == "keys" else None
+            build = partial(Prompt, config.length, hidden_size(block), insert, config.init_std, path)
             install = partial(_install, last=stack[-1] if insert else None, length=config.length)
             attachments.append(Attachment(block, "pegp_prompt", build, install))
     return attachments
