@@ -147,3 +147,17 @@ def test_drift_compensation_in_the_trainer_uses_the_same_samples_before_and_afte
 def test_drift_compensation_needs_a_head_with_class_means(tmp_path):
     with pytest.raises(ValueError, match="drift_compensation moves the class means of the prototype / aligned"):
         PEGPTrainingArguments(output_dir=str(tmp_path), head="ranpac", drift_compensation=True)
+
+
+@pytest.mark.parametrize(
+    ("method", "head", "threshold", "warned"),
+    [("pegp", "aligned", 0.97, True), ("pegp", "ranpac", 0.97, True), ("pegp", "aligned", 0.99, False),
+     ("pegp", "masked_linear", 0.97, False), ("sequential", "aligned", 0.97, False)],
+)  # fmt: skip
+def test_a_statistics_head_under_pegp_below_the_measured_threshold_is_warned_about(
+    tmp_path, caplog, method, head, threshold, warned
+):
+    args = training_args(tmp_path, method=method, head=head, threshold=threshold)
+    with caplog.at_level("WARNING", logger="pegp_hf.continual.classification"):
+        ContinualPEGPTrainer(model=tiny_vit(), args=args, tasks=TASKS)
+    assert ("pass threshold>=0.99" in caplog.text) == warned

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablations, class_incremental_heads, clip_reference, cost, llm_orders, paradigms
+from benchmarks import ablations, baselines, class_incremental_heads, clip_reference, cost, llm_orders, paradigms
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -184,6 +184,17 @@ def test_the_clip_reference_tables_are_their_results_files(heading, folder):
     documented = table_rows(section("clip.md", heading))
     runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
     assert documented == table_rows(clip_reference.table(runs))
+
+
+BASELINE_TABLES = [("### sklearn digits (8 x 8", "baselines_digits")]
+
+
+@pytest.mark.parametrize(("heading", "folder"), BASELINE_TABLES)
+def test_the_baseline_tables_are_their_results_files(heading, folder):
+    documented = table_rows(section("results.md", heading))
+    runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
+    rebuilt = table_rows(baselines.table(runs))
+    assert len(rebuilt) > 1 and documented == rebuilt
 
 
 def test_the_ablations_table_is_its_results_file():
