@@ -170,3 +170,45 @@ def test_a_periodic_update_check_samples_the_steps_and_keeps_the_guarantee(tmp_p
     weights_after = lora_weights(trainer.model)
     for name in trainer.projector.tensors:
         assert float(((weights_after[name] - weights_before[name]) @ bases[name]).abs().max()) < 1e-5, name
+
+
+def test_grouped_projection_is_each_tensors_own_projection():
+    """Equally shaped tensors are projected together against zero-padded bases: every gradient and every update must
+    be what its own basis gives alone, whatever k, for transposed (IA3-like) tensors, and with a gradient missing."""
+    from torch import nn
+
+    from pegp_hf.core.protected import ProtectedTensor, module_input
+    from pegp_hf.core.subspace import project_out
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4, bias=False) for _ in range(3)] + [nn.Linear(6, 5, bias=False)]
+    column = nn.Module()
+    column.scale = nn.Parameter(torch.randn(6, 1))  # (d, 1): the feature axis is the first
+    tensors = [ProtectedTensor(f"w{i}", "w", layer, "weight", layer, module_input) for i, layer in enumerate(layers)]
+    tensors.append(ProtectedTensor("col", "w", column, "scale", column, module_input, transposed=True))
+    projector = GradientProjector(tensors)
+    dims = [1, 3, 2, 0, 4]  # k per tensor: a group of three 4 x 6 with different k (one without gradient), one empty
+    projector.load_bases(
+        {t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :k] for t, k in zip(tensors, dims, strict=True)}
+    )
+    for tensor in tensors[1:]:
+        tensor.parameter.grad = torch.randn_like(tensor.parameter)
+    gradients = {t.name: t.parameter.grad.clone() for t in tensors[1:]}
+    projector.project_gradients()
+    assert tensors[0].parameter.grad is None
+    for tensor in tensors[1:]:
+        expected = tensor.rows(project_out(tensor.rows(gradients[tensor.name]), projector.bases[tensor.name]))
+        torch.testing.assert_close(tensor.parameter.grad, expected, rtol=0, atol=1e-6)
+        assert not torch.equal(expected, gradients[tensor.name]) or dims[tensors.index(tensor)] == 0
+    projector.snapshot()
+    before = {t.name: t.parameter.detach().clone() for t in tensors}
+    steps = {t.name: torch.randn_like(t.parameter) for t in tensors}
+    with torch.no_grad():
+        for tensor in tensors:
+            tensor.parameter.add_(steps[tensor.name])
+    overlap, largest = projector.finish_update(reproject=True)
+    for tensor in tensors:
+        basis = projector.bases[tensor.name]
+        expected = before[tensor.name] + tensor.rows(project_out(tensor.rows(steps[tensor.name]), basis))
+        torch.testing.assert_close(tensor.parameter.detach(), expected, rtol=0, atol=1e-6)
+    assert float(overlap) < 1e-6 and float(largest) > 0.1

@@ -6,10 +6,13 @@ from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
 
 import torch
+import torch.nn.functional as F
 
 from pegp_hf.core.protected import ProtectedTensor
-from pegp_hf.core.subspace import empty_basis, grow_axis_basis, grow_basis, max_overlap, project_out
+from pegp_hf.core.subspace import empty_basis, grow_axis_basis, grow_basis, project_out
 from pegp_hf.utils import key_mismatch
+
+Group = tuple[list[ProtectedTensor], torch.Tensor]  # tensors whose rows share a shape, their bases (n, d, k_max)
 
 
 class GradientProjector:
@@ -38,6 +41,7 @@ class GradientProjector:
         self.reference_dims: dict[str, int] = {}
         self._before: dict[str, torch.Tensor] = {}
         self._buffers: dict[str, torch.Tensor] = {}  # snapshot storage, reused while the tensors and shapes stay
+        self._grouped: tuple[tuple, list[torch.Tensor], list[Group]] | None = None  # see _groups()
 
     @property
     def active(self) -> bool:
@@ -165,13 +169,35 @@ class GradientProjector:
             if basis.shape[1] > 0:
                 yield name, tensor, basis
 
+    def _groups(self) -> list[Group]:
+        """The tensors with a basis, grouped by the shape and device of their local rows, each group with its bases
+        stacked as ``(n, d, k_max)`` float32: zero columns pad the smaller bases (they add nothing to ``U U^T``), so
+        one batched product projects a whole group (LoRA's A and B, a tuner's per-layer tensors) instead of one
+        small product per tensor. Rebuilt when a basis is replaced or a parameter's local shape changes."""
+        key = tuple((id(self.bases[name]), tuple(_local(t.parameter).shape)) for name, t in self.tensors.items())
+        if self._grouped is None or self._grouped[0] != key:
+            members: dict[tuple, list[tuple[ProtectedTensor, torch.Tensor]]] = defaultdict(list)
+            for _, tensor, basis in self._with_basis():
+                rows = tensor.rows(_local(tensor.parameter))
+                members[tuple(rows.shape), rows.device].append((tensor, basis))
+            groups = []
+            for group in members.values():
+                width = max(basis.shape[1] for _, basis in group)
+                stacked = torch.stack([F.pad(basis, (0, width - basis.shape[1])) for _, basis in group])
+                groups.append(([tensor for tensor, _ in group], stacked))
+            self._grouped = (key, list(self.bases.values()), groups)  # the bases kept alive, so their ids stay theirs
+        return self._grouped[2]
+
     @torch.no_grad()
     def project_gradients(self) -> None:
-        """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math; inf / NaN pass through)."""
-        for _, tensor, basis in self._with_basis():
-            if tensor.parameter.grad is not None:
-                gradient = tensor.rows(_local(tensor.parameter.grad))
-                gradient.copy_(project_out(gradient, basis))
+        """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math, one batched product per group of
+        equally shaped tensors; inf / NaN pass through)."""
+        for tensors, bases in self._groups():
+            present = [i for i, tensor in enumerate(tensors) if tensor.parameter.grad is not None]
+            if not present:
+                continue
+            rows = [tensors[i].rows(_local(tensors[i].parameter.grad)) for i in present]
+            torch._foreach_copy_(rows, _project_out_stacked(torch.stack(rows), _members(bases, present)).unbind(0))
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -196,21 +222,37 @@ class GradientProjector:
         holds, the second gives its scale. ``None`` without ``measure`` (the re-projection still happens).
         """
         measured = []
-        for name, tensor, basis in self._with_basis():
-            before = self._before.get(name)
-            if before is None:
+        for tensors, bases in self._groups():
+            present = [i for i, tensor in enumerate(tensors) if tensor.name in self._before]
+            if not present:
                 continue
-            local = _local(tensor.parameter)
+            local = [tensors[i].rows(_local(tensors[i].parameter)) for i in present]
+            before = torch.stack([tensors[i].rows(self._before[tensors[i].name]) for i in present])
+            group_bases = _members(bases, present)
             if reproject:
-                local.copy_(before + tensor.rows(project_out(tensor.rows(local - before), basis)))
+                delta = _project_out_stacked(torch.stack(local) - before, group_bases)
+                torch._foreach_copy_(local, (before + delta).unbind(0))
             if measure:
-                delta = local - before
-                overlap = max_overlap(tensor.rows(delta), basis).float()
-                measured.append(torch.stack([overlap, delta.float().abs().amax()]))
+                delta = (torch.stack(local) - before).float()
+                measured.append(torch.stack([(delta @ group_bases).abs().amax(), delta.abs().amax()]))
         self._before = {}
         if not measure:
             return None
         return torch.stack(measured).amax(0) if measured else torch.zeros(2)
+
+
+def _members(stacked: torch.Tensor, present: list[int]) -> torch.Tensor:
+    """The rows ``present`` of ``stacked`` (itself, with no copy, when every row is present)."""
+    return stacked if len(present) == len(stacked) else stacked[present]
+
+
+def _project_out_stacked(rows: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:
+    """``R - (R U) U^T`` per member: ``rows`` ``(n, ..., d)`` against ``bases`` ``(n, d, k)`` (orthonormal columns,
+    zero columns allowed), in float32 or better, returned in ``rows``' dtype."""
+    compute = torch.promote_types(rows.dtype, torch.float32)
+    x = rows.to(compute)
+    u = bases.to(device=rows.device, dtype=compute)
+    return (x - (x @ u) @ u.mT).to(rows.dtype)
 
 
 def _outside(covariance: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
