@@ -212,3 +212,9 @@ def test_grouped_projection_is_each_tensors_own_projection():
         expected = before[tensor.name] + tensor.rows(project_out(tensor.rows(steps[tensor.name]), basis))
         torch.testing.assert_close(tensor.parameter.detach(), expected, rtol=0, atol=1e-6)
     assert float(overlap) < 1e-6 and float(largest) > 0.1
+    projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :2] for t in tensors})  # new bases
+    gradient = torch.randn_like(tensors[1].parameter)
+    tensors[1].parameter.grad = gradient.clone()
+    projector.project_gradients()  # with the new bases, not the stacked old ones
+    expected = project_out(gradient, projector.bases[tensors[1].name])
+    torch.testing.assert_close(tensors[1].parameter.grad, expected, rtol=0, atol=1e-6)

@@ -544,7 +544,45 @@ def test_the_keys_condition_round_trips_and_is_refused_where_no_layernorm_preced
 
     bert = BertModel(BertConfig(hidden_size=HIDDEN, num_hidden_layers=2, num_attention_heads=HEADS,
                                 intermediate_size=64, vocab_size=50))  # fmt: skip
-    with pytest.raises(ValueError, match="LayerNorm in front of the attention.*condition='paper'"):
+    with pytest.raises(ValueError, match=r"LayerNorm in front of the attention.*condition='paper'"):
         inject_pet(bert, PromptConfig(length=PROMPT, insert=False, condition="keys"))
     with pytest.raises(ValueError, match="condition must be 'paper' or 'keys'"):
         PromptConfig(condition="values")
+
+
+@pytest.mark.parametrize("condition", ["paper", "keys"])
+def test_prompt_features_keep_the_token_layout_so_padding_is_left_out(condition):
+    """Token selection by attention mask must drop exactly the padding: the span of the sums taken on a padded CLIP
+    text batch does not depend on what the padding tokens are (their energy still weighs in the prompt rows' scale,
+    which moves no direction)."""
+    model = inject_pet(clip(), PromptConfig(length=PROMPT, insert=False, layers_pattern="text_model",
+                                            condition=condition))  # fmt: skip
+    tensors = find_protected_tensors(model)
+    ids = texts(1)["input_ids"]
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(len(ids), 2, dtype=ids.dtype)], dim=1)
+    sums = []
+    for pad in (0, 7):
+        with FeatureCovariances(tensors) as capture, torch.no_grad():
+            capture.select_tokens(mask)
+            model.text_model(input_ids=torch.cat([ids, torch.full((len(ids), 2), pad)], dim=1), attention_mask=mask)
+        sums.append(capture.covariances)
+
+    def span(covariance: torch.Tensor) -> torch.Tensor:
+        values, vectors = torch.linalg.eigh(covariance)
+        kept = vectors[:, values > 1e-8 * values.max()]
+        return kept @ kept.T
+
+    for tensor in tensors:
+        spans = [span(found[tensor.name]) for found in sums]
+        assert 0 < torch.trace(spans[0]) < tensor.feature_dim  # a real subspace
+        torch.testing.assert_close(spans[0], spans[1], rtol=0, atol=1e-6)
+
+
+def test_the_keys_condition_is_refused_for_rotary_decoders():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=HIDDEN, intermediate_size=64, num_hidden_layers=2, num_attention_heads=HEADS,
+                         num_key_value_heads=HEADS, vocab_size=50)  # fmt: skip
+    llama = LlamaForCausalLM(config)
+    with pytest.raises(ValueError, match="RoPE"):
+        inject_pet(llama, PromptConfig(length=PROMPT, insert=False, condition="keys"))

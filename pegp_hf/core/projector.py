@@ -234,7 +234,8 @@ class GradientProjector:
                 torch._foreach_copy_(local, (before + delta).unbind(0))
             if measure:
                 delta = (torch.stack(local) - before).float()
-                measured.append(torch.stack([(delta @ group_bases).abs().amax(), delta.abs().amax()]))
+                overlap = delta @ group_bases.to(device=delta.device, dtype=delta.dtype)
+                measured.append(torch.stack([overlap.abs().amax(), delta.abs().amax()]))
         self._before = {}
         if not measure:
             return None

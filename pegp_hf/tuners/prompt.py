@@ -23,13 +23,16 @@ the LayerNorm's Jacobian (``p^`` the normalised row). With ``dp`` orthogonal to 
 every old query and head: the features are those ``T x heads`` vectors per image, the prompt rows and ``1`` (each
 part scaled to the same energy). It is exact for the logit's linear part; what is left is second order (``sigma``
 grows with ``|dp|^2 / d``). The value path is not covered by either condition: the change ``sum_l a_il W_V J dp_l``
-reaches every old token with its own weights ``a_il``, and no ``dp`` but zero keeps it for all of them
-(docs/method.md). ``"keys"`` needs a pre-LayerNorm block with separate query / key projections (ViT, DINOv2, CLIP,
-Llama: the norm named in ``PRE_ATTENTION_NORMS``); it reads ``gamma``, ``W_Q`` and ``W_K`` when features are taken.
+reaches every old token with its own weights ``a_il``, and only a ``dp`` that leaves ``LN(p)`` unchanged keeps it for
+all of them (docs/method.md). ``"keys"`` needs a pre-LayerNorm block with separate query / key projections, one key
+head per query head and no rotation or per-head norm of queries and keys (ViT, DINOv2, CLIP; the norm named in
+``PRE_ATTENTION_NORMS``); decoders with rotary positions (Llama, Qwen2, Gemma) and BERT-style post-LayerNorm blocks
+are refused. It reads ``gamma``, ``W_Q`` and ``W_K`` of the unwrapped projections when features are taken.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -79,7 +82,7 @@ class PromptConfig(PETConfig):
             raise ValueError(f"condition must be 'paper' or 'keys', got {self.condition!r}")
 
 
-# the LayerNorm in front of the attention, by name (ViT, DINOv2, CLIP, Llama / Qwen2, GPT-2)
+# the LayerNorm in front of the attention, by name (ViT, DINOv2, CLIP, GPT-2; Llama / Qwen2 name theirs too)
 PRE_ATTENTION_NORMS = ("layernorm_before", "norm1", "layer_norm1", "input_layernorm", "ln_1")
 
 
@@ -99,10 +102,19 @@ def key_path(block: nn.Module) -> KeyPath:
     """The :class:`KeyPath` of a pre-LayerNorm block.
 
     Raises:
-        ValueError: the block has no norm named in ``PRE_ATTENTION_NORMS`` with a ``weight`` of the hidden size, or
-            fuses its query, key and value projections.
+        ValueError: the block has no norm named in ``PRE_ATTENTION_NORMS`` with a ``weight`` of the hidden size,
+            fuses its query, key and value projections, has fewer key than query heads, normalises queries or keys
+            per head (``q_norm`` / ``k_norm``), or rotates them by position (it takes ``position_embeddings``: RoPE),
+            none of which the features model.
     """
     _, attention = attention_module(block)
+    if "position_embeddings" in inspect.signature(block.forward).parameters or any(
+        hasattr(attention, name) for name in ("q_norm", "k_norm")
+    ):
+        raise ValueError(
+            f"condition='keys' models the logit as q^T W_K LN(p); {type(block).__name__} rotates or normalises its "
+            "queries and keys per head (RoPE, q_norm / k_norm), which the features leave out: use condition='paper'"
+        )
     names = next((n for n in QKV_NAMES if all(isinstance(getattr(attention, m, None), nn.Module) for m in n)), None)
     projections = [getattr(getattr(attention, m), "base_layer", getattr(attention, m)) for m in names or ()]
     if not projections or not all(isinstance(layer, nn.Linear) for layer in projections):
@@ -119,6 +131,12 @@ def key_path(block: nn.Module) -> KeyPath:
             f"condition='keys' needs the LayerNorm in front of the attention of {type(block).__name__}, a child named "
             f"one of {PRE_ATTENTION_NORMS} with a weight of size {width} (a pre-LayerNorm block): use "
             "condition='paper'"
+        )
+    if projections[1].out_features != projections[0].out_features:
+        raise ValueError(
+            f"condition='keys' needs one key head per query head; {type(attention).__name__} has "
+            f"{projections[1].out_features} key and {projections[0].out_features} query features (grouped-query "
+            "attention): use condition='paper'"
         )
     return KeyPath(norm, projections[0], projections[1], attention_heads(attention)[0])
 
@@ -149,20 +167,24 @@ class Prompt(PETModule):
             return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self, self.tokens_and_prompt_rows)]
         return [ProtectedTensor(f"{name}.prompt", "prompt", self, "prompt", self.path.norm, self.keys_ones_and_rows)]
 
+    @torch.no_grad()
     def tokens_and_prompt_rows(self, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
-        """Features of the prompt: the block input's token rows ``(B, T, d)`` and its prompt rows ``(B, L, d)``,
-        the latter scaled to the same total energy, stacked as ``(B, T + L, d)``."""
+        """Features of the prompt: the block input ``(B, T + L, d)`` as it is, its prompt rows ``1 .. L`` scaled to
+        the other rows' total energy (the layout kept, so token selection by attention mask still lines up)."""
         length = self.prompt.shape[0]
-        tokens = torch.cat([output[:, :1], output[:, 1 + length :]], dim=1).float()
-        rows = output[:, 1 : 1 + length].float()
-        scale = (tokens.pow(2).sum() / rows.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
-        return torch.cat([tokens, rows * scale], dim=1)
+        features = output.detach().float().clone()
+        rows = features[:, 1 : 1 + length]
+        energy = features.pow(2).sum() - rows.pow(2).sum()
+        rows.mul_((energy / rows.pow(2).sum().clamp_min(torch.finfo(torch.float32).tiny)).sqrt())
+        return features
 
+    @torch.no_grad()
     def keys_ones_and_rows(self, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
         """Features of the prompt under ``condition="keys"``, read on the pre-attention norm (input: the block input
-        ``(B, T + L, d)`` with the prompt in rows ``1 .. L``; output: its normalised rows). Per image: the old
-        tokens' ``diag(gamma) W_K,h^T q_h`` for every head ``(T * heads, d)``, then the prompt rows ``(L, d)`` and
-        ``1`` ``(1, d)``, the last two scaled to the first part's energy: ``(B, T * heads + L + 1, d)``.
+        ``(B, S, d)``, ``S = T + L``, with the prompt in rows ``1 .. L``; output: its normalised rows), as
+        ``(B, S, max(heads, 2), d)`` so that token selection by attention mask still lines up: at an old token, its
+        ``diag(gamma) W_K,h^T q_h`` for every head; at prompt row ``l``, the row itself, and at row ``1`` also ``1``,
+        both scaled to the old tokens' energy; zeros elsewhere (they add nothing to the sums).
 
         Raises:
             RuntimeError: the norm's input does not hold this prompt in rows ``1 .. L`` (it is not the norm in front
@@ -175,20 +197,22 @@ class Prompt(PETModule):
                 f"{type(path.norm).__name__} does not read this block's prompted input, so it is not the LayerNorm in "
                 "front of the attention: use condition='paper'"
             )
-        normed = torch.cat([output[:, :1], output[:, 1 + length :]], dim=1).float()
-        batch, tokens, dim = normed.shape
+        normed = output.detach().float()
+        batch, seq, dim = normed.shape
         bias = None if path.query.bias is None else path.query.bias.float()
-        queries = F.linear(normed, path.query.weight.float(), bias)
-        per_head = queries.view(batch, tokens, path.heads, -1)
-        key_weight = path.key.weight.float().view(path.heads, per_head.shape[-1], dim)
+        queries = F.linear(normed, path.query.weight.float(), bias).view(batch, seq, path.heads, -1)
+        key_weight = path.key.weight.float().view(path.heads, queries.shape[-1], dim)
         gamma = torch.ones(dim, device=normed.device) if path.norm.weight is None else path.norm.weight.float()
-        seen = torch.einsum("bthe,hed->bthd", per_head, key_weight).reshape(batch, tokens * path.heads, dim) * gamma
+        seen = torch.einsum("bthe,hed->bthd", queries, key_weight) * gamma
+        seen = F.pad(seen, (0, 0, 0, max(0, 2 - path.heads)))  # room for a row and 1 at prompt row 1
+        seen[:, 1 : 1 + length] = 0
         energy = seen.pow(2).sum()
-        tiny = torch.finfo(torch.float32).tiny
-        rows = self.prompt.detach().float().expand(batch, -1, -1)
-        ones = torch.ones(batch, 1, dim, device=normed.device)
-        rows = rows * (energy / rows.pow(2).sum().clamp_min(tiny)).sqrt()
-        return torch.cat([seen, rows, ones * (energy / ones.pow(2).sum()).sqrt()], dim=1)
+        rows = self.prompt.detach().float()
+        seen[:, 1 : 1 + length, 0] = (
+            rows * (energy / (batch * rows.pow(2).sum()).clamp_min(torch.finfo(torch.float32).tiny)).sqrt()
+        )
+        seen[:, 1, 1] = (energy / (batch * dim)).sqrt()
+        return seen
 
 
 def _put_prompt(block: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple, dict]:
