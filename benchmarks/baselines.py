@@ -41,6 +41,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
                                                          "0.99"]),
     "pegp_ranpac": ("pegp eps 0.97, RanPAC head", ["--methods", "pegp", "--head", "ranpac"]),
     "pegp_ranpac_099": ("pegp eps 0.99, RanPAC head", ["--methods", "pegp", "--head", "ranpac", "--threshold", "0.99"]),
+    "pegp_ranpac_0999": ("pegp eps 0.999, RanPAC head", ["--methods", "pegp", "--head", "ranpac", "--threshold",
+                                                         "0.999"]),
 }  # fmt: skip
 DEFAULTS = ["--backbone", "dinov2-small", "--dataset", "digits", "--num_train_epochs", "3", "--optim", "adamw_torch",
             "--learning_rate", "0.001", "--threshold", "0.97", "--pet_layers", "paper", "--plots", "false"]  # fmt: skip
