@@ -12,7 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks import ablations, baselines, class_incremental_heads, clip_reference, cost, llm_orders, paradigms
+from benchmarks import (
+    ablations,
+    baselines,
+    class_incremental_heads,
+    clip_reference,
+    cost,
+    llm_orders,
+    paradigms,
+    prompt_drift,
+)
 from pegp_hf.experiments import crossmodal
 
 DOCS = Path(__file__).parents[1] / "docs"
@@ -195,6 +204,38 @@ def test_the_baseline_tables_are_their_results_files(heading, folder):
     runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
     rebuilt = table_rows(baselines.table(runs))
     assert len(rebuilt) > 1 and documented == rebuilt
+
+
+def tables(text: str) -> list[str]:
+    """The markdown tables of ``text``, in order, each as its lines joined."""
+    found, current = [], []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            current.append(line)
+        elif current:
+            found.append("\n".join(current))
+            current = []
+    return found
+
+
+def test_the_prompt_drift_tables_are_their_results_files():
+    """The paper's and the keys condition's drift tables, the keys condition's grid, and the TIL figures quoted."""
+    text = section("benchmarks.md", "### Prompts: where a projected update")
+    found = tables(text)
+    results = DOCS / "results"
+    paper = json.loads((results / "prompt_drift_paper" / "results.json").read_text())
+    keys = json.loads((results / "prompt_drift_keys" / "results.json").read_text())
+    assert found[0] == prompt_drift.table(paper)
+    assert found[1] == prompt_drift.table([row for row in keys if row["method"] == "pegp"])
+    assert [row for row in keys if row["method"] == "sequential"] == [r for r in paper if r["method"] == "sequential"]
+    grid = json.loads((results / "paradigms_dinov2_digits_prompt_keys" / "results.json").read_text())
+    assert grid_rows(found[2]) == grid_rows(paradigms.table(grid))
+    runs = {name: json.loads((results / f"prompt_drift_{name}" / "run" / "results.json").read_text())
+            for name in ("paper", "keys")}  # fmt: skip
+    til = [runs["paper"]["pegp"], runs["keys"]["pegp"], runs["paper"]["sequential"]]
+    quoted = "36.1 with the paper's condition, 32.8 with the keys condition,\n33.3 with sequential tuning"
+    assert quoted in text
+    assert [f"{run['task_incremental']['forgetting']:.1f}" for run in til] == ["36.1", "32.8", "33.3"]
 
 
 def test_the_ablations_table_is_its_results_file():
