@@ -185,7 +185,8 @@ def test_every_grid_table_is_its_results_files(doc, heading, folder, make_table,
 
 
 CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
-                         ("### Reference size and threshold", "clip_reference_sweep")]  # fmt: skip
+                         ("### Reference size and threshold", "clip_reference_sweep"),
+                         ("### Against CorDA", "clip_corda")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)
