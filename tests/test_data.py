@@ -91,3 +91,21 @@ def test_domain_incremental_tasks_split_by_domain_and_share_labels():
 def test_online_tasks_are_class_splits():
     tasks = online_tasks(TRAIN, TEST, num_tasks=2)
     assert tasks.scenario == "online" and len(tasks) == 2
+
+
+def test_a_grouped_class_order_keeps_each_source_together_and_shuffles_within_it():
+    from pegp_hf.continual.tasks import grouped_class_order, make_tasks
+
+    source = ["b"] * 15 + ["a"] * 15  # classes 0-2 come from "b", 3-5 from "a": "b" appears first
+    train = labelled(np.repeat(np.arange(6), 5), source=source)
+    orders = {seed: grouped_class_order(train, "source", seed=seed) for seed in range(4)}
+    for order in orders.values():
+        assert sorted(order[:3]) == [0, 1, 2] and sorted(order[3:]) == [3, 4, 5]
+    assert len({tuple(order) for order in orders.values()}) > 1  # the seed shuffles within the groups
+    tasks = make_tasks("class_incremental", train, TEST, 2, class_order=orders[0])
+    assert tasks.task_classes == [[0, 1, 2], [3, 4, 5]]
+    with pytest.raises(ValueError, match="no column 'domain'"):
+        grouped_class_order(train, "domain")
+    mixed = labelled(np.repeat(np.arange(6), 5), source=["a", "b"] * 15)
+    with pytest.raises(ValueError, match="class 0 appears under source='a' and 'b'"):
+        grouped_class_order(mixed, "source")

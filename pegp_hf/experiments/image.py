@@ -27,7 +27,7 @@ from transformers import (
 )
 
 from pegp_hf.config import PEGPTrainingArguments
-from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, make_tasks
+from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, grouped_class_order, make_tasks
 from pegp_hf.experiments.runner import (
     format_matrix,
     parse_with_defaults,
@@ -92,6 +92,12 @@ class ImageExperimentArguments:
     scenario: str = field(default="class_incremental", metadata={"help": " | ".join(SCENARIOS)})
     num_tasks: int = field(default=5, metadata={"help": "Number of class-incremental tasks."})
     class_order_seed: int = field(default=0, metadata={"help": "Seed of the class order."})
+    class_order_by: str | None = field(
+        default=None,
+        metadata={"help": "A column whose values keep their classes together in the class order, groups in order of "
+                  "first appearance, classes shuffled by --class_order_seed within each (e.g. source of "
+                  "mnist+animals: every MNIST class before every animal class)."},
+    )  # fmt: skip
     model_name_or_path: str | None = field(
         default=None, metadata={"help": "A pretrained image classifier (Hub id or folder); replaces --backbone."}
     )
@@ -227,8 +233,11 @@ def pet_options(script: ImageExperimentArguments) -> dict[str, Any]:
 
 
 def build_tasks(script: ImageExperimentArguments, train: Dataset, test: Dataset, label_column: str) -> TaskSequence:
+    order = None
+    if script.class_order_by is not None:
+        order = grouped_class_order(train, script.class_order_by, label_column, script.class_order_seed)
     return make_tasks(script.scenario, train, test, script.num_tasks, label_column, script.class_order_seed,
-                      script.domain_column)  # fmt: skip
+                      script.domain_column, order)  # fmt: skip
 
 
 def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
