@@ -231,6 +231,8 @@ def test_the_prompt_drift_tables_are_their_results_files():
     assert [row for row in keys if row["method"] == "sequential"] == [r for r in paper if r["method"] == "sequential"]
     grid = json.loads((results / "paradigms_dinov2_digits_prompt_keys" / "results.json").read_text())
     assert grid_rows(found[2]) == grid_rows(paradigms.table(grid))
+    mnist = json.loads((results / "paradigms_dinov2_prompt_keys" / "results.json").read_text())
+    assert grid_rows(found[3]) == grid_rows(paradigms.table(mnist))
     runs = {name: json.loads((results / f"prompt_drift_{name}" / "run" / "results.json").read_text())
             for name in ("paper", "keys")}  # fmt: skip
     til = [runs["paper"]["pegp"], runs["keys"]["pegp"], runs["paper"]["sequential"]]
