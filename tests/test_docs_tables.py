@@ -196,7 +196,10 @@ def test_the_clip_reference_tables_are_their_results_files(heading, folder):
     assert documented == table_rows(clip_reference.table(runs))
 
 
-BASELINE_TABLES = [("### sklearn digits (8 x 8", "baselines_digits")]
+BASELINE_TABLES = [
+    ("### sklearn digits (8 x 8", "baselines_digits"),
+    ("### MNIST-5k + animal silhouettes", "baselines_cross"),
+]
 
 
 @pytest.mark.parametrize(("heading", "folder"), BASELINE_TABLES)

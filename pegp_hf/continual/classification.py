@@ -49,8 +49,9 @@ if TYPE_CHECKING:
     from pegp_hf.trainer import ContinualPEGPTrainer
 
 HEAD_NAME = "pegp_head.safetensors"
-# the least threshold at which pegp's stored class statistics stayed valid on DINOv2-S/14 digits (docs/results.md)
-STATISTICS_HEAD_THRESHOLD = 0.99
+# the least threshold at which pegp's stored class statistics stayed valid on every DINOv2-S/14 sequence measured
+# (0.99 was enough on digits, the cross-data-set sequence needed 0.999; docs/results.md, section 5)
+STATISTICS_HEAD_THRESHOLD = 0.999
 
 logger = logging.getLogger(__name__)
 
@@ -88,9 +89,9 @@ class ClassificationObjective(ContinualObjective):
         if self.args.method == "pegp" and self.args.threshold < STATISTICS_HEAD_THRESHOLD:
             logger.warning(
                 "head=%r keeps statistics of old classes' features, which stay valid only if those features do not "
-                "move; at threshold=%s pegp leaves enough drift to make them stale (DINOv2-S/14 digits, 3 class "
-                "orders: class-incremental ACC 80.6 at 0.97 against 91.0 at 0.99 with the aligned head, 61.0 against "
-                "96.5 with RanPAC; docs/results.md): pass threshold>=%s",
+                "move; at threshold=%s pegp may leave enough drift to make them stale (DINOv2-S/14, RanPAC head, 3 "
+                "class orders: class-incremental ACC on digits 61.0 at 0.97 and 96.5 at 0.99; on MNIST + animal "
+                "silhouettes 85.1 at 0.99 and 90.4 at 0.999; docs/results.md): pass threshold>=%s",
                 self.args.head, self.args.threshold, STATISTICS_HEAD_THRESHOLD,
             )  # fmt: skip
         dim = _trainable_linear(self.head_module).in_features
