@@ -85,3 +85,9 @@ def test_the_recipe_orders_the_cross_data_set_classes_by_source():
     tasks = image.build_tasks(script, train, test, label_column)
     assert [all(c < 10 for c in task.classes) for task in tasks] == [True, True, False, False]
     assert sorted(c for task in tasks for c in task.classes) == list(range(20))
+    script.num_tasks = 5  # 4 classes a task: task 3 would hold 2 digits and 2 animals
+    with pytest.raises(ValueError, match="task 3 holds classes of source values"):
+        image.build_tasks(script, train, test, label_column)
+    script.scenario = "domain_incremental"
+    with pytest.raises(ValueError, match="--class_order_by orders classes into class-split tasks"):
+        image.build_tasks(script, train, test, label_column)

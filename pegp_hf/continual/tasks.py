@@ -321,9 +321,10 @@ def grouped_class_order(train: Dataset, group_column: str, label_column: str = "
     """
     if group_column not in train.column_names:
         raise ValueError(f"the train dataset has no column {group_column!r} to group classes by: {train.column_names}")
+    values = train.with_format(None)[group_column]  # the stored column, not the transform's output
     groups: dict[Any, list[int]] = {}
     owner: dict[int, Any] = {}
-    for label, group in zip(_labels(train, label_column, "train dataset"), train[group_column], strict=True):
+    for label, group in zip(_labels(train, label_column, "train dataset"), values, strict=True):
         label = int(label)
         if owner.setdefault(label, group) != group:
             raise ValueError(f"class {label} appears under {group_column}={owner[label]!r} and {group!r}: classes "
@@ -332,3 +333,19 @@ def grouped_class_order(train: Dataset, group_column: str, label_column: str = "
             groups[group].append(label)
     rng = np.random.default_rng(seed)
     return [int(c) for members in groups.values() for c in rng.permutation(sorted(members))]
+
+
+def check_grouped_tasks(tasks: TaskSequence, train: Dataset, group_column: str, label_column: str = "label") -> None:
+    """Raise if a task of ``tasks`` (made from a :func:`grouped_class_order`) holds classes of two values of
+    ``group_column``: its task count does not split each group evenly."""
+    values = train.with_format(None)[group_column]
+    group_of = {int(label): group for label, group in zip(_labels(train, label_column, "train dataset"), values,
+                                                          strict=True)}  # fmt: skip
+    for index, task in enumerate(tasks):
+        groups = {group_of[c] for c in task.classes}
+        if len(groups) > 1:
+            raise ValueError(
+                f"task {index + 1} holds classes of {group_column} values {sorted(map(str, groups))}: with "
+                f"{len(tasks)} tasks the class groups are not split evenly; choose a num_tasks that divides each "
+                f"group's class count"
+            )

@@ -27,7 +27,13 @@ from transformers import (
 )
 
 from pegp_hf.config import PEGPTrainingArguments
-from pegp_hf.continual.tasks import SCENARIOS, TaskSequence, grouped_class_order, make_tasks
+from pegp_hf.continual.tasks import (
+    SCENARIOS,
+    TaskSequence,
+    check_grouped_tasks,
+    grouped_class_order,
+    make_tasks,
+)
 from pegp_hf.experiments.runner import (
     format_matrix,
     parse_with_defaults,
@@ -233,11 +239,16 @@ def pet_options(script: ImageExperimentArguments) -> dict[str, Any]:
 
 
 def build_tasks(script: ImageExperimentArguments, train: Dataset, test: Dataset, label_column: str) -> TaskSequence:
-    order = None
-    if script.class_order_by is not None:
-        order = grouped_class_order(train, script.class_order_by, label_column, script.class_order_seed)
-    return make_tasks(script.scenario, train, test, script.num_tasks, label_column, script.class_order_seed,
-                      script.domain_column, order)  # fmt: skip
+    if script.class_order_by is None:
+        return make_tasks(script.scenario, train, test, script.num_tasks, label_column, script.class_order_seed,
+                          script.domain_column)  # fmt: skip
+    if script.scenario == "domain_incremental":
+        raise ValueError("--class_order_by orders classes into class-split tasks; domain_incremental tasks are one "
+                         "per --domain_column value: drop one of the two")  # fmt: skip
+    order = grouped_class_order(train, script.class_order_by, label_column, script.class_order_seed)
+    tasks = make_tasks(script.scenario, train, test, script.num_tasks, label_column, class_order=order)
+    check_grouped_tasks(tasks, train, script.class_order_by, label_column)
+    return tasks
 
 
 def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
