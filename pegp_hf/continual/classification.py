@@ -86,7 +86,8 @@ class ClassificationObjective(ContinualObjective):
         self.head_module = _find_module(self.model, self.args.head_module, required=needs_head)
         if self.args.head == "masked_linear":
             return
-        if self.args.method == "pegp" and self.args.threshold < STATISTICS_HEAD_THRESHOLD:
+        threshold = getattr(self.args, "threshold", None)  # loading for inference passes no training threshold
+        if self.args.method == "pegp" and threshold is not None and threshold < STATISTICS_HEAD_THRESHOLD:
             logger.warning(
                 "head=%r keeps statistics of old classes' features, which stay valid only if those features do not "
                 "move; at threshold=%s pegp may leave enough drift to make them stale (DINOv2-S/14, RanPAC head, 3 "
