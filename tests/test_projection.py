@@ -218,3 +218,36 @@ def test_grouped_projection_is_each_tensors_own_projection():
     projector.project_gradients()  # with the new bases, not the stacked old ones
     expected = project_out(gradient, projector.bases[tensors[1].name])
     torch.testing.assert_close(tensors[1].parameter.grad, expected, rtol=0, atol=1e-6)
+
+
+def test_finish_update_refuses_a_step_without_its_own_snapshot():
+    """The update is measured against the snapshot's stacked rows: without a snapshot, or with the bases replaced
+    since it (its buffers then belong to other groups), ``W_before`` would not be the parameters' own."""
+    from torch import nn
+
+    from pegp_hf.core.protected import ProtectedTensor, module_input
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4, bias=False) for _ in range(2)]
+    tensors = [ProtectedTensor(f"w{i}", "w", layer, "weight", layer, module_input) for i, layer in enumerate(layers)]
+    projector = GradientProjector(tensors)
+    projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :2] for t in tensors})
+    with pytest.raises(RuntimeError, match="needs snapshot"):
+        projector.finish_update(reproject=True)
+    for _ in range(2):  # the second step reuses the first one's buffers: they must hold this step's weights
+        projector.snapshot()
+        before = [t.parameter.detach().clone() for t in tensors]
+        with torch.no_grad():
+            for tensor in tensors:
+                tensor.parameter.add_(torch.randn_like(tensor.parameter))
+        projector.finish_update(reproject=True)
+        for tensor, old in zip(tensors, before, strict=True):
+            delta = tensor.parameter.detach() - old
+            assert float(delta.abs().max()) > 0.1
+            assert float((delta @ projector.bases[tensor.name]).abs().max()) < 1e-6
+    with pytest.raises(RuntimeError, match="needs snapshot"):
+        projector.finish_update(reproject=True)
+    projector.snapshot()
+    projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :3] for t in tensors})
+    with pytest.raises(RuntimeError, match="changed between"):
+        projector.finish_update(reproject=True)

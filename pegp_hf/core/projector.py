@@ -39,9 +39,11 @@ class GradientProjector:
         }
         # k_ref per tensor: its basis's first k_ref columns came from a reference set (task 0), see grow()
         self.reference_dims: dict[str, int] = {}
-        self._before: dict[str, torch.Tensor] = {}
-        self._buffers: dict[str, torch.Tensor] = {}  # snapshot storage, reused while the tensors and shapes stay
-        self._grouped: tuple[tuple, list[torch.Tensor], list[Group]] | None = None  # see _groups()
+        # see _groups(); with it, per group the stacked rows of the last snapshot (kept while the groups stay)
+        self._grouped: tuple[tuple, list[torch.Tensor], list[Group]] | None = None
+        self._buffers: list[torch.Tensor] = []
+        self._buffer_rows: list[torch.Tensor] = []  # the buffers' rows, one view per member
+        self._snapshotted = False
 
     @property
     def active(self) -> bool:
@@ -173,19 +175,21 @@ class GradientProjector:
         """The tensors with a basis, grouped by the shape and device of their local rows, each group with its bases
         stacked as ``(n, d, k_max)`` float32: zero columns pad the smaller bases (they add nothing to ``U U^T``), so
         one batched product projects a whole group (LoRA's A and B, a tuner's per-layer tensors) instead of one
-        small product per tensor. Rebuilt when a basis is replaced or a parameter's local shape changes."""
-        key = tuple((id(self.bases[name]), tuple(_local(t.parameter).shape)) for name, t in self.tensors.items())
+        small product per tensor. Rebuilt when a basis is replaced or a parameter's local shape or dtype changes."""
+        locals_ = {name: _local(tensor.parameter) for name, tensor in self.tensors.items()}
+        key = tuple((id(self.bases[name]), tuple(local.shape), local.dtype) for name, local in locals_.items())
         if self._grouped is None or self._grouped[0] != key:
             members: dict[tuple, list[tuple[ProtectedTensor, torch.Tensor]]] = defaultdict(list)
             for _, tensor, basis in self._with_basis():
-                rows = tensor.rows(_local(tensor.parameter))
-                members[tuple(rows.shape), rows.device].append((tensor, basis))
+                rows = _rows(tensor)
+                members[tuple(rows.shape), rows.dtype, rows.device].append((tensor, basis))
             groups = []
             for group in members.values():
                 width = max(basis.shape[1] for _, basis in group)
                 stacked = torch.stack([F.pad(basis, (0, width - basis.shape[1])) for _, basis in group])
                 groups.append(([tensor for tensor, _ in group], stacked))
             self._grouped = (key, list(self.bases.values()), groups)  # the bases kept alive, so their ids stay theirs
+            self._buffers, self._buffer_rows = [], []
         return self._grouped[2]
 
     @torch.no_grad()
@@ -201,17 +205,17 @@ class GradientProjector:
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Remember the protected parameters before the optimizer step (into buffers kept from the last snapshot of
-        the same tensors, copied with one ``torch._foreach_copy_``)."""
-        sources = {name: _local(tensor.parameter).detach() for name, tensor, _ in self._with_basis()}
-        kept = self._buffers
-        if kept.keys() != sources.keys() or any(
-            (kept[n].shape, kept[n].dtype, kept[n].device) != (t.shape, t.dtype, t.device) for n, t in sources.items()
-        ):
-            self._buffers = kept = {name: torch.empty_like(t) for name, t in sources.items()}
-        if sources:
-            torch._foreach_copy_(list(kept.values()), list(sources.values()))
-        self._before = kept
+        """Remember the protected parameters before the optimizer step: per group, the members' rows stacked
+        ``(n, ..., d)`` into a buffer kept from the last snapshot of the same groups, all copied with one
+        ``torch._foreach_copy_``; :meth:`finish_update` subtracts them as they are, with no stacking of its own."""
+        groups = self._groups()
+        rows = [[_rows(tensor) for tensor in tensors] for tensors, _ in groups]
+        if not self._buffers:
+            self._buffers = [torch.empty((len(r), *r[0].shape), dtype=r[0].dtype, device=r[0].device) for r in rows]
+            self._buffer_rows = [row for buffer in self._buffers for row in buffer.unbind(0)]
+        if self._buffer_rows:
+            torch._foreach_copy_(self._buffer_rows, [row for members in rows for row in members])
+        self._snapshotted = True
 
     @torch.no_grad()
     def finish_update(self, reproject: bool, measure: bool = True) -> torch.Tensor | None:
@@ -220,23 +224,27 @@ class GradientProjector:
         Returns ``[max |delta W U|, max |delta W|]`` over all protected tensors as a 2-element float32 tensor on the
         parameters' device (no host sync), measured on the final parameters: the first is ~0 when the guarantee
         holds, the second gives its scale. ``None`` without ``measure`` (the re-projection still happens).
+
+        Raises ``RuntimeError`` without a :meth:`snapshot` since the last call, or if the bases or the parameters'
+        shapes changed in between (``W_before`` would not be the parameters' own).
         """
+        if not self._snapshotted:
+            raise RuntimeError("finish_update() needs snapshot() right before the optimizer step")
+        self._snapshotted = False
+        groups = self._groups()
+        if len(self._buffers) != len(groups):
+            raise RuntimeError("the bases or the parameters' shapes changed between snapshot() and finish_update()")
         measured = []
-        for tensors, bases in self._groups():
-            present = [i for i, tensor in enumerate(tensors) if tensor.name in self._before]
-            if not present:
-                continue
-            local = [tensors[i].rows(_local(tensors[i].parameter)) for i in present]
-            before = torch.stack([tensors[i].rows(self._before[tensors[i].name]) for i in present])
-            group_bases = _members(bases, present)
+        for (tensors, bases), before in zip(groups, self._buffers, strict=True):
+            local = [_rows(tensor) for tensor in tensors]
+            after = torch.stack(local)
             if reproject:
-                delta = _project_out_stacked(torch.stack(local) - before, group_bases)
-                torch._foreach_copy_(local, (before + delta).unbind(0))
+                after = before + _project_out_stacked(after - before, bases)
+                torch._foreach_copy_(local, after.unbind(0))
             if measure:
-                delta = (torch.stack(local) - before).float()
-                overlap = delta @ group_bases.to(device=delta.device, dtype=delta.dtype)
+                delta = (after - before).float()
+                overlap = delta @ bases.to(device=delta.device, dtype=delta.dtype)
                 measured.append(torch.stack([overlap.abs().amax(), delta.abs().amax()]))
-        self._before = {}
         if not measure:
             return None
         return torch.stack(measured).amax(0) if measured else torch.zeros(2)
@@ -264,6 +272,11 @@ def _outside(covariance: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
     c = covariance.to(torch.float64)
     c = c - u @ (u.T @ c)
     return c - (c @ u) @ u.T
+
+
+def _rows(tensor: ProtectedTensor) -> torch.Tensor:
+    """The local rows of ``tensor``'s parameter, ``(..., d)``."""
+    return tensor.rows(_local(tensor.parameter))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:
