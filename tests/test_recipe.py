@@ -112,3 +112,32 @@ def test_pet_options_reach_the_tuners_config_and_bad_ones_fail_before_anything_i
         with pytest.raises(ValueError, match=message):
             image.run(script, args)
     assert not (tmp_path / "run").exists()
+
+
+def test_prefix_init_activations_starts_the_prefixes_from_first_task_tokens(tmp_path, monkeypatch):
+    """``--prefix_init activations``: the same seed gives the same prefixes, drawn from the first task's images
+    (their scale that of real keys, not ``init_std``); a bad value or another PET fails before the data load."""
+    from pegp_hf.experiments import image
+    from pegp_hf.tuners import Prefix
+
+    script, _ = image.parse_args(["--pet", "prefix", "--dataset", "digits", "--prefix_init", "activations"])
+    train, test, label_column = image.load_data(script)
+    first = image.build_tasks(script, train, test, label_column)[0].train
+    values = [
+        torch.cat(
+            [m.value.flatten() for m in image.build_model(script, 10, 0, first).modules() if isinstance(m, Prefix)]
+        )
+        for _ in range(2)
+    ]
+    torch.testing.assert_close(values[0], values[1], rtol=0, atol=0)
+    assert float(values[0].std()) > 0.05  # the normal start is init_std 0.02
+    with pytest.raises(ValueError, match="needs the first task"):
+        image.build_model(script, 10, 0)
+
+    monkeypatch.setattr(image, "load_data", lambda script: pytest.fail("data loaded before the flags were checked"))
+    for argv, message in ((["--pet", "lora"], "use --pet prefix"), (["--pet", "prefix"], "must be 'normal'")):
+        prefix_init = "activations" if argv[1] == "lora" else "real"
+        script, args = image.parse_args([*argv, "--prefix_init", prefix_init, "--output_dir", str(tmp_path / "run")])
+        with pytest.raises(ValueError, match=message):
+            image.run(script, args)
+    assert not (tmp_path / "run").exists()

@@ -586,3 +586,48 @@ def test_the_keys_condition_is_refused_for_rotary_decoders():
     llama = LlamaForCausalLM(config)
     with pytest.raises(ValueError, match="RoPE"):
         inject_pet(llama, PromptConfig(length=PROMPT, insert=False, condition="keys"))
+
+
+@pytest.mark.parametrize("family", ("vit", "clip_text"))
+def test_prefixes_from_activations_are_real_tokens_keys_and_values(family):
+    """Each prefix row ``j`` is one visible token's key (every head's row ``j`` the same token) and that token's value,
+    read from the attention module's own key / value projections; padded tokens are never drawn."""
+    from pegp_hf.tuners import init_prefixes_from_activations
+
+    model = adapted(family, "prefix")
+    inputs = FAMILIES[family][1](3, count=4)
+    if family == "clip_text":  # the last 3 tokens of sample 0 are padding
+        inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+        inputs["attention_mask"][0, -3:] = 0
+        target = model.text_model
+    else:
+        target = model
+    recorded, handles = {}, []
+    for name, module in target.named_modules():
+        for kind in ("key", "value", "k_proj", "v_proj"):
+            if name.endswith(f".{kind}") and hasattr(target.get_submodule(name.rsplit(".", 1)[0]), "pegp_prefix"):
+                owner = name.rsplit(".", 1)[0]
+                hook = lambda m, a, out, owner=owner, kind=kind[0]: recorded.__setitem__((owner, kind), out.detach())  # noqa: E731
+                handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        target(**inputs)
+    for handle in handles:
+        handle.remove()
+    assert init_prefixes_from_activations(target, inputs, seed=1) == 2
+    for owner in {owner for owner, _ in recorded}:
+        prefix = target.get_submodule(owner).pegp_prefix
+        heads, length, head_dim = prefix.value.shape
+        keys = recorded[owner, "k"].unflatten(-1, (heads, head_dim))  # (B, S, heads, head_dim)
+        values = recorded[owner, "v"].unflatten(-1, (heads, head_dim))
+        for j in range(length):
+            row = torch.stack([prefix.key[h][j] for h in range(heads)])  # (heads, head_dim)
+            match = (keys - row).abs().amax(dim=(-1, -2)) < 1e-6  # (B, S)
+            visible = inputs.get("attention_mask", torch.ones(keys.shape[:2])).bool()
+            assert (match & visible).any(), (owner, j)  # (tokens equal in layer 0 may match in several samples)
+            b, s = (match & visible).nonzero()[0].tolist()
+            torch.testing.assert_close(prefix.value[:, j], values[b, s], rtol=0, atol=1e-6)
+    if family == "clip_text":  # one sample of 2 tokens: fewer than the 3 prefix rows
+        with pytest.raises(ValueError, match="fewer than the prefix length"):
+            init_prefixes_from_activations(target, {k: v[:1, :2] for k, v in inputs.items()})
+    with pytest.raises(ValueError, match="no pegp_hf prefix"):
+        init_prefixes_from_activations(FAMILIES[family][0](0), inputs)

@@ -45,6 +45,7 @@ from pegp_hf.offline.datasets import EMBEDDED, IMAGE_SIZE, load_embedded
 from pegp_hf.offline.transforms import grey_to_processor_input, grey_to_rgb, images_to_pixel_values
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves
 from pegp_hf.tuners.factory import get_pet_model, parse_layers
+from pegp_hf.tuners.prefix import init_prefixes_from_activations
 from pegp_hf.tuners.registry import PEFT_METHODS, TUNERS, available_pets
 
 TINY_SIZE = 28  # the random-init ViT's input side for a --dataset_name (one channel, patch 7)
@@ -68,6 +69,8 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "report_to": "none",
 }
 
+
+PREFIX_INIT_SAMPLES = 64  # first-task images whose tokens --prefix_init activations draws the prefixes from
 
 # config fields the recipe sets from flags of their own (--pet_options may not set them)
 OWN_FLAGS = {"r": "--pet_width", "length": "--pet_width", "width": "--pet_width", "layers": "--pet_layers",
@@ -134,6 +137,11 @@ class ImageExperimentArguments:
         metadata={"help": "More fields of the PET's config as a JSON object, e.g. '{\"init_std\": 0.1, "
                   "\"value_prefix\": \"freeze_after_first_task\"}' (prefix) or '{\"lora_alpha\": 16}' (LoRA)."},
     )  # fmt: skip
+    prefix_init: str = field(
+        default="normal",
+        metadata={"help": "Start of --pet prefix: 'normal' (PrefixConfig.init_std) or 'activations' (the keys and "
+                  "values of random tokens of 64 first-task training images, init_prefixes_from_activations)."},
+    )  # fmt: skip
     plots: bool = field(default=True, metadata={"help": "Save the PNG plots next to results.json (matplotlib)."})
 
 
@@ -181,9 +189,12 @@ def load_data(script: ImageExperimentArguments) -> tuple[Dataset, Dataset, str]:
     return train.with_transform(transform), test.with_transform(transform), script.label_column
 
 
-def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) -> torch.nn.Module:
+def build_model(
+    script: ImageExperimentArguments, num_labels: int, seed: int, first_task: Dataset | None = None
+) -> torch.nn.Module:
     """The backbone with ``num_labels`` outputs and the chosen PET (head trained as ``modules_to_save``), built
-    after ``set_seed(seed)`` so every method starts from the same weights."""
+    after ``set_seed(seed)`` so every method starts from the same weights; with ``--prefix_init activations``, the
+    prefixes start from ``first_task``'s tokens (its first :data:`PREFIX_INIT_SAMPLES` images)."""
     set_seed(seed)
     if script.model_name_or_path is None and script.backbone == "dinov2-small":
         from pegp_hf.offline.models import load_dinov2_small_for_classification
@@ -202,9 +213,15 @@ def build_model(script: ImageExperimentArguments, num_labels: int, seed: int) ->
         model = AutoModelForImageClassification.from_pretrained(
             script.model_name_or_path, num_labels=num_labels, ignore_mismatched_sizes=True
         )
-    return get_pet_model(model, script.pet, width=script.pet_width, layers=parse_layers(script.pet_layers),
-                         modules_to_save=["classifier"], target_modules=script.lora_target_modules,
-                         **pet_options(script))  # fmt: skip
+    model = get_pet_model(model, script.pet, width=script.pet_width, layers=parse_layers(script.pet_layers),
+                          modules_to_save=["classifier"], target_modules=script.lora_target_modules,
+                          **pet_options(script))  # fmt: skip
+    if script.prefix_init == "activations":
+        if first_task is None:
+            raise ValueError("--prefix_init activations needs the first task's training images")
+        images = first_task[: min(PREFIX_INIT_SAMPLES, len(first_task))]["pixel_values"]
+        init_prefixes_from_activations(model, {"pixel_values": torch.stack(list(images))}, seed=seed)
+    return model
 
 
 def pet_options(script: ImageExperimentArguments) -> dict[str, Any]:
@@ -255,6 +272,10 @@ def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[s
     """Every method of ``script.methods`` on the same tasks (see :func:`~pegp_hf.experiments.runner.run_methods`).
     ``--resume_from_checkpoint true`` resumes each method from its own newest ``task-<k>``."""
     options = pet_options(script)  # a malformed value fails before the data are loaded
+    if script.prefix_init not in ("normal", "activations"):
+        raise ValueError(f"--prefix_init must be 'normal' or 'activations', got {script.prefix_init!r}")
+    if script.prefix_init == "activations" and script.pet != "prefix":
+        raise ValueError(f"--prefix_init activations starts prefixes; --pet is {script.pet!r}: use --pet prefix")
     train, test, label_column = load_data(script)
     tasks = build_tasks(script, train, test, label_column)
     num_labels = 1 + max(max(task.classes) for task in tasks)
@@ -263,11 +284,13 @@ def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[s
         "pet_width": script.pet_width,
         "pet_layers": script.pet_layers,
         "pet_options": options,
+        **({"prefix_init": script.prefix_init} if script.prefix_init != "normal" else {}),
         "model": script.model_name_or_path or script.backbone,
         "data": script.dataset_name or script.dataset,
     }
     return run_methods(
-        tasks, lambda method_args: build_model(script, num_labels, method_args.seed), args, script.methods, describe,
+        tasks, lambda method_args: build_model(script, num_labels, method_args.seed, tasks[0].train), args,
+        script.methods, describe,
         args.resume_from_checkpoint,
     )  # fmt: skip
 

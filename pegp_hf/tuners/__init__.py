@@ -26,7 +26,7 @@ from pegp_hf.tuners.model import (
     set_pet_state_dict,
 )
 from pegp_hf.tuners.peft import ia3_protected_tensors, lora_protected_tensors
-from pegp_hf.tuners.prefix import Prefix, PrefixConfig
+from pegp_hf.tuners.prefix import Prefix, PrefixConfig, init_prefixes_from_activations
 from pegp_hf.tuners.prompt import Prompt, PromptConfig
 from pegp_hf.tuners.registry import (
     PEFT_METHODS,
@@ -61,6 +61,7 @@ __all__ = [
     "get_pet_model",
     "get_pet_state_dict",
     "ia3_protected_tensors",
+    "init_prefixes_from_activations",
     "inject_pet",
     "load_pet_pretrained",
     "lora_protected_tensors",

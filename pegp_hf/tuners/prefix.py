@@ -12,11 +12,16 @@ would not keep each head's logits, so every head's key prefix ``(L, head_dim)`` 
 basis (``key.<h>``), its features being that head's queries. The value prefix cannot be protected by projection
 (its effect scales with the attention weights): ``value_prefix="free"`` trains it without protection, as the paper;
 ``"freeze_after_first_task"`` trains it on the first task only.
+
+:func:`init_prefixes_from_activations` starts the prefixes as copies of real tokens' keys and values (Li and Liang
+2021, section 7.2: real-word activations as the initialisation), so that they draw attention and carry content
+from the first step; the default normal start with a small ``init_std`` keeps them near zero.
 """
 
 from __future__ import annotations
 
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
@@ -68,6 +73,7 @@ class Prefix(PETModule):
         self.value = nn.Parameter(torch.randn(num_heads, length, head_dim) * config.init_std)
         self.freeze_value = config.value_prefix == "freeze_after_first_task"
         self.inner_attention = inner_attention
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None  # see record()
 
     def forward(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``query`` ``(B, heads, T, head_dim)`` (seen by feature hooks) -> key and value prefixes
@@ -121,6 +127,8 @@ def prefix_attention(
             f"prefixes need as many key / value heads as query heads ({key.shape[1]} vs {query.shape[1]}): grouped-"
             "query attention is not supported"
         )
+    if prefix.recorded is not None:
+        prefix.recorded.append((key.detach(), value.detach(), attention_mask))
     key_prefix, value_prefix = prefix(query)
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
@@ -131,6 +139,63 @@ def prefix_attention(
 
 
 AttentionInterface.register(ATTENTION_NAME, prefix_attention)
+
+
+@torch.no_grad()
+def init_prefixes_from_activations(model: nn.Module, inputs: Mapping[str, torch.Tensor], seed: int = 0) -> int:
+    """Set every :class:`Prefix` of ``model`` to the keys and values of real tokens: one forward of ``inputs`` (a
+    batch of the first task's training data, in eval mode, no grad), then per attention module ``L`` tokens drawn at
+    random (``seed``) among the visible ones, each prefix row ``j`` of head ``h`` the key / value of token ``j``'s
+    head ``h`` (a key and its value stay a pair, as a real token's).
+
+    Call it once, before the first task, on the model as built; a resumed run loads its trained prefixes over it.
+
+    Returns the number of prefix modules set. Raises ``ValueError`` when the model has no prefix, or when a batch
+    holds fewer visible tokens than ``L`` (use a larger batch or shorter prefixes).
+    """
+    prefixes = [module for module in model.modules() if isinstance(module, Prefix)]
+    if not prefixes:
+        raise ValueError("the model has no pegp_hf prefix to initialise: build it with PrefixConfig")
+    training = model.training
+    for prefix in prefixes:
+        prefix.recorded = []
+    try:
+        model.eval()
+        model(**inputs)
+        recorded = [prefix.recorded for prefix in prefixes]
+    finally:
+        for prefix in prefixes:
+            prefix.recorded = None
+        model.train(training)
+    generator = torch.Generator().manual_seed(seed)
+    for prefix, calls in zip(prefixes, recorded, strict=True):
+        if not calls:
+            raise ValueError("a prefix's attention module did not run on the given inputs")
+        key, value, mask = calls[0]  # (B, heads, S, head_dim); the module's first call
+        tokens = _visible_tokens(mask, key.shape[0], key.shape[2])
+        length = prefix.value.shape[1]
+        if len(tokens) < length:
+            raise ValueError(
+                f"the batch holds {len(tokens)} visible tokens, fewer than the prefix length {length}: pass more "
+                "samples"
+            )
+        batch_index, token_index = tokens[torch.randperm(len(tokens), generator=generator)[:length]].T
+        keys = key[batch_index, :, token_index].transpose(0, 1)  # (heads, L, head_dim)
+        for h, parameter in enumerate(prefix.key):
+            parameter.copy_(keys[h])
+        prefix.value.copy_(value[batch_index, :, token_index].transpose(0, 1))
+    return len(prefixes)
+
+
+def _visible_tokens(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """``(n, 2)`` (sample, token) indices of the tokens some query may attend to: all of them without a mask, else
+    those whose column of the (boolean or additive) mask allows attention for some query."""
+    if mask is None:
+        visible = torch.ones(batch, length, dtype=torch.bool)
+    else:
+        allowed = mask if mask.dtype == torch.bool else mask == 0
+        visible = allowed.expand(batch, -1, -1, -1).any(dim=(1, 2)).cpu()[:, -length:]
+    return visible.nonzero()
 
 
 def plan_prefixes(model: nn.Module, config: PrefixConfig) -> list[Attachment]:
