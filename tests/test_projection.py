@@ -251,3 +251,32 @@ def test_finish_update_refuses_a_step_without_its_own_snapshot():
     projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :3] for t in tensors})
     with pytest.raises(RuntimeError, match="changed between"):
         projector.finish_update(reproject=True)
+
+
+def test_snapshot_keeps_each_dtype_exact_and_empty_shards_measure_nothing():
+    """Equally shaped tensors of different dtypes get different buffers (a float32 weight's ``W_before`` rounded to
+    bfloat16 would move it inside its protected span); a tensor with no local rows (an FSDP2 rank holding none of a
+    small tensor) is stepped and measured without error."""
+    from torch import nn
+
+    from pegp_hf.core.protected import ProtectedTensor, module_input
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4, bias=False).to(torch.bfloat16), nn.Linear(6, 4, bias=False)]  # bfloat16 first
+    empty = nn.Module()
+    empty.weight = nn.Parameter(torch.empty(0, 6))
+    owners = [*layers, empty]
+    tensors = [ProtectedTensor(f"w{i}", "w", m, "weight", m, module_input) for i, m in enumerate(owners)]
+    projector = GradientProjector(tensors)
+    projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :3] for t in tensors})
+    with torch.no_grad():
+        layers[1].weight.copy_(1 + 1e-3 * torch.randn(4, 6))  # bfloat16 holds these to about 4e-3 only
+    before = layers[1].weight.detach().clone()
+    projector.snapshot()
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.add_(0.1 * torch.randn_like(layer.weight))
+    overlap, largest = projector.finish_update(reproject=True).tolist()
+    moved = layers[1].weight.detach() - before
+    assert float((moved @ projector.bases["w1"]).abs().max()) < 1e-6 and float(moved.abs().max()) > 1e-2
+    assert overlap < 1e-2 and largest > 1e-2  # (the bfloat16 tensor's own rounding sets the first)

@@ -3,6 +3,7 @@ the PEGP condition of each measured on tensors, save / load round trips, and con
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 
@@ -588,46 +589,71 @@ def test_the_keys_condition_is_refused_for_rotary_decoders():
         inject_pet(llama, PromptConfig(length=PROMPT, insert=False, condition="keys"))
 
 
+def _keep_output(store: dict, key: tuple, module, args, output) -> None:
+    store[key] = output.detach()
+
+
 @pytest.mark.parametrize("family", ("vit", "clip_text"))
-def test_prefixes_from_activations_are_real_tokens_keys_and_values(family):
-    """Each prefix row ``j`` is one visible token's key (every head's row ``j`` the same token) and that token's value,
-    read from the attention module's own key / value projections; padded tokens are never drawn."""
+def test_prefixes_from_activations_are_the_base_models_token_keys_and_values(family):
+    """Each prefix row ``j`` is one visible token's key in the base model, without any prefix (every head's row ``j``
+    the same token), and that token's value, read from the base model's own key / value projections; padded tokens
+    are never drawn; a failing call changes no prefix and leaves no module recording."""
     from pegp_hf.tuners import init_prefixes_from_activations
 
-    model = adapted(family, "prefix")
-    inputs = FAMILIES[family][1](3, count=4)
+    build, make_inputs, *_ = FAMILIES[family]
+    model, base = adapted(family, "prefix"), build(0)
+    inputs = make_inputs(3, count=4)
     if family == "clip_text":  # the last 3 tokens of sample 0 are padding
         inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
         inputs["attention_mask"][0, -3:] = 0
-        target = model.text_model
-    else:
-        target = model
-    recorded, handles = {}, []
-    for name, module in target.named_modules():
-        for kind in ("key", "value", "k_proj", "v_proj"):
-            if name.endswith(f".{kind}") and hasattr(target.get_submodule(name.rsplit(".", 1)[0]), "pegp_prefix"):
-                owner = name.rsplit(".", 1)[0]
-                hook = lambda m, a, out, owner=owner, kind=kind[0]: recorded.__setitem__((owner, kind), out.detach())  # noqa: E731
-                handles.append(module.register_forward_hook(hook))
+        model, base = model.text_model, base.text_model
+    owners = [name for name, module in model.named_modules() if hasattr(module, "pegp_prefix")]
+    recorded = {}
+    for owner in owners:
+        for name, module in base.get_submodule(owner).named_children():
+            if name in ("key", "value", "k_proj", "v_proj"):
+                record = functools.partial(_keep_output, recorded, (owner, name[0]))
+                module.register_forward_hook(record)
     with torch.no_grad():
-        target(**inputs)
-    for handle in handles:
-        handle.remove()
-    assert init_prefixes_from_activations(target, inputs, seed=1) == 2
-    for owner in {owner for owner, _ in recorded}:
-        prefix = target.get_submodule(owner).pegp_prefix
+        base(**inputs)
+    assert len(recorded) == 2 * len(owners) == 4
+    prefixes = [model.get_submodule(owner).pegp_prefix for owner in owners]
+    start = [p.value.clone() for p in prefixes]
+    if family == "clip_text":  # one sample of 2 tokens, fewer than the 3 prefix rows
+        with pytest.raises(ValueError, match="fewer than the prefix length"):
+            init_prefixes_from_activations(model, {k: v[:1, :2] for k, v in inputs.items()})
+    assert all(torch.equal(p.value, s) for p, s in zip(prefixes, start, strict=True))
+    assert all(p.recorded is None for p in prefixes) and not model.training
+
+    assert init_prefixes_from_activations(model, inputs, seed=1) == 2
+    visible = inputs.get("attention_mask", torch.ones(4, recorded[owners[0], "k"].shape[1])).bool()
+    for owner, prefix in zip(owners, prefixes, strict=True):
         heads, length, head_dim = prefix.value.shape
         keys = recorded[owner, "k"].unflatten(-1, (heads, head_dim))  # (B, S, heads, head_dim)
         values = recorded[owner, "v"].unflatten(-1, (heads, head_dim))
         for j in range(length):
             row = torch.stack([prefix.key[h][j] for h in range(heads)])  # (heads, head_dim)
-            match = (keys - row).abs().amax(dim=(-1, -2)) < 1e-6  # (B, S)
-            visible = inputs.get("attention_mask", torch.ones(keys.shape[:2])).bool()
-            assert (match & visible).any(), (owner, j)  # (tokens equal in layer 0 may match in several samples)
-            b, s = (match & visible).nonzero()[0].tolist()
+            match = ((keys - row).abs().amax(dim=(-1, -2)) < 1e-6) & visible  # (B, S)
+            assert match.any(), (owner, j)  # (tokens equal in layer 0 may match in several samples)
+            b, s = match.nonzero()[0].tolist()
             torch.testing.assert_close(prefix.value[:, j], values[b, s], rtol=0, atol=1e-6)
-    if family == "clip_text":  # one sample of 2 tokens: fewer than the 3 prefix rows
-        with pytest.raises(ValueError, match="fewer than the prefix length"):
-            init_prefixes_from_activations(target, {k: v[:1, :2] for k, v in inputs.items()})
     with pytest.raises(ValueError, match="no pegp_hf prefix"):
-        init_prefixes_from_activations(FAMILIES[family][0](0), inputs)
+        init_prefixes_from_activations(build(0), inputs)
+
+
+def test_visible_tokens_read_boolean_and_additive_masks_of_every_broadcast_shape():
+    """A token is visible when some query may attend to it; padding columns never are, whatever the mask's form."""
+    from pegp_hf.tuners.prefix import visible_tokens
+
+    padded = torch.tensor([[1, 1, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)  # (B, K): padding outnumbers
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    expected = padded.nonzero()
+    boolean = causal[None, None] & padded[:, None, None, :]  # (B, 1, Q, K)
+    for mask in (boolean, padded[:, None, None, :]):  # (B, 1, Q, K), (B, 1, 1, K)
+        for form in (mask, torch.zeros(mask.shape).masked_fill(~mask, torch.finfo(torch.float32).min)):
+            assert torch.equal(visible_tokens(form, 2, 5), expected)
+    shared = torch.zeros(1, 1, 5, 5).masked_fill(~causal, float("-inf"))  # (1, 1, Q, K), causal only: all visible
+    assert torch.equal(visible_tokens(shared, 2, 5), torch.ones(2, 5, dtype=torch.bool).nonzero())
+    assert torch.equal(visible_tokens(None, 2, 5), torch.ones(2, 5, dtype=torch.bool).nonzero())
+    with pytest.raises(ValueError, match="expected"):
+        visible_tokens(padded, 2, 5)  # 2-D

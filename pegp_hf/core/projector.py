@@ -155,8 +155,9 @@ class GradientProjector:
             if name not in bases or not 0 <= count <= bases[name].shape[1]:
                 raise ValueError(f"reference_dims[{name!r}] = {count} does not fit its basis")
         self.reference_dims = reference_dims
-        self.bases = {
-            name: bases[name].to(device=t.parameter.device, dtype=torch.float32) for name, t in self.tensors.items()
+        self.bases = {  # copies: the caller's tensors may change later, and the stacked groups key on identity
+            name: bases[name].to(device=t.parameter.device, dtype=torch.float32, copy=True)
+            for name, t in self.tensors.items()
         }
 
     def project_gradient(self, name: str, gradient: torch.Tensor) -> torch.Tensor:
@@ -172,12 +173,16 @@ class GradientProjector:
                 yield name, tensor, basis
 
     def _groups(self) -> list[Group]:
-        """The tensors with a basis, grouped by the shape and device of their local rows, each group with its bases
-        stacked as ``(n, d, k_max)`` float32: zero columns pad the smaller bases (they add nothing to ``U U^T``), so
-        one batched product projects a whole group (LoRA's A and B, a tuner's per-layer tensors) instead of one
-        small product per tensor. Rebuilt when a basis is replaced or a parameter's local shape or dtype changes."""
+        """The tensors with a basis, grouped by the shape, dtype and device of their local rows, each group with its
+        bases stacked as ``(n, d, k_max)`` float32: zero columns pad the smaller bases (they add nothing to
+        ``U U^T``), so one batched product projects a whole group (LoRA's A and B, a tuner's per-layer tensors)
+        instead of one small product per tensor. Rebuilt when a basis is replaced (bases are replaced, never edited
+        in place: :meth:`grow` and :meth:`load_bases` make new tensors) or a parameter's local shape, dtype or device
+        changes."""
         locals_ = {name: _local(tensor.parameter) for name, tensor in self.tensors.items()}
-        key = tuple((id(self.bases[name]), tuple(local.shape), local.dtype) for name, local in locals_.items())
+        key = tuple(
+            (id(self.bases[name]), tuple(local.shape), local.dtype, local.device) for name, local in locals_.items()
+        )
         if self._grouped is None or self._grouped[0] != key:
             members: dict[tuple, list[tuple[ProtectedTensor, torch.Tensor]]] = defaultdict(list)
             for _, tensor, basis in self._with_basis():
@@ -225,15 +230,15 @@ class GradientProjector:
         parameters' device (no host sync), measured on the final parameters: the first is ~0 when the guarantee
         holds, the second gives its scale. ``None`` without ``measure`` (the re-projection still happens).
 
-        Raises ``RuntimeError`` without a :meth:`snapshot` since the last call, or if the bases or the parameters'
-        shapes changed in between (``W_before`` would not be the parameters' own).
+        Raises ``RuntimeError`` without a :meth:`snapshot` since the last call, or if a basis was replaced or a
+        parameter's local shape, dtype or device changed in between (``W_before`` would not be the parameters' own).
         """
         if not self._snapshotted:
             raise RuntimeError("finish_update() needs snapshot() right before the optimizer step")
         self._snapshotted = False
         groups = self._groups()
         if len(self._buffers) != len(groups):
-            raise RuntimeError("the bases or the parameters' shapes changed between snapshot() and finish_update()")
+            raise RuntimeError("the bases or the parameters' layout changed between snapshot() and finish_update()")
         measured = []
         for (tensors, bases), before in zip(groups, self._buffers, strict=True):
             local = [_rows(tensor) for tensor in tensors]
@@ -241,13 +246,15 @@ class GradientProjector:
             if reproject:
                 after = before + _project_out_stacked(after - before, bases)
                 torch._foreach_copy_(local, after.unbind(0))
-            if measure:
+            if measure and after.numel():  # (an FSDP2 rank may hold no rows of a small tensor)
                 delta = (after - before).float()
                 overlap = delta @ bases.to(device=delta.device, dtype=delta.dtype)
                 measured.append(torch.stack([overlap.abs().amax(), delta.abs().amax()]))
         if not measure:
             return None
-        return torch.stack(measured).amax(0) if measured else torch.zeros(2)
+        if measured:
+            return torch.stack(measured).amax(0)
+        return torch.zeros(2, device=groups[0][1].device if groups else None)
 
 
 def _members(stacked: torch.Tensor, present: list[int]) -> torch.Tensor:

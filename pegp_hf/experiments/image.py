@@ -70,6 +70,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 }
 
 
+PREFIX_INITS = ("normal", "activations")
 PREFIX_INIT_SAMPLES = 64  # first-task images whose tokens --prefix_init activations draws the prefixes from
 
 # config fields the recipe sets from flags of their own (--pet_options may not set them)
@@ -140,7 +141,8 @@ class ImageExperimentArguments:
     prefix_init: str = field(
         default="normal",
         metadata={"help": "Start of --pet prefix: 'normal' (PrefixConfig.init_std) or 'activations' (the keys and "
-                  "values of random tokens of 64 first-task training images, init_prefixes_from_activations)."},
+                  "values of random tokens of 64 random first-task training images, init_prefixes_from_activations).",
+                  "choices": list(PREFIX_INITS)},
     )  # fmt: skip
     plots: bool = field(default=True, metadata={"help": "Save the PNG plots next to results.json (matplotlib)."})
 
@@ -194,7 +196,8 @@ def build_model(
 ) -> torch.nn.Module:
     """The backbone with ``num_labels`` outputs and the chosen PET (head trained as ``modules_to_save``), built
     after ``set_seed(seed)`` so every method starts from the same weights; with ``--prefix_init activations``, the
-    prefixes start from ``first_task``'s tokens (its first :data:`PREFIX_INIT_SAMPLES` images)."""
+    prefixes start from the tokens of :data:`PREFIX_INIT_SAMPLES` images of ``first_task``, drawn with ``seed``."""
+    check_prefix_init(script)
     set_seed(seed)
     if script.model_name_or_path is None and script.backbone == "dinov2-small":
         from pegp_hf.offline.models import load_dinov2_small_for_classification
@@ -219,9 +222,18 @@ def build_model(
     if script.prefix_init == "activations":
         if first_task is None:
             raise ValueError("--prefix_init activations needs the first task's training images")
-        images = first_task[: min(PREFIX_INIT_SAMPLES, len(first_task))]["pixel_values"]
+        sample = first_task.shuffle(seed=seed).select(range(min(PREFIX_INIT_SAMPLES, len(first_task))))
+        images = sample[:]["pixel_values"]
         init_prefixes_from_activations(model, {"pixel_values": torch.stack(list(images))}, seed=seed)
     return model
+
+
+def check_prefix_init(script: ImageExperimentArguments) -> None:
+    """Raise ``ValueError`` for a ``--prefix_init`` the recipe does not know, or ``activations`` without prefixes."""
+    if script.prefix_init not in PREFIX_INITS:
+        raise ValueError(f"--prefix_init must be one of {PREFIX_INITS}, got {script.prefix_init!r}")
+    if script.prefix_init == "activations" and script.pet != "prefix":
+        raise ValueError(f"--prefix_init activations starts prefixes; --pet is {script.pet!r}: use --pet prefix")
 
 
 def pet_options(script: ImageExperimentArguments) -> dict[str, Any]:
@@ -272,10 +284,7 @@ def run(script: ImageExperimentArguments, args: PEGPTrainingArguments) -> dict[s
     """Every method of ``script.methods`` on the same tasks (see :func:`~pegp_hf.experiments.runner.run_methods`).
     ``--resume_from_checkpoint true`` resumes each method from its own newest ``task-<k>``."""
     options = pet_options(script)  # a malformed value fails before the data are loaded
-    if script.prefix_init not in ("normal", "activations"):
-        raise ValueError(f"--prefix_init must be 'normal' or 'activations', got {script.prefix_init!r}")
-    if script.prefix_init == "activations" and script.pet != "prefix":
-        raise ValueError(f"--prefix_init activations starts prefixes; --pet is {script.pet!r}: use --pet prefix")
+    check_prefix_init(script)
     train, test, label_column = load_data(script)
     tasks = build_tasks(script, train, test, label_column)
     num_labels = 1 + max(max(task.classes) for task in tasks)

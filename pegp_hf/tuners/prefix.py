@@ -73,7 +73,8 @@ class Prefix(PETModule):
         self.value = nn.Parameter(torch.randn(num_heads, length, head_dim) * config.init_std)
         self.freeze_value = config.value_prefix == "freeze_after_first_task"
         self.inner_attention = inner_attention
-        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None  # see record()
+        # set by init_prefixes_from_activations: while a list, the module records its tokens and adds no prefix
+        self.recorded: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]] | None = None
 
     def forward(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``query`` ``(B, heads, T, head_dim)`` (seen by feature hooks) -> key and value prefixes
@@ -127,8 +128,9 @@ def prefix_attention(
             f"prefixes need as many key / value heads as query heads ({key.shape[1]} vs {query.shape[1]}): grouped-"
             "query attention is not supported"
         )
-    if prefix.recorded is not None:
+    if prefix.recorded is not None:  # the base model's own attention, its tokens kept
         prefix.recorded.append((key.detach(), value.detach(), attention_mask))
+        return ALL_ATTENTION_FUNCTIONS[prefix.inner_attention](module, query, key, value, attention_mask, **kwargs)
     key_prefix, value_prefix = prefix(query)
     causal = kwargs.pop("is_causal", None)
     causal = getattr(module, "is_causal", False) if causal is None else causal
@@ -144,14 +146,15 @@ AttentionInterface.register(ATTENTION_NAME, prefix_attention)
 @torch.no_grad()
 def init_prefixes_from_activations(model: nn.Module, inputs: Mapping[str, torch.Tensor], seed: int = 0) -> int:
     """Set every :class:`Prefix` of ``model`` to the keys and values of real tokens: one forward of ``inputs`` (a
-    batch of the first task's training data, in eval mode, no grad), then per attention module ``L`` tokens drawn at
-    random (``seed``) among the visible ones, each prefix row ``j`` of head ``h`` the key / value of token ``j``'s
-    head ``h`` (a key and its value stay a pair, as a real token's).
+    batch of the first task's training data, in eval mode, no grad) through the base model, every prefix left out,
+    then per attention module ``L`` tokens drawn at random (``seed``) among the visible ones, each prefix row ``j`` of
+    head ``h`` the key / value of token ``j``'s head ``h`` (a key and its value stay a pair, as a real token's).
 
     Call it once, before the first task, on the model as built; a resumed run loads its trained prefixes over it.
 
-    Returns the number of prefix modules set. Raises ``ValueError`` when the model has no prefix, or when a batch
-    holds fewer visible tokens than ``L`` (use a larger batch or shorter prefixes).
+    Returns the number of prefix modules set. Raises ``ValueError``, before any prefix changes, when the model has
+    no prefix, when a prefixed module did not run, or when a batch holds fewer visible tokens than ``L`` (use a
+    larger batch or shorter prefixes).
     """
     prefixes = [module for module in model.modules() if isinstance(module, Prefix)]
     if not prefixes:
@@ -168,11 +171,12 @@ def init_prefixes_from_activations(model: nn.Module, inputs: Mapping[str, torch.
             prefix.recorded = None
         model.train(training)
     generator = torch.Generator().manual_seed(seed)
+    drawn = []
     for prefix, calls in zip(prefixes, recorded, strict=True):
         if not calls:
             raise ValueError("a prefix's attention module did not run on the given inputs")
         key, value, mask = calls[0]  # (B, heads, S, head_dim); the module's first call
-        tokens = _visible_tokens(mask, key.shape[0], key.shape[2])
+        tokens = visible_tokens(mask, key.shape[0], key.shape[2])
         length = prefix.value.shape[1]
         if len(tokens) < length:
             raise ValueError(
@@ -180,22 +184,31 @@ def init_prefixes_from_activations(model: nn.Module, inputs: Mapping[str, torch.
                 "samples"
             )
         batch_index, token_index = tokens[torch.randperm(len(tokens), generator=generator)[:length]].T
-        keys = key[batch_index, :, token_index].transpose(0, 1)  # (heads, L, head_dim)
+        # (heads, L, head_dim) each
+        drawn.append(
+            (key[batch_index, :, token_index].transpose(0, 1), value[batch_index, :, token_index].transpose(0, 1))
+        )
+    for prefix, (keys, values) in zip(prefixes, drawn, strict=True):
         for h, parameter in enumerate(prefix.key):
             parameter.copy_(keys[h])
-        prefix.value.copy_(value[batch_index, :, token_index].transpose(0, 1))
+        prefix.value.copy_(values)
     return len(prefixes)
 
 
-def _visible_tokens(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
-    """``(n, 2)`` (sample, token) indices of the tokens some query may attend to: all of them without a mask, else
-    those whose column of the (boolean or additive) mask allows attention for some query."""
+def visible_tokens(mask: torch.Tensor | None, batch: int, length: int) -> torch.Tensor:
+    """``(n, 2)`` (sample, token) indices, in row-major order, of the tokens some query may attend to: all
+    ``batch x length`` without a mask, else those whose column of the 4-D mask ``(B or 1, heads or 1, queries,
+    length)`` allows attention for some query (boolean: True; additive: above the dtype's lowest value).
+
+    Raises ``ValueError`` for a mask of another shape."""
     if mask is None:
-        visible = torch.ones(batch, length, dtype=torch.bool)
-    else:
-        allowed = mask if mask.dtype == torch.bool else mask == 0
-        visible = allowed.expand(batch, -1, -1, -1).any(dim=(1, 2)).cpu()[:, -length:]
-    return visible.nonzero()
+        return torch.ones(batch, length, dtype=torch.bool).nonzero()
+    if mask.ndim != 4 or mask.shape[-1] != length or mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"attention mask of shape {tuple(mask.shape)}: expected (batch or 1, heads or 1, queries, {length})"
+        )
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+    return allowed.expand(batch, -1, -1, -1).any(dim=(1, 2)).cpu().nonzero()
 
 
 def plan_prefixes(model: nn.Module, config: PrefixConfig) -> list[Attachment]:
