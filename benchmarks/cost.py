@@ -1,7 +1,9 @@
 """What PEGP costs, as ratios measured in one run (interleaved, after warm-up, median and spread of repeats).
 
 1. Per optimizer step of a LoRA model: forward + backward + SGD step, with the PEGP step work (gradient projection,
-   snapshot, update check) against without it. The projection's FLOPs against the step's FLOPs are printed beside
+   snapshot, update check) against without it. Each repeat times a plain step, a PEGP step and a second plain step
+   in an order rotated from repeat to repeat; the second plain step against the first is the null ratio, the bias
+   and noise of the measurement itself. The projection's FLOPs against the step's FLOPs are printed beside
    the measured ratio, as the floor.
 2. Memory: the bases against the PET parameters, and the peak memory (resident on CPU, allocated on GPU) of a forward
    pass with feature capture against the same forward without it.
@@ -237,16 +239,21 @@ def step_cost(
     for _ in range(3):  # warm-up
         step(True)
         step(False)
-    plain, pegp = [], []
-    for _ in range(repeats):  # interleaved
-        plain += timed(lambda: step(False), 1, device)
-        pegp += timed(lambda: step(True), 1, device)
+    # interleaved: per repeat a plain step, a PEGP step and a second plain step, in an order rotated each repeat,
+    # so that no kind always runs first; second plain / plain is the null ratio, the measurement's own bias and noise
+    times: dict[str, list[float]] = {"plain": [], "pegp": [], "plain_again": []}
+    for repeat in range(repeats):
+        kinds = list(times)[repeat % 3 :] + list(times)[: repeat % 3]
+        for kind in kinds:
+            times[kind] += timed(partial(step, kind == "pegp"), 1, device)
+    plain, pegp = times["plain"], times["pegp"]
     step_peaks = {"with": peak_memory(lambda: step(True), device), "without": peak_memory(lambda: step(False), device)}
     backward()  # gradients in place: the projection alone, timed apart from the steps
     projection_only = timed(projector.project_gradients, repeats, device)
     optimizer.zero_grad()
     view.__exit__(None, None, None)
     ratios = [p / q for p, q in zip(pegp, plain, strict=True)]
+    null_ratios = [p / q for p, q in zip(times["plain_again"], plain, strict=True)]
     tokens = batch * work.tokens
     parameters = sum(p.numel() for p in model.parameters())
     step_flops = 6 * parameters * tokens  # forward 2PT + backward 4PT (an upper estimate: frozen weights need no dW)
@@ -259,6 +266,7 @@ def step_cost(
         "step_without": summary(plain), "step_with": summary(pegp), "projection_alone": summary(projection_only),
         "ratio_median": statistics.median(ratios),
         "ratio_q1_q3": statistics.quantiles(ratios, n=4)[::2] if len(ratios) > 1 else [ratios[0]] * 2,
+        "null_ratio_median": statistics.median(null_ratios),
         "flop_floor_ratio": 1 + projection_flops / step_flops,
         "protected_dims": sum(dims.values()), "feature_dims": sum(t.feature_dim for t in tensors),
         "basis_bytes": sum(t.feature_dim * dims[n] * 4 for n, t in projector.tensors.items()),
@@ -327,17 +335,21 @@ def scaling_samples(d: int, counts: list[int]) -> list[dict]:
     return rows
 
 
-def step_table(rows: list[tuple[str, dict]]) -> str:
-    """The per-step table of docs/benchmarks.md: one ``(label, cost.json's "step")`` per row."""
-    lines = ["| backbone | step without | step with PEGP | ratio (median, quartiles) | FLOP floor | projection alone "
-             "| protected dims | bases / PET params |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+def step_table(rows: list[tuple[str, dict]], null: bool = False) -> str:
+    """The per-step table of docs/benchmarks.md: one ``(label, cost.json's "step")`` per row; with ``null``, a column
+    of the null ratio (a plain step against another plain step, timed in the same rotation as the PEGP step)."""
+    lines = ["| backbone | step without | step with PEGP | ratio (median, quartiles) | "
+             + ("null ratio | " if null else "")
+             + "FLOP floor | projection alone | protected dims | bases / PET params |",
+             "|---|---|---|---|---|---|---|---|" + ("---|" if null else "")]  # fmt: skip
     for label, step in rows:
         without, with_pegp = step["step_without"]["median_s"] * 1e3, step["step_with"]["median_s"] * 1e3
         low, high = step["ratio_q1_q3"]
         projection = step["projection_alone"]["median_s"] * 1e3
         lines.append(
             f"| {label} | {without:.3g} ms | {with_pegp:.3g} ms | {step['ratio_median']:.3f} ({low:.3f} - {high:.3f}) "
-            f"| {step['flop_floor_ratio']:.4f} | {projection:.2f} ms ({100 * projection / without:.1f}%) | "
+            + (f"| {step['null_ratio_median']:.3f} " if null else "")
+            + f"| {step['flop_floor_ratio']:.4f} | {projection:.2f} ms ({100 * projection / without:.1f}%) | "
             f"{step['protected_dims']} / {step['feature_dims']} | {step['basis_bytes'] / 1e6:.2f} MB / "
             f"{step['pet_bytes'] / 1e6:.2f} MB |"
         )
@@ -428,7 +440,8 @@ def main(argv: list[str] | None = None) -> dict:
     (out / "cost.json").write_text(json.dumps(results, indent=2) + "\n")
     step = results["step"]
     print(f"step time with / without PEGP: {step['ratio_median']:.3f} (quartiles {step['ratio_q1_q3'][0]:.3f}-"
-          f"{step['ratio_q1_q3'][1]:.3f}); FLOP floor {step['flop_floor_ratio']:.4f}")  # fmt: skip
+          f"{step['ratio_q1_q3'][1]:.3f}); null ratio (plain against plain) {step['null_ratio_median']:.3f}; "
+          f"FLOP floor {step['flop_floor_ratio']:.4f}")  # fmt: skip
     print(f"projection alone: {step['projection_alone']['median_s'] * 1e3:.2f} ms of a "
           f"{step['step_without']['median_s'] * 1e3:.1f} ms step; bases {step['basis_bytes'] / 1e6:.2f} MB vs PET "
           f"{step['pet_bytes'] / 1e6:.2f} MB ({step['protected_dims']}/{step['feature_dims']} dims)")  # fmt: skip

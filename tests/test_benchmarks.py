@@ -35,6 +35,11 @@ def test_cost_benchmark_smoke(tmp_path, bf16):
     stored = json.loads((tmp_path / "cost.json").read_text())
     assert stored["step"]["bf16"] is bf16 and stored["step"]["device"] == "cpu"
     assert stored["step"]["ratio_median"] == results["step"]["ratio_median"] > 0
+    assert stored["step"]["null_ratio_median"] > 0  # a plain step against a plain step, in the same rotation
+    header = cost.step_table([("smoke", stored["step"])], null=True).splitlines()[0]
+    assert "| null ratio |" in header and f"| {stored['step']['null_ratio_median']:.3f} |" in cost.step_table(
+        [("smoke", stored["step"])], null=True
+    )
     assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
     assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
     assert stored["step"]["covariance_bytes"] > 0
