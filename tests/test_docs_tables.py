@@ -285,6 +285,10 @@ COST_TABLES = [
         (f"{backbone}, update check on every {every}", cost_results(f"cost_{name}_batched_check{n}")["step"])
         for name, backbone in (("tiny", "ViT 4 x 64 (random), 28 px"), ("dinov2", "DINOv2-S/14, 56 px"))
         for n, every in ((1, "step"), (10, "10th step"))])),
+    ("### Timing in rotation", lambda: cost.step_table([
+        (f"{backbone}, update check on every {every}", cost_results(f"cost_{name}_rotated_check{n}")["step"])
+        for name, backbone in (("tiny", "ViT 4 x 64 (random), 28 px"), ("dinov2", "DINOv2-S/14, 56 px"))
+        for n, every in ((1, "step"), (10, "10th step"))], null=True)),
     ("### Scaling in the feature dimension d", lambda: cost.scaling_table(cost_results("cost_tiny")["scaling"])),
     ("### Scaling in the number of tasks", lambda: "\n".join([
         cost.tasks_table(cost_results("cost_scaling")["scaling_tasks"]),
