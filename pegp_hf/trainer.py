@@ -179,7 +179,7 @@ class ContinualPEGPTrainer(Trainer):
             package_logger.setLevel(args.get_process_log_level())
         self.projector = GradientProjector(protected)  # bases on the parameters' devices, where the Trainer put them
         self.projection_mode = resolve_projection_mode(self, self.projector)
-        if args.method == "pegp":
+        if args.method in ("pegp", "sequential"):  # (first_session freezes the whole PET, head_only never trains it)
             check_frozen_after_first_task(self, self.pet.frozen_after_first_task())
         # The model changes from here on.
         self._head = head
@@ -352,7 +352,7 @@ class ContinualPEGPTrainer(Trainer):
         if self.is_deepspeed_enabled:  # Trainer.train destroys the last engine; Accelerate builds one per task
             self.model_wrapped, self.deepspeed = self.model, None
         self._bracket.new_task()
-        if index > 0 and self.args.method == "pegp":
+        if index > 0 and self.args.method in ("pegp", "sequential"):  # the PET's own rule, whatever the method
             for parameter in self.pet.frozen_after_first_task():
                 parameter.requires_grad_(False)
         if index > 0 and self.args.method == "first_session":

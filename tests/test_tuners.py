@@ -433,6 +433,15 @@ def test_frozen_value_prefix_and_resume_reproduce_the_uninterrupted_run(tmp_path
         torch.testing.assert_close(tensor, after_2[name], rtol=0, atol=1e-6)
     np.testing.assert_array_equal(matrices(resumed)["class_incremental"], matrices(full)["class_incremental"])
 
+    sequential = ContinualPEGPTrainer(  # the rule is the PET's: naive sequential tuning keeps it too
+        model=pet_vit(config), args=training_args(tmp_path / "sequential", method="sequential"), tasks=tasks
+    )
+    sequential.train()
+    first = load_file(tmp_path / "sequential" / "task-1" / "adapter_model.safetensors")
+    last = get_pet_state_dict(sequential.model)
+    assert all(torch.equal(first[name], last[name]) for name in values)
+    assert any(not torch.equal(first[name], last[name]) for name in keys)
+
     other = PrefixConfig(length=3, value_prefix="free", modules_to_save=["classifier"])  # same shapes, other rule
     mismatched = ContinualPEGPTrainer(model=pet_vit(other), args=training_args(tmp_path / "other"), tasks=tasks)
     with pytest.raises(CheckpointError, match="holds tuners"):

@@ -11,7 +11,8 @@ stays put when ``delta p_K[h]`` is orthogonal to ``span(old q_h)``. Orthogonalit
 would not keep each head's logits, so every head's key prefix ``(L, head_dim)`` is its own parameter with its own
 basis (``key.<h>``), its features being that head's queries. The value prefix cannot be protected by projection
 (its effect scales with the attention weights): ``value_prefix="free"`` trains it without protection, as the paper;
-``"freeze_after_first_task"`` trains it on the first task only.
+``"freeze_after_first_task"`` trains it on the first task only (under ``pegp`` and ``sequential`` alike: the rule is the
+PET's).
 
 :func:`init_prefixes_from_activations` starts the prefixes as copies of real tokens' keys and values (Li and Liang
 2021, section 7.2: real-word activations as the initialisation), so that they draw attention and carry content
@@ -45,7 +46,8 @@ class PrefixConfig(PETConfig):
 
     Attributes:
         length: prefix length ``L`` per head (PEGP: 10).
-        value_prefix: ``"free"`` (trained on every task, unprotected, as the paper) or ``"freeze_after_first_task"``.
+        value_prefix: ``"free"`` (trained on every task, unprotected, as the paper) or ``"freeze_after_first_task"``
+            (trained on the first task only, by every method that trains the PET).
         init_std: standard deviation of the normal initialisation.
     """
 
