@@ -162,6 +162,8 @@ GRID_TABLES = [
     ("benchmarks.md", "### Plain SGD at lr 0.03", "paradigms_dinov2_sgd", partial(paradigms.table, times=False), {}),
     ("benchmarks.md", "### MNIST-5k + animal silhouettes (cross-data-set)", "paradigms_dinov2_cross", paradigms.table,
      {}),
+    ("benchmarks.md", "### The cross-data-set sequence, LoRA at eps 0.99", "paradigms_dinov2_cross_lora_099",
+     paradigms.table, {}),
     ("benchmarks.md", "### Capture during training: digits", "paradigms_dinov2_digits_capture", paradigms.table, {}),
     ("benchmarks.md", "### Prefixes at lr 0.01, value prefix free", "paradigms_dinov2_digits_prefix_lr01",
      paradigms.table, {}),
