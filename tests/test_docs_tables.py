@@ -170,6 +170,12 @@ GRID_TABLES = [
     ("benchmarks.md", "### Prefixes at lr 0.01, value prefix frozen", "paradigms_dinov2_digits_prefix_lr01_frozen",
      paradigms.table, {}),
     ("benchmarks.md", "### Capture during training: MNIST-5k", "paradigms_dinov2_capture", paradigms.table, {}),
+    ("benchmarks.md", "### Prefixes started from real tokens, value prefix free", "paradigms_dinov2_digits_prefix_act",
+     paradigms.table, {}),
+    ("benchmarks.md", "### Prefixes started from real tokens, value prefix frozen after",
+     "paradigms_dinov2_digits_prefix_act_frozen", paradigms.table, {}),
+    ("benchmarks.md", "### Prefixes started from real tokens, value prefix frozen for both",
+     "paradigms_dinov2_digits_prefix_act_frozen_both", paradigms.table, {}),
     ("benchmarks.md", "### Capture during training, last epoch only", "paradigms_dinov2_digits_capture_288",
      paradigms.table, {}),
 ]  # fmt: skip
