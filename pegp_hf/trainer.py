@@ -76,6 +76,10 @@ from pegp_hf.io.model_card import card_info, model_card
 from pegp_hf.training_capture import TrainingFeatureCapture
 from pegp_hf.tuners.handle import pet_handle
 
+# the methods under which a PET's frozen_after_first_task() applies (first_session freezes the whole PET after task 1,
+# head_only never trains it)
+TRAIN_THE_PET_ON_EVERY_TASK = ("pegp", "sequential")
+
 logger = logging.getLogger(__name__)
 
 CONFIG_KEYS = (
@@ -179,7 +183,7 @@ class ContinualPEGPTrainer(Trainer):
             package_logger.setLevel(args.get_process_log_level())
         self.projector = GradientProjector(protected)  # bases on the parameters' devices, where the Trainer put them
         self.projection_mode = resolve_projection_mode(self, self.projector)
-        if args.method in ("pegp", "sequential"):  # (first_session freezes the whole PET, head_only never trains it)
+        if args.method in TRAIN_THE_PET_ON_EVERY_TASK:
             check_frozen_after_first_task(self, self.pet.frozen_after_first_task())
         # The model changes from here on.
         self._head = head
@@ -352,7 +356,7 @@ class ContinualPEGPTrainer(Trainer):
         if self.is_deepspeed_enabled:  # Trainer.train destroys the last engine; Accelerate builds one per task
             self.model_wrapped, self.deepspeed = self.model, None
         self._bracket.new_task()
-        if index > 0 and self.args.method in ("pegp", "sequential"):  # the PET's own rule, whatever the method
+        if index > 0 and self.args.method in TRAIN_THE_PET_ON_EVERY_TASK:  # the PET's own rule
             for parameter in self.pet.frozen_after_first_task():
                 parameter.requires_grad_(False)
         if index > 0 and self.args.method == "first_session":

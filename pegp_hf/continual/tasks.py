@@ -311,10 +311,9 @@ def make_tasks(
                                    scenario=scenario)  # fmt: skip
 
 
-def grouped_class_order(train: Dataset, group_column: str, label_column: str = "label", seed: int = 0) -> list[int]:
-    """A class order that keeps the classes of each value of ``group_column`` together (e.g. the source data set of
-    a cross-data-set set: every MNIST class before every animal class), the groups in order of first appearance in
-    ``train`` and the classes shuffled by ``seed`` within each group.
+def class_groups(train: Dataset, group_column: str, label_column: str = "label") -> dict[Any, list[int]]:
+    """The classes under each value of ``group_column`` (e.g. the source data set of a cross-data-set set), values
+    and classes in order of first appearance in ``train``.
 
     Raises:
         ValueError: ``train`` has no ``group_column``, or a class appears under two of its values.
@@ -331,21 +330,27 @@ def grouped_class_order(train: Dataset, group_column: str, label_column: str = "
                              f"must belong to one {group_column} value to be grouped by it")  # fmt: skip
         if label not in groups.setdefault(group, []):
             groups[group].append(label)
+    return groups
+
+
+def grouped_class_order(train: Dataset, group_column: str, label_column: str = "label", seed: int = 0) -> list[int]:
+    """A class order that keeps the :func:`class_groups` together (every MNIST class before every animal class), the
+    groups in order of first appearance in ``train`` and the classes shuffled by ``seed`` within each group."""
     rng = np.random.default_rng(seed)
+    groups = class_groups(train, group_column, label_column)
     return [int(c) for members in groups.values() for c in rng.permutation(sorted(members))]
 
 
 def check_grouped_tasks(tasks: TaskSequence, train: Dataset, group_column: str, label_column: str = "label") -> None:
     """Raise if a task of ``tasks`` (made from a :func:`grouped_class_order`) holds classes of two values of
     ``group_column``: its task count does not split each group evenly."""
-    values = train.with_format(None)[group_column]
-    group_of = {int(label): group for label, group in zip(_labels(train, label_column, "train dataset"), values,
-                                                          strict=True)}  # fmt: skip
+    groups = class_groups(train, group_column, label_column)
+    group_of = {label: group for group, members in groups.items() for label in members}
     for index, task in enumerate(tasks):
-        groups = {group_of[c] for c in task.classes}
-        if len(groups) > 1:
+        held = {group_of[c] for c in task.classes}
+        if len(held) > 1:
             raise ValueError(
-                f"task {index + 1} holds classes of {group_column} values {sorted(map(str, groups))}: with "
+                f"task {index + 1} holds classes of {group_column} values {sorted(map(str, held))}: with "
                 f"{len(tasks)} tasks the class groups are not split evenly; choose a num_tasks that divides each "
                 f"group's class count"
             )
