@@ -40,6 +40,10 @@ def test_cost_benchmark_smoke(tmp_path, bf16):
     assert "| null ratio |" in header and f"| {stored['step']['null_ratio_median']:.3f} |" in cost.step_table(
         [("smoke", stored["step"])], null=True
     )
+    projection = stored["step"]["projection_in_step"]["median_s"]
+    assert projection > 0 and f"| {projection * 1e3:.2f} ms (" in cost.step_table(
+        [("smoke", stored["step"])], in_step=True
+    )
     assert 1.0 < stored["step"]["flop_floor_ratio"] < 1.1
     assert 0 < stored["step"]["protected_dims"] <= stored["step"]["feature_dims"]
     assert stored["step"]["covariance_bytes"] > 0

@@ -220,6 +220,41 @@ def test_grouped_projection_is_each_tensors_own_projection():
     torch.testing.assert_close(tensors[1].parameter.grad, expected, rtol=0, atol=1e-6)
 
 
+def test_the_projection_workspace_holds_each_steps_own_gradients():
+    """A group projects in a workspace kept from step to step: each step's gradients must be its own, projected as
+    their own bases give, also after a step with a gradient missing, and in float64 once the parameters become
+    float64 (the groups and their buffers are rebuilt for the new dtype, not reused at float32 precision)."""
+    from torch import nn
+
+    from pegp_hf.core.protected import ProtectedTensor, module_input
+    from pegp_hf.core.subspace import project_out
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4, bias=False) for _ in range(3)]
+    tensors = [ProtectedTensor(f"w{i}", "w", layer, "weight", layer, module_input) for i, layer in enumerate(layers)]
+    projector = GradientProjector(tensors)
+    projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, : 2 + i] for i, t in enumerate(tensors)})
+
+    def step(missing: int | None = None, atol: float = 1e-6) -> None:
+        gradients = {t.name: torch.randn_like(t.parameter) for t in tensors}
+        for i, tensor in enumerate(tensors):
+            tensor.parameter.grad = None if i == missing else gradients[tensor.name].clone()
+        projector.project_gradients()
+        for i, tensor in enumerate(tensors):
+            if i == missing:
+                assert tensor.parameter.grad is None
+                continue
+            basis = projector.bases[tensor.name].to(tensor.parameter.dtype)
+            expected = project_out(gradients[tensor.name], basis)
+            torch.testing.assert_close(tensor.parameter.grad, expected, rtol=0, atol=atol)
+
+    for missing in (None, None, 1, None):
+        step(missing)
+    for layer in layers:
+        layer.weight.data = layer.weight.data.double()
+    step(atol=1e-12)
+
+
 def test_finish_update_refuses_a_step_without_its_own_snapshot():
     """The update is measured against the snapshot's stacked rows: without a snapshot, or with the bases replaced
     since it (its buffers then belong to other groups), ``W_before`` would not be the parameters' own."""

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import operator
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -11,8 +13,6 @@ import torch.nn.functional as F
 from pegp_hf.core.protected import ProtectedTensor
 from pegp_hf.core.subspace import empty_basis, grow_axis_basis, grow_basis, project_out
 from pegp_hf.utils import key_mismatch
-
-Group = tuple[list[ProtectedTensor], torch.Tensor]  # tensors whose rows share a shape, their bases (n, d, k_max)
 
 
 class GradientProjector:
@@ -39,11 +39,9 @@ class GradientProjector:
         }
         # k_ref per tensor: its basis's first k_ref columns came from a reference set (task 0), see grow()
         self.reference_dims: dict[str, int] = {}
-        # see _groups(); with it, per group the stacked rows of the last snapshot (kept while the groups stay)
-        self._grouped: tuple[tuple, list[torch.Tensor], list[Group]] | None = None
-        self._buffers: list[torch.Tensor] = []
-        self._buffer_rows: list[torch.Tensor] = []  # the buffers' rows, one view per member
-        self._snapshotted = False
+        self._order = list(self.tensors.values())
+        self._grouped: _Layout | None = None  # see _groups()
+        self._snapshotted: list[_Group] | None = None  # the groups snapshot() filled, until finish_update()
 
     @property
     def active(self) -> bool:
@@ -172,41 +170,52 @@ class GradientProjector:
             if basis.shape[1] > 0:
                 yield name, tensor, basis
 
-    def _groups(self) -> list[Group]:
-        """The tensors with a basis, grouped by the shape, dtype and device of their local rows, each group with its
-        bases stacked as ``(n, d, k_max)`` float32: zero columns pad the smaller bases (they add nothing to
-        ``U U^T``), so one batched product projects a whole group (LoRA's A and B, a tuner's per-layer tensors)
-        instead of one small product per tensor. Rebuilt when a basis is replaced (bases are replaced, never edited
-        in place: :meth:`grow` and :meth:`load_bases` make new tensors) or a parameter's local shape, dtype or device
-        changes."""
-        locals_ = {name: _local(tensor.parameter) for name, tensor in self.tensors.items()}
-        key = tuple(
-            (id(self.bases[name]), tuple(local.shape), local.dtype, local.device) for name, local in locals_.items()
-        )
-        if self._grouped is None or self._grouped[0] != key:
-            members: dict[tuple, list[tuple[ProtectedTensor, torch.Tensor]]] = defaultdict(list)
-            for _, tensor, basis in self._with_basis():
-                rows = _rows(tensor)
-                members[tuple(rows.shape), rows.dtype, rows.device].append((tensor, basis))
-            groups = []
-            for group in members.values():
-                width = max(basis.shape[1] for _, basis in group)
-                stacked = torch.stack([F.pad(basis, (0, width - basis.shape[1])) for _, basis in group])
-                groups.append(([tensor for tensor, _ in group], stacked))
-            self._grouped = (key, list(self.bases.values()), groups)  # the bases kept alive, so their ids stay theirs
-            self._buffers, self._buffer_rows = [], []
-        return self._grouped[2]
+    def _groups(self) -> list[_Group]:
+        """The tensors with a basis, grouped by the shape, dtype and device of their local rows (see :class:`_Group`).
+
+        Rebuilt, with fresh buffers, when a basis is replaced (bases are replaced, never edited in place:
+        :meth:`grow` and :meth:`load_bases` make new tensors) or a parameter is, or changes shape, dtype or device.
+        The check reads each parameter once (``owner._parameters``) and compares identities: a step pays a few
+        microseconds for it, not a rebuild."""
+        bases = list(self.bases.values())
+        parameters = [tensor.parameter for tensor in self._order]
+        layout = [(p.shape, p.dtype, p.device) for p in parameters]
+        cached = self._grouped
+        if (
+            cached is not None
+            and all(map(operator.is_, cached.bases, bases))
+            and all(map(operator.is_, cached.parameters, parameters))
+            and cached.layout == layout
+        ):
+            return cached.groups
+        members: dict[tuple, list[tuple[ProtectedTensor, torch.Tensor]]] = defaultdict(list)
+        for _, tensor, basis in self._with_basis():
+            rows = _rows(tensor)
+            members[tuple(rows.shape), rows.dtype, rows.device].append((tensor, basis))
+        groups = []
+        for (_, dtype, _), group in members.items():
+            width = max(basis.shape[1] for _, basis in group)
+            stacked = torch.stack([F.pad(basis, (0, width - basis.shape[1])) for _, basis in group])
+            groups.append(
+                _Group([tensor for tensor, _ in group], stacked.to(torch.promote_types(dtype, stacked.dtype)))
+            )
+        # the bases and parameters are kept alive with the groups, so that no new tensor can reuse their ids
+        self._grouped = _Layout(bases, parameters, layout, groups)
+        return groups
 
     @torch.no_grad()
     def project_gradients(self) -> None:
         """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math, one batched product per group of
-        equally shaped tensors; inf / NaN pass through)."""
-        for tensors, bases in self._groups():
-            present = [i for i, tensor in enumerate(tensors) if tensor.parameter.grad is not None]
-            if not present:
+        equally shaped tensors, in a workspace kept from step to step; inf / NaN pass through)."""
+        for group in self._groups():
+            gradients = [tensor.parameter.grad for tensor in group.tensors]
+            if all(gradient is not None for gradient in gradients):
+                group.project_out([tensor.rows(_local(g)) for tensor, g in zip(group.tensors, gradients, strict=True)])
                 continue
-            rows = [tensors[i].rows(_local(tensors[i].parameter.grad)) for i in present]
-            torch._foreach_copy_(rows, _project_out_stacked(torch.stack(rows), _members(bases, present)).unbind(0))
+            present = [i for i, gradient in enumerate(gradients) if gradient is not None]
+            if present:  # a tensor the last backward did not reach: no workspace for such a step
+                rows = [group.tensors[i].rows(_local(gradients[i])) for i in present]
+                torch._foreach_copy_(rows, _project_out_stacked(torch.stack(rows), group.bases[present]).unbind(0))
 
     @torch.no_grad()
     def snapshot(self) -> None:
@@ -214,13 +223,9 @@ class GradientProjector:
         ``(n, ..., d)`` into a buffer kept from the last snapshot of the same groups, all copied with one
         ``torch._foreach_copy_``; :meth:`finish_update` subtracts them as they are, with no stacking of its own."""
         groups = self._groups()
-        rows = [[_rows(tensor) for tensor in tensors] for tensors, _ in groups]
-        if not self._buffers:
-            self._buffers = [torch.empty((len(r), *r[0].shape), dtype=r[0].dtype, device=r[0].device) for r in rows]
-            self._buffer_rows = [row for buffer in self._buffers for row in buffer.unbind(0)]
-        if self._buffer_rows:
-            torch._foreach_copy_(self._buffer_rows, [row for members in rows for row in members])
-        self._snapshotted = True
+        for group in groups:
+            group.snapshot([_rows(tensor) for tensor in group.tensors])
+        self._snapshotted = groups
 
     @torch.no_grad()
     def finish_update(self, reproject: bool, measure: bool = True) -> torch.Tensor | None:
@@ -233,33 +238,99 @@ class GradientProjector:
         Raises ``RuntimeError`` without a :meth:`snapshot` since the last call, or if a basis was replaced or a
         parameter's local shape, dtype or device changed in between (``W_before`` would not be the parameters' own).
         """
-        if not self._snapshotted:
+        if self._snapshotted is None:
             raise RuntimeError("finish_update() needs snapshot() right before the optimizer step")
-        self._snapshotted = False
+        snapshotted, self._snapshotted = self._snapshotted, None
         groups = self._groups()
-        if len(self._buffers) != len(groups):
+        if groups is not snapshotted:
             raise RuntimeError("the bases or the parameters' layout changed between snapshot() and finish_update()")
-        measured = []
-        for (tensors, bases), before in zip(groups, self._buffers, strict=True):
-            local = [_rows(tensor) for tensor in tensors]
-            after = torch.stack(local)
-            if reproject:
-                after = before + _project_out_stacked(after - before, bases)
-                torch._foreach_copy_(local, after.unbind(0))
-            if measure and after.numel():  # (an FSDP2 rank may hold no rows of a small tensor)
-                delta = (after - before).float()
-                overlap = delta @ bases.to(device=delta.device, dtype=delta.dtype)
-                measured.append(torch.stack([overlap.abs().amax(), delta.abs().amax()]))
+        measured = [group.finish_update([_rows(t) for t in group.tensors], reproject, measure) for group in groups]
+        measured = [m for m in measured if m is not None]  # (an FSDP2 rank may hold no rows of a small tensor)
         if not measure:
             return None
         if measured:
             return torch.stack(measured).amax(0)
-        return torch.zeros(2, device=groups[0][1].device if groups else None)
+        return torch.zeros(2, device=groups[0].bases.device if groups else None)
 
 
-def _members(stacked: torch.Tensor, present: list[int]) -> torch.Tensor:
-    """The rows ``present`` of ``stacked`` (itself, with no copy, when every row is present)."""
-    return stacked if len(present) == len(stacked) else stacked[present]
+class _Group:
+    """Protected tensors whose local rows share one shape ``(..., d)``, dtype and device, with their bases stacked
+    as ``bases`` ``(n, d, k_max)`` in the compute dtype (float32, or float64 for float64 rows): zero columns pad the
+    smaller bases (they add nothing to ``U U^T``), so one batched product projects the whole group (LoRA's A and B,
+    a tuner's per-layer tensors) instead of one small product per tensor.
+
+    It keeps, from its first use to its last, the buffers a step would otherwise allocate: a workspace ``(n, ..., d)``
+    in the compute dtype and the coefficients ``R U`` ``(n, m, k_max)`` for the projection, and :attr:`before`
+    ``(n, ..., d)`` in the rows' dtype for the snapshot; each with one view per member, so a step copies in and out
+    with one ``torch._foreach_copy_`` and no ``stack`` / ``unbind``. They cost the memory of the group's gradients
+    (in the compute dtype) and of its parameters, held while the group stays (a task, as bases grow after it).
+    """
+
+    def __init__(self, tensors: list[ProtectedTensor], bases: torch.Tensor) -> None:
+        self.tensors, self.bases = tensors, bases
+        self.before: torch.Tensor | None = None
+        self._before_rows: list[torch.Tensor] = []
+        self._workspace: torch.Tensor | None = None
+        self._workspace_rows: list[torch.Tensor] = []
+        self._flat: torch.Tensor | None = None  # the workspace as (n, m, d)
+        self._coefficients: torch.Tensor | None = None
+
+    def project_out(self, rows: list[torch.Tensor]) -> None:
+        """``R <- R - (R U) U^T`` in place, for one ``(..., d)`` view per member (the group's shape and dtype)."""
+        self._load(rows)
+        self._project_workspace()
+        torch._foreach_copy_(rows, self._workspace_rows)
+
+    def snapshot(self, rows: list[torch.Tensor]) -> None:
+        """Copy the members' ``(..., d)`` rows into :attr:`before`."""
+        if self.before is None:
+            self.before = torch.empty((len(rows), *rows[0].shape), dtype=rows[0].dtype, device=rows[0].device)
+            self._before_rows = list(self.before.unbind(0))
+        torch._foreach_copy_(self._before_rows, rows)
+
+    def finish_update(self, rows: list[torch.Tensor], reproject: bool, measure: bool) -> torch.Tensor | None:
+        """Given the rows after the step and :attr:`before`: with ``reproject``, ``W <- W_before + delta W -
+        (delta W U) U^T`` in place; with ``measure``, ``[max |delta W U|, max |delta W|]`` of the final rows
+        (``None`` without it, or when this rank holds no rows)."""
+        if reproject:
+            self._load(rows).sub_(self.before)
+            self._project_workspace()
+            self._workspace.add_(self.before)
+            torch._foreach_copy_(rows, self._workspace_rows)
+        if not measure or not rows[0].numel():
+            return None
+        delta = self._load(rows).sub_(self.before)  # of the parameters as they now are (after any rounding)
+        overlap = torch.bmm(self._flat, self.bases, out=self._coefficients)
+        return torch.stack([torch.linalg.vector_norm(x, float("inf")) for x in (overlap, delta)]).float()
+
+    def _load(self, rows: list[torch.Tensor]) -> torch.Tensor:
+        """The workspace, made on first use, holding ``rows`` in the compute dtype."""
+        if self._workspace is None:
+            shape, compute = (len(rows), *rows[0].shape), self.bases.dtype
+            self._workspace = torch.empty(shape, dtype=compute, device=rows[0].device)
+            self._workspace_rows = list(self._workspace.unbind(0))
+            features = self.bases.shape[1]
+            self._flat = self._workspace.view(len(rows), rows[0].numel() // features, features)
+            coefficients = (*self._flat.shape[:2], self.bases.shape[2])
+            self._coefficients = torch.empty(coefficients, dtype=compute, device=rows[0].device)
+        torch._foreach_copy_(self._workspace_rows, rows)
+        return self._workspace
+
+    def _project_workspace(self) -> None:
+        """``X <- X - (X U) U^T`` on the workspace ``X``: two batched products, into buffers."""
+        torch.bmm(self._flat, self.bases, out=self._coefficients)
+        self._flat.baddbmm_(self._coefficients, self.bases.mT, alpha=-1)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """What :meth:`GradientProjector._groups` were built for: the bases and parameters (held, compared by
+    identity), each parameter's ``(shape, dtype, device)``, and the groups."""
+
+    bases: list[torch.Tensor]
+    parameters: list[torch.Tensor]
+    layout: list[tuple[torch.Size, torch.dtype, torch.device]]
+    groups: list[_Group]
 
 
 def _project_out_stacked(rows: torch.Tensor, bases: torch.Tensor) -> torch.Tensor:

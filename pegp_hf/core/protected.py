@@ -57,7 +57,8 @@ class ProtectedTensor:
     @property
     def parameter(self) -> nn.Parameter:
         """The weight as the model holds it now: its gradient is projected on its feature axis (size ``d``)."""
-        return getattr(self.owner, self.attribute)
+        parameter = self.owner._parameters.get(self.attribute)  # read each step: nn.Module.__getattr__ is slower
+        return getattr(self.owner, self.attribute) if parameter is None else parameter
 
     @property
     def feature_dim(self) -> int:
