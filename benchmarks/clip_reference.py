@@ -1,5 +1,6 @@
 """Zero-shot retention on the CLIP recipe's embedded default: ``sequential``, ``pegp``, ``pegp`` with a reference
-set ("task 0": the base split's images, ``--reference base``), and both methods on a LoRA initialised by PEFT's CorDA
+set ("task 0": the base split's images, ``--reference base``, or its images and captions, ``--reference
+base_with_captions``), and both methods on a LoRA initialised by PEFT's CorDA
 in knowledge-preserved mode (``--lora_init corda_kpm``, the initialisation-only anchor), over several class orders
 (docs/clip.md).
 
@@ -10,6 +11,8 @@ orders)::
     python benchmarks/clip_reference.py --seeds 0 1 2
     python benchmarks/clip_reference.py --seeds 0 --settings reference_eps09 reference_eps0999 reference_128 \
         --output_dir outputs/clip_reference_sweep           # other thresholds and sizes of the reference
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings reference_captions \
+        --output_dir outputs/clip_reference_captions   # the base captions too: a reference for the text tower
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
                                                     # LoRA from PEFT's CorDA (knowledge-preserved mode) instead
     python benchmarks/clip_reference.py --smoke      # 2 tasks, 2 steps each, first seed only
@@ -37,6 +40,8 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                           {"pegp": "pegp + reference (eps 0.999, 512 images)"}),
     "reference_128": (["--methods", "pegp", "--reference", "base", "--reference_samples", "128"],
                       {"pegp": "pegp + reference (eps 0.99, 128 images)"}),
+    "reference_captions": (["--methods", "pegp", "--reference", "base_with_captions"],
+                           {"pegp": "pegp + reference of images and captions (eps 0.99, 512 each)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
               {"pegp": "pegp, CorDA KPM init", "sequential": "sequential, CorDA KPM init"}),
 }  # fmt: skip

@@ -115,7 +115,9 @@ class ContinualPEGPTrainer(Trainer):
             model take; labels are not used) whose outputs the adapter must leave as the pre-trained model gives
             them. Before the first task, ``reference_samples`` of them grow the bases of the tensors a reference
             protects (LoRA ``A``, adapter ``W_down``, IA3) with ``reference_threshold``, and LoRA ``A`` / ``W_down``
-            are moved into the null space of those features (``docs/method.md``, "Reference protection").
+            are moved into the null space of those features (``docs/method.md``, "Reference protection"). A
+            sequence of data sets is run one after the other, ``reference_samples`` rows each, into the same bases:
+            for inputs that cannot share a batch, such as a dual encoder's images and its captions.
         **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks`` with
             :class:`~pegp_hf.continual.callbacks.ContinualCallback` task events, ...), except ``train_dataset`` /
             ``eval_dataset`` (set per task), ``compute_loss_func`` (the objective's), ``model_init`` and
@@ -133,7 +135,7 @@ class ContinualPEGPTrainer(Trainer):
         tasks: TaskSequence,
         objective: ContinualObjective | None = None,
         evaluators: Sequence[ContinualEvaluator] = (),
-        reference_dataset: Dataset | None = None,
+        reference_dataset: Dataset | Sequence[Dataset] | None = None,
         **kwargs: Any,
     ):
         if not isinstance(args, PEGPTrainingArguments):
@@ -169,9 +171,9 @@ class ContinualPEGPTrainer(Trainer):
                 f"no trainable PET tensor of the {'/'.join(self.pet.methods)} adapter matches protect={args.protect!r},"
                 f" so nothing would be protected; its protectable tensors are {found}. Widen protect (default '.*')"
             )
-        if reference_dataset is not None:
-            _check_reference(reference_dataset, args.method, protected, self.pet.methods)
-        self.reference_dataset = reference_dataset
+        self.reference_datasets = _reference_datasets(reference_dataset)
+        if self.reference_datasets:
+            _check_reference(self.reference_datasets, args.method, protected, self.pet.methods)
         self.evaluators = [*self.objective.evaluators(), *evaluators]
         specs = [spec for evaluator in self.evaluators for spec in evaluator.matrix_specs()]
         self.results = ContinualResults.empty(tasks.scenario, self.objective.headline(tasks), specs, len(tasks))
@@ -317,7 +319,7 @@ class ContinualPEGPTrainer(Trainer):
             stored.load_into(self.pet, self.projector, self.objective)
             self.results, first = stored.results, stored.finished_tasks
         if first == 0:
-            reference = self._protect_reference() if self.reference_dataset is not None else {}
+            reference = self._protect_reference() if self.reference_datasets else {}
             measured = {k: v for e in self.evaluators for k, v in e.before_sequence(self).items()}
             self.results.initial_metrics = {**reference, **measured}
         steps, losses = 0, []
@@ -432,17 +434,17 @@ class ContinualPEGPTrainer(Trainer):
                 observe(inputs, outputs)
 
     def _protect_reference(self) -> dict[str, float]:
-        """Task 0: grow the reference tensors' bases from ``reference_samples`` rows of the reference set with
+        """Task 0: grow the reference tensors' bases from ``reference_samples`` rows of each reference set with
         ``reference_threshold``, then move the ``"null"`` ones into the null space of those features. That changes
         no output while the branch's other factor is zero (a fresh LoRA's ``B``, an adapter's ``up``): checked on
-        the first reference batch, and refused (weights and bases put back) otherwise. Returns figures for
-        ``initial_metrics``: the rows used and the protected share of each tensor kind."""
+        the first batch of each reference set, and refused (weights and bases put back) otherwise. Returns figures
+        for ``initial_metrics``: the rows used and the protected share of each tensor kind."""
         tensors = self.projector.reference_tensors()
         samples = self.args.reference_samples or self.args.feature_samples
-        probe: list[tuple[dict[str, Any], torch.Tensor]] = []
-        keep_first = lambda inputs, outputs: probe or probe.append((inputs, _main_output(outputs)))  # noqa: E731
+        probes: list[tuple[dict[str, Any], torch.Tensor]] = []
         with self.objective.training_view(), self._capturing(tensors) as capture:
-            self._capture(capture, self.reference_dataset, samples, keep_first)
+            for index, dataset in enumerate(self.reference_datasets):  # one sum per tensor over every set
+                self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
         tensors = self._reached_by_reference(tensors, capture.covariances)
         bases, nulled = dict(self.projector.bases), [t for t in tensors if t.reference == "null"]
         weights = {t.name: t.parameter.detach().clone() for t in nulled}
@@ -450,8 +452,10 @@ class ContinualPEGPTrainer(Trainer):
                                  "the reference set", [t.name for t in tensors], reference=True)  # fmt: skip
         self.projector.null_reference_weights()
         with self.objective.training_view():
-            [(_, outputs)] = forward_batches(self, [probe[0][0]], self.objective.model_takes_labels)
-        if not torch.allclose(_main_output(outputs), probe[0][1], rtol=1e-5, atol=1e-6):
+            outputs = forward_batches(self, [inputs for inputs, _ in probes], self.objective.model_takes_labels)
+            changed = [not torch.allclose(_main_output(now), before, rtol=1e-5, atol=1e-6)
+                       for (_, now), (_, before) in zip(outputs, probes, strict=True)]  # fmt: skip
+        if any(changed):
             with torch.no_grad():
                 for tensor in nulled:
                     tensor.parameter.copy_(weights[tensor.name])
@@ -469,8 +473,9 @@ class ContinualPEGPTrainer(Trainer):
         shares = {f"reference_protected_share/{kind}": k / d
                   for kind, (k, d, _) in self.projector.dims_by_kind().items() if kind in kinds}  # fmt: skip
         logger.info("reference set: %s", self.projector.describe())
-        rows = min(samples, len(self.reference_dataset))
-        return {"reference_rows": float(rows - rows % self.accelerator.num_processes), **shares}
+        processes = self.accelerator.num_processes
+        rows = sum(min(samples, len(dataset)) // processes * processes for dataset in self.reference_datasets)
+        return {"reference_rows": float(rows), **shares}
 
     @staticmethod
     def _reached_by_reference(
@@ -589,15 +594,32 @@ def _main_output(outputs: Any) -> torch.Tensor:
     return (logits if logits is not None else outputs[0]).detach().float().clone()
 
 
+def _keep_first(probes: list[tuple[dict[str, Any], torch.Tensor]], index: int, inputs: dict, outputs: Any) -> None:
+    """Keep the inputs and main output of reference set ``index``'s first batch as ``probes[index]``."""
+    if len(probes) == index:
+        probes.append((inputs, _main_output(outputs)))
+
+
+def _reference_datasets(reference: Dataset | Sequence[Dataset] | None) -> tuple[Dataset, ...]:
+    """``reference_dataset`` as a tuple of data sets (empty for ``None``); a list or tuple is several sets."""
+    if reference is None:
+        return ()
+    if isinstance(reference, (list, tuple)):
+        return tuple(reference)
+    return (reference,)
+
+
 def _check_reference(
-    reference: Dataset, method: str, protected: Sequence[ProtectedTensor], pet_methods: Sequence[str]
+    references: Sequence[Dataset], method: str, protected: Sequence[ProtectedTensor], pet_methods: Sequence[str]
 ) -> None:
-    """Refuse a reference set that would protect nothing: another method than pegp, no rows, or a PET none of
-    whose protected tensors a reference can protect (prompts and prefixes act on every token's attention)."""
+    """Refuse reference sets that would protect nothing: another method than pegp, a set with no rows, or a PET
+    none of whose protected tensors a reference can protect (prompts and prefixes act on every token's attention)."""
     if method != "pegp":
         raise ValueError(f"reference_dataset protects the pre-trained model's outputs with pegp; method is {method!r}")
-    if len(reference) == 0:
-        raise ValueError("reference_dataset is empty: it needs rows of the tasks' training format")
+    empty = [index for index, reference in enumerate(references) if len(reference) == 0]
+    if empty:
+        where = "reference_dataset" if len(references) == 1 else f"reference_dataset[{empty[0]}]"
+        raise ValueError(f"{where} is empty: it needs rows of the tasks' training format")
     if not any(tensor.reference is not None for tensor in protected):
         raise ValueError(
             f"a reference set protects LoRA A, bottleneck adapters (activation with act(0) = 0) and IA3; the "

