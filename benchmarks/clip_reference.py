@@ -13,6 +13,8 @@ orders)::
         --output_dir outputs/clip_reference_sweep           # other thresholds and sizes of the reference
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings reference_captions \
         --output_dir outputs/clip_reference_captions   # the base captions too: a reference for the text tower
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings no_training \
+        --output_dir outputs/clip_no_training        # the aligned model as it is: what no learning scores
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
                                                     # LoRA from PEFT's CorDA (knowledge-preserved mode) instead
     python benchmarks/clip_reference.py --smoke      # 2 tasks, 2 steps each, first seed only
@@ -42,6 +44,8 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                       {"pegp": "pegp + reference (eps 0.99, 128 images)"}),
     "reference_captions": (["--methods", "pegp", "--reference", "base_with_captions"],
                            {"pegp": "pegp + reference of images and captions (eps 0.99, 512 each)"}),
+    "no_training": (["--methods", "sequential", "--learning_rate", "0"],
+                    {"sequential": "no training (the aligned model, learning rate 0)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
               {"pegp": "pegp, CorDA KPM init", "sequential": "sequential, CorDA KPM init"}),
 }  # fmt: skip

@@ -283,6 +283,11 @@ def cost_results(name: str) -> dict:
     return json.loads((DOCS / "results" / name / "cost.json").read_text())
 
 
+SGD_CHECKS = (("check1", "SGD, update check on every step"), ("check10", "SGD, update check on every 10th step"))
+WORKSPACE_RUNS = (  # (results name, backbone label, (setting, optimizer label) ...)
+    ("tiny", "ViT 4 x 64 (random), 28 px", (*SGD_CHECKS, ("adamw", "AdamW, re-projection on every step"))),
+    ("dinov2", "DINOv2-S/14, 56 px", SGD_CHECKS),
+)
 COST_TABLES = [
     ("## Cost: `benchmarks/cost.py`", lambda: cost.step_table([
         ("DINOv2-S/14, 56 px", cost_results("cost_dinov2")["step"]),
@@ -300,6 +305,12 @@ COST_TABLES = [
         (f"{backbone}, update check on every {every}", cost_results(f"cost_{name}_rotated_check{n}")["step"])
         for name, backbone in (("tiny", "ViT 4 x 64 (random), 28 px"), ("dinov2", "DINOv2-S/14, 56 px"))
         for n, every in ((1, "step"), (10, "10th step"))], null=True)),
+    ("### The projection in a kept workspace", lambda: "\n".join([
+        cost.step_table([(f"{backbone}, {optimizer}", cost_results(f"cost_{name}_workspace_{setting}")["step"])
+                         for name, backbone, settings in WORKSPACE_RUNS for setting, optimizer in settings],
+                        null=True, in_step=True),
+        cost.step_table([(f"{WORKSPACE_RUNS[0][1]}, {optimizer}", cost_results(f"cost_tiny_before_{setting}")["step"])
+                         for setting, optimizer in WORKSPACE_RUNS[0][2][1:]], null=True)])),
     ("### Scaling in the feature dimension d", lambda: cost.scaling_table(cost_results("cost_tiny")["scaling"])),
     ("### Scaling in the number of tasks", lambda: "\n".join([
         cost.tasks_table(cost_results("cost_scaling")["scaling_tasks"]),
