@@ -191,7 +191,8 @@ def step_cost(
     Trainer's ``--bf16``), the weights, gradients and bases stay float32. ``optim``: ``sgd`` (momentum 0.9, no update
     re-projection) or ``adamw`` (with it, as the trainer does for Adam). ``check_every``: the update check on every
     N-th PEGP step only, as ``update_check_steps`` (an SGD step between checks is only projected). On a GPU, the
-    peak allocated memory of one step with PEGP and of one without (bases held in both) are kept too."""
+    peak allocated memory of one step with PEGP and of one without (the bases held in both, the projector's
+    workspace and snapshot buffers only in the first) are kept too."""
     work = build(backbone, image_size, device)
     model = work.model.train()
     batch_inputs = work.inputs(batch)
@@ -249,7 +250,9 @@ def step_cost(
         for kind in kinds:
             times[kind] += timed(partial(step, kind == "pegp"), 1, device)
     plain, pegp = times["plain"], times["pegp"]
-    step_peaks = {"with": peak_memory(lambda: step(True), device), "without": peak_memory(lambda: step(False), device)}
+    step_peaks = {"with": peak_memory(lambda: step(True), device)}
+    projector.release_buffers()  # a run without PEGP holds no workspace or snapshot (the bases stay: see gpu.py)
+    step_peaks["without"] = peak_memory(lambda: step(False), device)
     backward()  # gradients in place: the projection alone, timed apart from the steps, on the same gradients
     projection_only = timed(projector.project_gradients, repeats, device)
     optimizer.zero_grad()

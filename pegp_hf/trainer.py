@@ -24,6 +24,7 @@ Everything but the projection, the optimizer-step bracket and this loop is a col
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -31,7 +32,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -115,9 +116,11 @@ class ContinualPEGPTrainer(Trainer):
             model take; labels are not used) whose outputs the adapter must leave as the pre-trained model gives
             them. Before the first task, ``reference_samples`` of them grow the bases of the tensors a reference
             protects (LoRA ``A``, adapter ``W_down``, IA3) with ``reference_threshold``, and LoRA ``A`` / ``W_down``
-            are moved into the null space of those features (``docs/method.md``, "Reference protection"). A
-            sequence of data sets is run one after the other, ``reference_samples`` rows each, into the same bases:
-            for inputs that cannot share a batch, such as a dual encoder's images and its captions.
+            are moved into the null space of those features (``docs/method.md``, "Reference protection"). A list
+            of data sets is run one after the other, ``reference_samples`` rows each, into the same sums and one
+            threshold: for inputs that cannot share a batch, such as a dual encoder's images and its captions
+            (rows of model inputs, e.g. ``input_ids`` / ``attention_mask`` only). Each set must reach some
+            protected tensor; where several reach one tensor, the set with more energy weighs more.
         **kwargs: any other ``Trainer`` argument (``data_collator``, ``processing_class``, ``callbacks`` with
             :class:`~pegp_hf.continual.callbacks.ContinualCallback` task events, ...), except ``train_dataset`` /
             ``eval_dataset`` (set per task), ``compute_loss_func`` (the objective's), ``model_init`` and
@@ -444,7 +447,14 @@ class ContinualPEGPTrainer(Trainer):
         probes: list[tuple[dict[str, Any], torch.Tensor]] = []
         with self.objective.training_view(), self._capturing(tensors) as capture:
             for index, dataset in enumerate(self.reference_datasets):  # one sum per tensor over every set
-                self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
+                with _forward_reached(tensors) as reached:
+                    self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
+                if not reached:
+                    which = "the reference set" if len(self.reference_datasets) == 1 else f"reference set {index}"
+                    raise ValueError(
+                        f"{which} reached none of the tensors it would protect: its rows must be model inputs that "
+                        "run through the adapted layers (e.g. pixel_values for the vision tower)"
+                    )
         tensors = self._reached_by_reference(tensors, capture.covariances)
         bases, nulled = dict(self.projector.bases), [t for t in tensors if t.reference == "null"]
         weights = {t.name: t.parameter.detach().clone() for t in nulled}
@@ -482,13 +492,8 @@ class ContinualPEGPTrainer(Trainer):
         tensors: list[ProtectedTensor], covariances: Mapping[str, torch.Tensor]
     ) -> list[ProtectedTensor]:
         """The tensors the reference pass reached. Others (a dual encoder's text tower under a reference of images)
-        are left unprotected by it, with a warning; a reference that reaches none is refused."""
+        are left unprotected by it, with a warning."""
         reached = [tensor for tensor in tensors if tensor.name in covariances]
-        if not reached:
-            raise ValueError(
-                "the reference set reached none of the tensors it would protect: its rows must be model inputs "
-                "that run through the adapted layers (e.g. pixel_values for the vision tower)"
-            )
         if len(reached) < len(tensors):
             missed = [tensor.name for tensor in tensors if tensor.name not in covariances]
             logger.warning("the reference set does not reach %d tensors (e.g. %s): they are protected by the tasks "
@@ -594,6 +599,24 @@ def _main_output(outputs: Any) -> torch.Tensor:
     return (logits if logits is not None else outputs[0]).detach().float().clone()
 
 
+@contextlib.contextmanager
+def _forward_reached(tensors: Sequence[ProtectedTensor]) -> Iterator[set[str]]:
+    """The names of ``tensors`` whose hooked module ran a forward pass inside the block."""
+    reached: set[str] = set()
+    handles = [
+        tensor.module.register_forward_hook(functools.partial(_mark, reached, tensor.name)) for tensor in tensors
+    ]
+    try:
+        yield reached
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _mark(reached: set[str], name: str, *hook_args: Any) -> None:
+    reached.add(name)
+
+
 def _keep_first(probes: list[tuple[dict[str, Any], torch.Tensor]], index: int, inputs: dict, outputs: Any) -> None:
     """Keep the inputs and main output of reference set ``index``'s first batch as ``probes[index]``."""
     if len(probes) == index:
@@ -605,6 +628,8 @@ def _reference_datasets(reference: Dataset | Sequence[Dataset] | None) -> tuple[
     if reference is None:
         return ()
     if isinstance(reference, (list, tuple)):
+        if not reference:
+            raise ValueError("reference_dataset is an empty list: pass None for no reference set")
         return tuple(reference)
     return (reference,)
 

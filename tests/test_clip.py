@@ -358,6 +358,34 @@ def test_images_and_captions_as_two_reference_sets_keep_both_towers_where_they_w
         assert any(tower in name and count > 0 for name, count in trainer.projector.reference_dims.items()), tower
 
 
+def test_each_reference_set_is_checked_on_its_own_before_the_model_changes(tmp_path):
+    """Every set of a list must reach a protected tensor, and the no-change check runs on each set's first batch: a
+    non-zero LoRA B on the text tower alone is seen by the captions, not by the images. An empty list is refused."""
+    images = synthetic_images(num_labels=4, per_class=2, seed=7).remove_columns("label")
+    captions = _tokenized([template.format(name) for name in NAMES[:2] for template in TEMPLATES])
+    vision_only = get_clip_pet_model(classifier(), "lora", "vision", width=4, layers="all",
+                                     target_modules=["q_proj", "v_proj"])  # fmt: skip
+    trainer = ContinualPEGPTrainer(model=vision_only, args=training_args(tmp_path / "a"), tasks=_tasks(),
+                                   callbacks=[RevealSeenClasses()], reference_dataset=[images, captions])  # fmt: skip
+    with pytest.raises(ValueError, match="reference set 1 reached none of the tensors it would protect"):
+        trainer.train()
+    assert not trainer.projector.reference_dims
+    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "text_model" in name and "lora_B" in name:
+                parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path / "b"), tasks=_tasks(),
+                                   callbacks=[RevealSeenClasses()], reference_dataset=[images, captions])  # fmt: skip
+    with pytest.raises(ValueError, match="the adapter's output is not zero at the start"):
+        trainer.train()
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
+    assert not trainer.projector.reference_dims and not list(tmp_path.glob("*/task-*"))
+    with pytest.raises(ValueError, match="reference_dataset is an empty list: pass None"):
+        ContinualPEGPTrainer(model=model, args=training_args(tmp_path / "c"), tasks=_tasks(), reference_dataset=[])
+
+
 def test_an_unknown_reference_is_refused_before_anything_loads(tmp_path):
     script, args = crossmodal.parse_args(["--reference", "all", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="--reference is one of none, base, base_with_captions, not 'all'"):

@@ -223,7 +223,8 @@ def test_grouped_projection_is_each_tensors_own_projection():
 def test_the_projection_workspace_holds_each_steps_own_gradients():
     """A group projects in a workspace kept from step to step: each step's gradients must be its own, projected as
     their own bases give, also after a step with a gradient missing, and in float64 once the parameters become
-    float64 (the groups and their buffers are rebuilt for the new dtype, not reused at float32 precision)."""
+    float64 (the groups and their buffers are rebuilt for the new dtype, not reused at float32 precision); the bases
+    follow parameters moved to another device after they were loaded."""
     from torch import nn
 
     from pegp_hf.core.protected import ProtectedTensor, module_input
@@ -253,6 +254,13 @@ def test_the_projection_workspace_holds_each_steps_own_gradients():
     for layer in layers:
         layer.weight.data = layer.weight.data.double()
     step(atol=1e-12)
+    for layer in layers:  # moved after the bases were loaded (FSDP2 on a resume): the groups follow the parameters
+        layer.to("meta")
+    for tensor in tensors:
+        tensor.parameter.grad = torch.empty_like(tensor.parameter)
+    projector.project_gradients()
+    projector.release_buffers()
+    projector.project_gradients()  # made again
 
 
 def test_finish_update_refuses_a_step_without_its_own_snapshot():

@@ -193,15 +193,21 @@ class GradientProjector:
             rows = _rows(tensor)
             members[tuple(rows.shape), rows.dtype, rows.device].append((tensor, basis))
         groups = []
-        for (_, dtype, _), group in members.items():
+        for (_, dtype, device), group in members.items():
             width = max(basis.shape[1] for _, basis in group)
             stacked = torch.stack([F.pad(basis, (0, width - basis.shape[1])) for _, basis in group])
-            groups.append(
-                _Group([tensor for tensor, _ in group], stacked.to(torch.promote_types(dtype, stacked.dtype)))
-            )
+            # on the rows' device: a model moved after its bases were loaded (FSDP2 on a resume) keeps them elsewhere
+            stacked = stacked.to(device=device, dtype=torch.promote_types(dtype, stacked.dtype))
+            groups.append(_Group([tensor for tensor, _ in group], stacked))
         # the bases and parameters are kept alive with the groups, so that no new tensor can reuse their ids
         self._grouped = _Layout(bases, parameters, layout, groups)
         return groups
+
+    def release_buffers(self) -> None:
+        """Drop the groups with their stacked bases and kept buffers (workspace, snapshot: about the size of the
+        protected gradients in float32 plus the parameters); the next call makes them again. For memory accounting,
+        or to free them while no step runs."""
+        self._grouped, self._snapshotted = None, None
 
     @torch.no_grad()
     def project_gradients(self) -> None:
@@ -213,15 +219,15 @@ class GradientProjector:
                 group.project_out([tensor.rows(_local(g)) for tensor, g in zip(group.tensors, gradients, strict=True)])
                 continue
             present = [i for i, gradient in enumerate(gradients) if gradient is not None]
-            if present:  # a tensor the last backward did not reach: no workspace for such a step
+            if present:  # a tensor the backward did not reach (or frozen): stacked for this step, no workspace
                 rows = [group.tensors[i].rows(_local(gradients[i])) for i in present]
                 torch._foreach_copy_(rows, _project_out_stacked(torch.stack(rows), group.bases[present]).unbind(0))
 
     @torch.no_grad()
     def snapshot(self) -> None:
-        """Remember the protected parameters before the optimizer step: per group, the members' rows stacked
-        ``(n, ..., d)`` into a buffer kept from the last snapshot of the same groups, all copied with one
-        ``torch._foreach_copy_``; :meth:`finish_update` subtracts them as they are, with no stacking of its own."""
+        """Remember the protected parameters before the optimizer step: per group, the members' rows copied with
+        one ``torch._foreach_copy_`` into a stacked ``(n, ..., d)`` buffer kept from the last snapshot of the same
+        groups; :meth:`finish_update` subtracts them as they are, with no stacking of its own."""
         groups = self._groups()
         for group in groups:
             group.snapshot([_rows(tensor) for tensor in group.tensors])
@@ -235,8 +241,9 @@ class GradientProjector:
         parameters' device (no host sync), measured on the final parameters: the first is ~0 when the guarantee
         holds, the second gives its scale. ``None`` without ``measure`` (the re-projection still happens).
 
-        Raises ``RuntimeError`` without a :meth:`snapshot` since the last call, or if a basis was replaced or a
-        parameter's local shape, dtype or device changed in between (``W_before`` would not be the parameters' own).
+        Raises ``RuntimeError`` without a :meth:`snapshot` since the last call, or if a basis or a parameter was
+        replaced, or a parameter's shape, dtype or device changed, in between (``W_before`` would not be the
+        parameters' own).
         """
         if self._snapshotted is None:
             raise RuntimeError("finish_update() needs snapshot() right before the optimizer step")
@@ -245,11 +252,11 @@ class GradientProjector:
         if groups is not snapshotted:
             raise RuntimeError("the bases or the parameters' layout changed between snapshot() and finish_update()")
         measured = [group.finish_update([_rows(t) for t in group.tensors], reproject, measure) for group in groups]
-        measured = [m for m in measured if m is not None]  # (an FSDP2 rank may hold no rows of a small tensor)
+        pairs = [tensor for pair in measured if pair is not None for tensor in pair]  # (an FSDP2 rank may hold none)
         if not measure:
             return None
-        if measured:
-            return torch.stack(measured).amax(0)
+        if pairs:  # max |x| of every (delta W U, delta W) with one foreach kernel, then the max per kind
+            return torch.stack(torch._foreach_norm(pairs, float("inf"))).view(-1, 2).amax(0).float()
         return torch.zeros(2, device=groups[0].bases.device if groups else None)
 
 
@@ -288,10 +295,12 @@ class _Group:
             self._before_rows = list(self.before.unbind(0))
         torch._foreach_copy_(self._before_rows, rows)
 
-    def finish_update(self, rows: list[torch.Tensor], reproject: bool, measure: bool) -> torch.Tensor | None:
+    def finish_update(
+        self, rows: list[torch.Tensor], reproject: bool, measure: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Given the rows after the step and :attr:`before`: with ``reproject``, ``W <- W_before + delta W -
-        (delta W U) U^T`` in place; with ``measure``, ``[max |delta W U|, max |delta W|]`` of the final rows
-        (``None`` without it, or when this rank holds no rows)."""
+        (delta W U) U^T`` in place; with ``measure``, ``(delta W U, delta W)`` of the final rows, views of this
+        group's buffers valid until its next use (``None`` without ``measure``, or when this rank holds no rows)."""
         if reproject:
             self._load(rows).sub_(self.before)
             self._project_workspace()
@@ -300,8 +309,7 @@ class _Group:
         if not measure or not rows[0].numel():
             return None
         delta = self._load(rows).sub_(self.before)  # of the parameters as they now are (after any rounding)
-        overlap = torch.bmm(self._flat, self.bases, out=self._coefficients)
-        return torch.stack([torch.linalg.vector_norm(x, float("inf")) for x in (overlap, delta)]).float()
+        return torch.bmm(self._flat, self.bases, out=self._coefficients), delta
 
     def _load(self, rows: list[torch.Tensor]) -> torch.Tensor:
         """The workspace, made on first use, holding ``rows`` in the compute dtype."""
