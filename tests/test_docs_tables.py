@@ -202,7 +202,9 @@ def test_every_grid_table_is_its_results_files(doc, heading, folder, make_table,
 
 CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
                          ("### Reference size and threshold", "clip_reference_sweep"),
-                         ("### Against CorDA", "clip_corda")]  # fmt: skip
+                         ("### Against CorDA", "clip_corda"),
+                         ("### A reference of images and captions", "clip_reference_captions"),
+                         ("### The aligned model without training", "clip_no_training")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)
