@@ -450,7 +450,7 @@ class ContinualPEGPTrainer(Trainer):
                 with _forward_reached(tensors) as reached:
                     self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
                 if not reached:
-                    which = "the reference set" if len(self.reference_datasets) == 1 else f"reference set {index}"
+                    which = "the reference set" if len(self.reference_datasets) == 1 else f"reference_dataset[{index}]"
                     raise ValueError(
                         f"{which} reached none of the tensors it would protect: its rows must be model inputs that "
                         "run through the adapted layers (e.g. pixel_values for the vision tower)"

@@ -206,7 +206,8 @@ class GradientProjector:
     def release_buffers(self) -> None:
         """Drop the groups with their stacked bases and kept buffers (workspace, snapshot: about the size of the
         protected gradients in float32 plus the parameters); the next call makes them again. For memory accounting,
-        or to free them while no step runs."""
+        or to free them while no step runs: a pending :meth:`snapshot` is dropped too (``finish_update`` then
+        raises)."""
         self._grouped, self._snapshotted = None, None
 
     @torch.no_grad()
