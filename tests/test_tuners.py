@@ -27,10 +27,12 @@ from pegp_hf.core.capture import FeatureCovariances
 from pegp_hf.io.checkpoint import CheckpointError
 from pegp_hf.tuners import (
     AdapterConfig,
+    MLPPrefix,
     PrefixConfig,
     PromptConfig,
     find_protected_tensors,
     get_pet_state_dict,
+    init_prefixes_from_activations,
     inject_pet,
     load_pet_pretrained,
     read_pet_configs,
@@ -226,6 +228,91 @@ def test_pegp_condition_holds_with_projection_and_fails_without(family, paradigm
     assert max(products.values()) > 1e-3  # 100x the tolerance above, usually far more
     if paradigm in ("lora", "adapter"):
         assert drift > 1e-3
+
+
+def _mlp_prefix_key_logits_after_task_2(project: bool) -> tuple[float, float]:
+    """A ViT with MLP-reparametrised prefixes (``MLPPrefix``) on both layers: task 1 trains everything (here: random
+    weights), then its first-task-only weights are frozen, the ``key_up`` bases grow on task-1 queries (eps = 1),
+    and 5 SGD steps (lr 1) run on task 2. Returns the largest relative change of the task-1 queries' logits on the
+    key prefix rows, and the largest change of a key prefix row."""
+    model = vit()
+    inject_pet(model, PrefixConfig(length=3, layers=[0, 1], reparametrization="mlp", mlp_hidden=16))
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.requires_grad:
+                parameter.copy_(0.3 * torch.randn_like(parameter))
+    prefixes = {name: module for name, module in model.named_modules() if isinstance(module, MLPPrefix)}
+    for prefix in prefixes.values():
+        for parameter in prefix.frozen_after_first_task():
+            parameter.requires_grad_(False)
+    tensors = find_protected_tensors(model)
+    assert tensors and all(t.kind == "prefix_key_up" and t.transposed for t in tensors)
+    queries: dict[str, list[torch.Tensor]] = {}
+    record = lambda m, args, out, key: queries.setdefault(key, []).append(out.detach())  # noqa: E731
+    q_projections = {name: model.get_submodule(name.removesuffix(".pegp_prefix") + ".q_proj") for name in prefixes}
+    hooks = [
+        module.register_forward_hook(functools.partial(record, key=name)) for name, module in q_projections.items()
+    ]
+    with FeatureCovariances(tensors) as capture, torch.no_grad():
+        model(**images(1, count=1))
+    for hook in hooks:
+        hook.remove()
+    projector = GradientProjector(tensors)
+    projector.grow(capture.covariances, threshold=1.0)
+
+    def keys() -> dict[str, torch.Tensor]:  # (heads, L, head_dim) per module
+        with torch.no_grad():
+            return {name: prefix(torch.zeros(1, HEADS, 1, HIDDEN // HEADS))[0][0] for name, prefix in prefixes.items()}
+
+    before = keys()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1.0)
+    target = torch.randn_like(model(**images(2, count=8)).logits)
+    for _ in range(5):
+        optimizer.zero_grad()
+        (model(**images(2, count=8)).logits - target).pow(2).mean().backward()
+        if project:
+            projector.project_gradients()
+        optimizer.step()
+    after, changes, moved = keys(), [], []
+    for name in prefixes:
+        q = torch.cat(queries[name]).reshape(-1, HEADS, HIDDEN // HEADS).transpose(0, 1)  # (heads, N, head_dim)
+        old, new = q @ before[name].mT, q @ after[name].mT  # (heads, N, L)
+        changes.append(((new - old).abs().max() / old.abs().max()).item())
+        moved.append((after[name] - before[name]).abs().max().item())
+    return max(changes), max(moved)
+
+
+def test_mlp_prefixes_keep_old_query_logits_exactly_once_their_first_task_weights_are_frozen():
+    """With ``reparametrization="mlp"`` the key prefix is ``Z K_h^T + c_h``; after task 1, ``Z`` and ``c_h`` are fixed
+    and ``key_up.<h>`` is projected on its output side, so task-1 queries keep their logits on every prefix row
+    while the prefixes move; without the projection the logits move."""
+    change, moved = _mlp_prefix_key_logits_after_task_2(project=True)
+    assert change < 1e-5 and moved > 1e-4, (change, moved)  # 8e-4 here: the prefixes learn
+    change, _ = _mlp_prefix_key_logits_after_task_2(project=False)
+    assert change > 1e-3, change
+
+
+def test_mlp_prefixes_round_trip_and_refuse_the_activation_start(tmp_path):
+    model = vit()
+    config = PrefixConfig(length=3, layers=[0], reparametrization="mlp", mlp_hidden=8)
+    inject_pet(model, config)
+    prefix = model.get_submodule("vit.layers.0.attention.pegp_prefix")
+    assert isinstance(prefix, MLPPrefix) and prefix.embedding.shape == (3, HIDDEN)
+    assert [p.shape for p in prefix.key_up] == [(HIDDEN // HEADS, 8)] * HEADS
+    frozen = {id(p) for p in prefix.frozen_after_first_task()}
+    assert frozen == {id(p) for p in (prefix.embedding, prefix.hidden.weight, prefix.hidden.bias, prefix.key_bias)}
+    with torch.no_grad():
+        for parameter in get_pet_state_dict(model).values():
+            parameter.add_(0.3 * torch.randn_like(parameter))
+    expected = model(**images(3)).logits
+    save_pet_pretrained(model, tmp_path)
+    restored = load_pet_pretrained(vit(), tmp_path)
+    torch.testing.assert_close(restored(**images(3)).logits, expected, rtol=0, atol=0)
+    assert read_pet_configs(tmp_path)[0].reparametrization == "mlp"
+    with pytest.raises(ValueError, match="reparametrised by an MLP"):
+        init_prefixes_from_activations(model, images(0))
+    with pytest.raises(ValueError, match="reparametrization must be 'none' or 'mlp'"):
+        PrefixConfig(reparametrization="lstm")
 
 
 def test_prefix_attention_is_attention_over_prefix_and_tokens():
@@ -607,8 +694,6 @@ def test_prefixes_from_activations_are_the_base_models_token_keys_and_values(fam
     """Each prefix row ``j`` is one visible token's key in the base model, without any prefix (every head's row ``j``
     the same token), and that token's value, read from the base model's own key / value projections; padded tokens
     are never drawn; a failing call changes no prefix and leaves no module recording."""
-    from pegp_hf.tuners import init_prefixes_from_activations
-
     build, make_inputs, *_ = FAMILIES[family]
     model, base = adapted(family, "prefix"), build(0)
     inputs = make_inputs(3, count=4)

@@ -26,7 +26,7 @@ from pegp_hf.tuners.model import (
     set_pet_state_dict,
 )
 from pegp_hf.tuners.peft import ia3_protected_tensors, lora_protected_tensors
-from pegp_hf.tuners.prefix import Prefix, PrefixConfig, init_prefixes_from_activations
+from pegp_hf.tuners.prefix import MLPPrefix, Prefix, PrefixConfig, init_prefixes_from_activations
 from pegp_hf.tuners.prompt import Prompt, PromptConfig
 from pegp_hf.tuners.registry import (
     PEFT_METHODS,
@@ -49,6 +49,7 @@ __all__ = [
     "PETHandle",
     "PETModule",
     "PeftMethodSpec",
+    "MLPPrefix",
     "Prefix",
     "PrefixConfig",
     "Prompt",

@@ -48,19 +48,30 @@ class PrefixConfig(PETConfig):
         length: prefix length ``L`` per head (PEGP: 10).
         value_prefix: ``"free"`` (trained on every task, unprotected, as the paper) or ``"freeze_after_first_task"``
             (trained on the first task only, by every method that trains the PET).
-        init_std: standard deviation of the normal initialisation.
+        init_std: standard deviation of the normal initialisation (of the prefixes; with ``"mlp"``, of what the
+            MLP's output layer gives them).
+        reparametrization: ``"none"`` (the prefixes are the weights) or ``"mlp"`` (Li and Liang's reparametrisation,
+            :class:`MLPPrefix`: the prefixes are an MLP of an embedding, and PEGP protects the MLP's key output
+            layer on its output side).
+        mlp_hidden: the MLP's hidden width (``"mlp"`` only; Li and Liang: 512).
     """
 
     pet_type = "prefix"
     length: int = 10
     value_prefix: Literal["free", "freeze_after_first_task"] = "free"
     init_std: float = 0.02
+    reparametrization: Literal["none", "mlp"] = "none"
+    mlp_hidden: int = 512
 
     def __post_init__(self) -> None:
         if self.length < 1:
             raise ValueError(f"length must be at least 1, got {self.length}")
         if self.value_prefix not in ("free", "freeze_after_first_task"):
             raise ValueError(f"value_prefix must be 'free' or 'freeze_after_first_task', got {self.value_prefix!r}")
+        if self.reparametrization not in ("none", "mlp"):
+            raise ValueError(f"reparametrization must be 'none' or 'mlp', got {self.reparametrization!r}")
+        if self.mlp_hidden < 1:
+            raise ValueError(f"mlp_hidden must be at least 1, got {self.mlp_hidden}")
 
 
 class Prefix(PETModule):
@@ -96,6 +107,53 @@ class Prefix(PETModule):
         return [self.value] if self.freeze_value else []
 
 
+class MLPPrefix(PETModule):
+    """Prefixes reparametrised by an MLP (Li and Liang 2021): ``Z = tanh(E W_1^T + b_1)`` ``(L, m)`` from an
+    embedding ``E`` ``(L, heads * head_dim)``, then per head ``h`` the key prefix ``Z K_h^T + c_h`` (``key_up.<h>``
+    ``(head_dim, m)``, ``key_bias`` ``(heads, head_dim)``) and the value prefix from ``value_up`` / ``value_bias``.
+
+    PEGP condition, exact: ``E``, ``W_1``, ``b_1`` and ``key_bias`` are trained on the first task only, so ``Z`` is
+    fixed afterwards, and ``delta p_K[h, j] = delta K_h z_j``; an old query ``q_h`` keeps its logit on every prefix
+    row when ``q_h^T delta K_h = 0``, i.e. when ``delta K_h`` is orthogonal to ``span(old q_h)`` on its output side.
+    So ``key_up.<h>`` is protected as a transposed tensor (its gradient projected from the left) against that
+    head's queries. The value layer follows ``value_prefix``, as the direct prefix's value."""
+
+    def __init__(self, num_heads: int, length: int, head_dim: int, config: PrefixConfig, inner_attention: str) -> None:
+        super().__init__()
+        width, hidden = num_heads * head_dim, config.mlp_hidden
+        self.embedding = nn.Parameter(torch.randn(length, width))
+        self.hidden = nn.Linear(width, hidden)
+        scale = config.init_std / hidden**0.5  # prefix entries of about init_std * rms(Z) <= init_std at the start
+        self.key_up = nn.ParameterList(nn.Parameter(torch.randn(head_dim, hidden) * scale) for _ in range(num_heads))
+        self.key_bias = nn.Parameter(torch.zeros(num_heads, head_dim))
+        self.value_up = nn.Parameter(torch.randn(width, hidden) * scale)
+        self.value_bias = nn.Parameter(torch.zeros(width))
+        self.freeze_value = config.value_prefix == "freeze_after_first_task"
+        self.inner_attention = inner_attention
+        self.recorded = None  # (no recording: init_prefixes_from_activations sets direct prefixes only)
+
+    def forward(self, query: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``query`` ``(B, heads, T, head_dim)`` (seen by feature hooks) -> key and value prefixes
+        ``(B, heads, L, head_dim)`` in the query's dtype."""
+        batch, heads = query.shape[:2]
+        z = torch.tanh(self.hidden(self.embedding))  # (L, m)
+        keys = torch.stack([z @ up.T for up in self.key_up]) + self.key_bias[:, None]  # (heads, L, head_dim)
+        values = (z @ self.value_up.T + self.value_bias).view(z.shape[0], heads, -1).transpose(0, 1)
+        return (keys.to(query.dtype).expand(batch, -1, -1, -1), values.to(query.dtype).expand(batch, -1, -1, -1))
+
+    def protected_tensors(self, name: str) -> list[ProtectedTensor]:
+        return [
+            ProtectedTensor(f"{name}.key_up.{h}", "prefix_key_up", self.key_up, str(h), self,
+                            partial(_head_queries, h), transposed=True)
+            for h, up in enumerate(self.key_up)
+            if up.requires_grad
+        ]  # fmt: skip
+
+    def frozen_after_first_task(self) -> list[nn.Parameter]:
+        fixed = [self.embedding, self.hidden.weight, self.hidden.bias, self.key_bias]
+        return fixed + ([self.value_up, self.value_bias] if self.freeze_value else [])
+
+
 def _head_queries(head: int, args: tuple[Any, ...], output: Any) -> torch.Tensor:
     """Features of head ``head``'s key prefix: its queries ``(B, T, head_dim)``."""
     return args[0][:, head]
@@ -124,7 +182,7 @@ def prefix_attention(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """An ``AttentionInterface`` function: ``module.pegp_prefix``'s prefixes before ``key`` / ``value``
     (``(B, heads, S, head_dim)``), then the module's own attention implementation."""
-    prefix: Prefix = module.pegp_prefix
+    prefix: Prefix | MLPPrefix = module.pegp_prefix
     if key.shape[1] != query.shape[1]:
         raise ValueError(
             f"prefixes need as many key / value heads as query heads ({key.shape[1]} vs {query.shape[1]}): grouped-"
@@ -158,6 +216,9 @@ def init_prefixes_from_activations(model: nn.Module, inputs: Mapping[str, torch.
     no prefix, when a prefixed module did not run, or when a batch holds fewer visible tokens than ``L`` (use a
     larger batch or shorter prefixes).
     """
+    if any(isinstance(module, MLPPrefix) for module in model.modules()):
+        raise ValueError("prefixes reparametrised by an MLP start from their MLP: initialise direct prefixes only "
+                         "(PrefixConfig(reparametrization='none'))")  # fmt: skip
     prefixes = [module for module in model.modules() if isinstance(module, Prefix)]
     if not prefixes:
         raise ValueError("the model has no pegp_hf prefix to initialise: build it with PrefixConfig")
@@ -229,7 +290,8 @@ def plan_prefixes(model: nn.Module, config: PrefixConfig) -> list[Attachment]:
                     "other forms: load it with attn_implementation='sdpa'"
                 )
             num_heads, head_dim = attention_heads(attention)
-            build = partial(Prefix, num_heads, config.length, head_dim, config, "sdpa")
+            kind = MLPPrefix if config.reparametrization == "mlp" else Prefix
+            build = partial(kind, num_heads, config.length, head_dim, config, "sdpa")
             attachments.append(Attachment(attention, "pegp_prefix", build, _route_through_prefix))
     return attachments
 
