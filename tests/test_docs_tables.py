@@ -178,6 +178,8 @@ GRID_TABLES = [
      "paradigms_dinov2_digits_prefix_act_frozen_both", paradigms.table, {}),
     ("benchmarks.md", "### Capture during training, last epoch only", "paradigms_dinov2_digits_capture_288",
      paradigms.table, {}),
+    ("benchmarks.md", "### Prefixes reparametrised by an MLP", "paradigms_dinov2_digits_prefix_mlp", paradigms.table,
+     {}),
 ]  # fmt: skip
 
 
