@@ -165,6 +165,7 @@ def check_frozen_after_first_task(trainer: Trainer, frozen: list[torch.nn.Parame
     checkpointing = checkpointing or getattr(trainer.model, "is_activation_checkpointing", False)
     if args.ddp_find_unused_parameters is False or (args.ddp_find_unused_parameters is None and checkpointing):
         raise ValueError(
-            "value prefixes frozen after the first task stop receiving gradients inside the DDP wrapper built for "
-            "task 1: set ddp_find_unused_parameters=True (or use value_prefix='free')"
+            "PET weights trained on the first task only (a frozen value prefix; an MLP prefix's embedding, hidden "
+            "layer and key bias) stop receiving gradients inside the DDP wrapper built for task 1: set "
+            "ddp_find_unused_parameters=True"
         )

@@ -217,8 +217,9 @@ class ContinualPEGPTrainer(Trainer):
         self.add_callback(self.objective)
         if args.push_to_hub:
             self.add_callback(PushTaskToHubCallback(self.hub_model_id, args.hub_token, args.hub_revision))
+        exempt = head | {id(p) for p in self.pet.frozen_after_first_task()}  # (trained on the first task only)
         unprotected = [n for n, p in self.model.named_parameters()
-                       if p.requires_grad and n not in self.projector.tensors and id(p) not in head]  # fmt: skip
+                       if p.requires_grad and n not in self.projector.tensors and id(p) not in exempt]  # fmt: skip
         if unprotected and args.method == "pegp":
             logger.warning("trainable but not protected, so old tasks' outputs can drift through them: %s",
                            ", ".join(unprotected))  # fmt: skip

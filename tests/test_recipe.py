@@ -138,6 +138,10 @@ def test_prefix_init_activations_starts_the_prefixes_from_first_task_tokens(tmp_
     script, args = image.parse_args(["--pet", "lora", "--prefix_init", "activations", "--output_dir", str(tmp_path)])
     with pytest.raises(ValueError, match="use --pet prefix"):
         image.run(script, args)
+    options = ["--pet_options", '{"reparametrization": "mlp"}', "--output_dir", str(tmp_path)]
+    script, args = image.parse_args(["--pet", "prefix", "--prefix_init", "activations", *options])
+    with pytest.raises(ValueError, match="an MLP prefix starts from its MLP"):
+        image.run(script, args)
     script.prefix_init = "real"  # the parser offers the choices; a script setting the field is checked too
     for call in (lambda: image.run(script, args), lambda: image.build_model(script, 10, 0)):
         with pytest.raises(ValueError, match="must be one of"):

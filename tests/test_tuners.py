@@ -236,7 +236,7 @@ def _mlp_prefix_key_logits_after_task_2(project: bool) -> tuple[float, float]:
     and 5 SGD steps (lr 1) run on task 2. Returns the largest relative change of the task-1 queries' logits on the
     key prefix rows, and the largest change of a key prefix row."""
     model = vit()
-    inject_pet(model, PrefixConfig(length=3, layers=[0, 1], reparametrization="mlp", mlp_hidden=16))
+    inject_pet(model, PrefixConfig(length=3, layers=[0, 1], reparametrization="mlp", mlp_hidden=24))  # not square
     with torch.no_grad():
         for parameter in model.parameters():
             if parameter.requires_grad:
@@ -533,6 +533,31 @@ def test_frozen_value_prefix_and_resume_reproduce_the_uninterrupted_run(tmp_path
     mismatched = ContinualPEGPTrainer(model=pet_vit(other), args=training_args(tmp_path / "other"), tasks=tasks)
     with pytest.raises(CheckpointError, match="holds tuners"):
         mismatched.train(resume_from_checkpoint=str(tmp_path / "full" / "task-1"))
+
+
+def test_mlp_prefixes_train_their_first_task_weights_once_and_resume(tmp_path, caplog):
+    """Through the trainer: an MLP prefix's embedding, hidden layer and key bias move on task 1 only (as the value
+    layer with value_prefix frozen), its key output layers keep learning, the warning about unprotected weights
+    leaves the first-task-only ones out, and a resume after task 1 gives the uninterrupted run's weights."""
+    tasks = class_incremental_tasks(TRAIN, TEST, 2)
+    config = PrefixConfig(length=3, reparametrization="mlp", mlp_hidden=8, value_prefix="freeze_after_first_task",
+                          modules_to_save=["classifier"])  # fmt: skip
+    full = ContinualPEGPTrainer(model=pet_vit(config), args=training_args(tmp_path / "full"), tasks=tasks)
+    with caplog.at_level("WARNING", logger="pegp_hf.trainer"):
+        full.train()
+    assert "embedding" not in caplog.text and "key_bias" not in caplog.text
+    after_1 = load_file(tmp_path / "full" / "task-1" / "adapter_model.safetensors")
+    after_2 = get_pet_state_dict(full.model)
+    once = [n for n in after_2 if any(f"pegp_prefix.{part}" in n for part in ("embedding", "hidden.", "key_bias",
+                                                                             "value_up", "value_bias"))]  # fmt: skip
+    modules = sum(isinstance(module, MLPPrefix) for module in full.model.modules())
+    assert modules and len(once) == 6 * modules and all(torch.equal(after_1[name], after_2[name]) for name in once)
+    assert any(not torch.equal(after_1[name], after_2[name]) for name in after_2 if ".key_up." in name)
+    shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "resumed" / "task-1")
+    resumed = ContinualPEGPTrainer(model=pet_vit(config), args=training_args(tmp_path / "resumed"), tasks=tasks)
+    resumed.train(resume_from_checkpoint=True)
+    for name, tensor in get_pet_state_dict(resumed.model).items():
+        torch.testing.assert_close(tensor, after_2[name], rtol=0, atol=1e-6)
 
 
 def test_saturated_bases_are_reported_and_freeze_their_tensor(tmp_path, caplog):

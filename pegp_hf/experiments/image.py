@@ -234,6 +234,9 @@ def check_prefix_init(script: ImageExperimentArguments) -> None:
         raise ValueError(f"--prefix_init must be one of {PREFIX_INITS}, got {script.prefix_init!r}")
     if script.prefix_init == "activations" and script.pet != "prefix":
         raise ValueError(f"--prefix_init activations starts prefixes; --pet is {script.pet!r}: use --pet prefix")
+    if script.prefix_init == "activations" and pet_options(script).get("reparametrization") == "mlp":
+        raise ValueError("--prefix_init activations starts direct prefixes; an MLP prefix starts from its MLP: "
+                         "leave --prefix_init at normal")  # fmt: skip
 
 
 def pet_options(script: ImageExperimentArguments) -> dict[str, Any]:

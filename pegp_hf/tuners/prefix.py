@@ -17,6 +17,9 @@ PET's).
 :func:`init_prefixes_from_activations` starts the prefixes as copies of real tokens' keys and values (Li and Liang
 2021, section 7.2: real-word activations as the initialisation), so that they draw attention and carry content
 from the first step; the default normal start with a small ``init_std`` keeps them near zero.
+
+``PrefixConfig(reparametrization="mlp")`` builds an :class:`MLPPrefix` instead: Li and Liang's MLP of an embedding,
+whose key output layer PEGP protects on its output side (exact once the rest is frozen after the first task).
 """
 
 from __future__ import annotations
@@ -213,8 +216,8 @@ def init_prefixes_from_activations(model: nn.Module, inputs: Mapping[str, torch.
     Call it once, before the first task, on the model as built; a resumed run loads its trained prefixes over it.
 
     Returns the number of prefix modules set. Raises ``ValueError``, before any prefix changes, when the model has
-    no prefix, when a prefixed module did not run, or when a batch holds fewer visible tokens than ``L`` (use a
-    larger batch or shorter prefixes).
+    no prefix or has MLP prefixes, when a prefixed module did not run, or when a batch holds fewer visible tokens
+    than ``L`` (use a larger batch or shorter prefixes).
     """
     if any(isinstance(module, MLPPrefix) for module in model.modules()):
         raise ValueError("prefixes reparametrised by an MLP start from their MLP: initialise direct prefixes only "
@@ -275,7 +278,8 @@ def visible_tokens(mask: torch.Tensor | None, batch: int, length: int) -> torch.
 
 
 def plan_prefixes(model: nn.Module, config: PrefixConfig) -> list[Attachment]:
-    """A :class:`Prefix` as ``pegp_prefix`` on the attention module of the chosen blocks."""
+    """A :class:`Prefix` (or an :class:`MLPPrefix`) as ``pegp_prefix`` on the attention module of the chosen
+    blocks."""
     attachments = []
     for _, stack in find_block_stacks(model, config.layers_pattern):
         for index in select_layers(len(stack), config.layers):
