@@ -180,6 +180,7 @@ GRID_TABLES = [
      paradigms.table, {}),
     ("benchmarks.md", "### Prefixes reparametrised by an MLP", "paradigms_dinov2_digits_prefix_mlp", paradigms.table,
      {}),
+    ("benchmarks.md", "### MLP prefixes on MNIST-5k", "paradigms_dinov2_mnist_prefix_mlp", paradigms.table, {}),
 ]  # fmt: skip
 
 
