@@ -451,7 +451,7 @@ class ContinualPEGPTrainer(Trainer):
                 with _forward_reached(tensors) as reached:
                     self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
                 if not reached:
-                    which = "the reference set" if len(self.reference_datasets) == 1 else f"reference_dataset[{index}]"
+                    which = _reference_name(index, len(self.reference_datasets), "the reference set")
                     raise ValueError(
                         f"{which} reached none of the tensors it would protect: its rows must be model inputs that "
                         "run through the adapted layers (e.g. pixel_values for the vision tower)"
@@ -624,6 +624,11 @@ def _keep_first(probes: list[tuple[dict[str, Any], torch.Tensor]], index: int, i
         probes.append((inputs, _main_output(outputs)))
 
 
+def _reference_name(index: int, count: int, single: str) -> str:
+    """How errors name reference set ``index`` of ``count``: ``single`` when it is the only one."""
+    return single if count == 1 else f"reference_dataset[{index}]"
+
+
 def _reference_datasets(reference: Dataset | Sequence[Dataset] | None) -> tuple[Dataset, ...]:
     """``reference_dataset`` as a tuple of data sets (empty for ``None``); a list or tuple is several sets."""
     if reference is None:
@@ -644,8 +649,8 @@ def _check_reference(
         raise ValueError(f"reference_dataset protects the pre-trained model's outputs with pegp; method is {method!r}")
     empty = [index for index, reference in enumerate(references) if len(reference) == 0]
     if empty:
-        where = "reference_dataset" if len(references) == 1 else f"reference_dataset[{empty[0]}]"
-        raise ValueError(f"{where} is empty: it needs rows of the tasks' training format")
+        which = _reference_name(empty[0], len(references), "reference_dataset")
+        raise ValueError(f"{which} is empty: it needs rows of the tasks' training format")
     if not any(tensor.reference is not None for tensor in protected):
         raise ValueError(
             f"a reference set protects LoRA A, bottleneck adapters (activation with act(0) = 0) and IA3; the "

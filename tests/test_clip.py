@@ -326,7 +326,7 @@ def _text_embeds(model, texts: Dataset) -> torch.Tensor:
 
 
 def _tokenized(texts: list[str]) -> Dataset:
-    return Dataset.from_dict({key: value.tolist() for key, value in classifier().tokenize(texts).items()})
+    return crossmodal.text_rows(classifier(), texts)
 
 
 def test_images_and_captions_as_two_reference_sets_keep_both_towers_where_they_were(tmp_path, caplog):

@@ -40,7 +40,7 @@ class GradientProjector:
         # k_ref per tensor: its basis's first k_ref columns came from a reference set (task 0), see grow()
         self.reference_dims: dict[str, int] = {}
         self._order = list(self.tensors.values())
-        self._grouped: _Layout | None = None  # see _groups()
+        self._grouped: _Layout | None = None  # see _layout()
         self._snapshotted: list[_Group] | None = None  # the groups snapshot() filled, until finish_update()
 
     @property
@@ -170,8 +170,9 @@ class GradientProjector:
             if basis.shape[1] > 0:
                 yield name, tensor, basis
 
-    def _groups(self) -> list[_Group]:
-        """The tensors with a basis, grouped by the shape, dtype and device of their local rows (see :class:`_Group`).
+    def _layout(self) -> _Layout:
+        """The tensors with a basis, grouped by the shape, dtype and device of their local rows (see :class:`_Group`),
+        with the parameters as read for this call (a step reads each once: :meth:`_rows_of`).
 
         Rebuilt, with fresh buffers, when a basis is replaced (bases are replaced, never edited in place:
         :meth:`grow` and :meth:`load_bases` make new tensors) or a parameter is, or changes shape, dtype or device.
@@ -187,21 +188,31 @@ class GradientProjector:
             and all(map(operator.is_, cached.parameters, parameters))
             and cached.layout == layout
         ):
-            return cached.groups
-        members: dict[tuple, list[tuple[ProtectedTensor, torch.Tensor]]] = defaultdict(list)
-        for _, tensor, basis in self._with_basis():
-            rows = _rows(tensor)
-            members[tuple(rows.shape), rows.dtype, rows.device].append((tensor, basis))
+            return cached
+        members: dict[tuple, list[tuple[int, torch.Tensor]]] = defaultdict(list)
+        for position, (tensor, parameter) in enumerate(zip(self._order, parameters, strict=True)):
+            basis = self.bases[tensor.name]
+            if basis.shape[1] > 0:
+                rows = tensor.rows(_local(parameter))
+                members[tuple(rows.shape), rows.dtype, rows.device].append((position, basis))
         groups = []
         for (_, dtype, device), group in members.items():
             width = max(basis.shape[1] for _, basis in group)
             stacked = torch.stack([F.pad(basis, (0, width - basis.shape[1])) for _, basis in group])
             # on the rows' device: a model moved after its bases were loaded (FSDP2 on a resume) keeps them elsewhere
             stacked = stacked.to(device=device, dtype=torch.promote_types(dtype, stacked.dtype))
-            groups.append(_Group([tensor for tensor, _ in group], stacked))
+            groups.append(_Group([position for position, _ in group], stacked))
         # the bases and parameters are kept alive with the groups, so that no new tensor can reuse their ids
         self._grouped = _Layout(bases, parameters, layout, groups)
-        return groups
+        return self._grouped
+
+    def _rows_of(self, layout: _Layout, group: _Group, gradients: bool = False) -> list[torch.Tensor | None]:
+        """The local ``(..., d)`` rows of ``group``'s parameters (or of their gradients, ``None`` where missing), from
+        the parameters ``layout`` read."""
+        tensors = [(self._order[i], layout.parameters[i]) for i in group.positions]
+        if not gradients:
+            return [tensor.rows(_local(parameter)) for tensor, parameter in tensors]
+        return [None if p.grad is None else tensor.rows(_local(p.grad)) for tensor, p in tensors]
 
     def release_buffers(self) -> None:
         """Drop the groups with their stacked bases and kept buffers (workspace, snapshot: about the size of the
@@ -214,14 +225,15 @@ class GradientProjector:
     def project_gradients(self) -> None:
         """``G <- G - (G U) U^T`` for every protected gradient, in place (fp32 math, one batched product per group of
         equally shaped tensors, in a workspace kept from step to step; inf / NaN pass through)."""
-        for group in self._groups():
-            gradients = [tensor.parameter.grad for tensor in group.tensors]
-            if all(gradient is not None for gradient in gradients):
-                group.project_out([tensor.rows(_local(g)) for tensor, g in zip(group.tensors, gradients, strict=True)])
+        layout = self._layout()
+        for group in layout.groups:
+            rows = self._rows_of(layout, group, gradients=True)
+            if all(row is not None for row in rows):
+                group.project_out(rows)
                 continue
-            present = [i for i, gradient in enumerate(gradients) if gradient is not None]
+            present = [i for i, row in enumerate(rows) if row is not None]
             if present:  # a tensor the backward did not reach (or frozen): stacked for this step, no workspace
-                rows = [group.tensors[i].rows(_local(gradients[i])) for i in present]
+                rows = [rows[i] for i in present]
                 torch._foreach_copy_(rows, _project_out_stacked(torch.stack(rows), group.bases[present]).unbind(0))
 
     @torch.no_grad()
@@ -229,10 +241,10 @@ class GradientProjector:
         """Remember the protected parameters before the optimizer step: per group, the members' rows copied with
         one ``torch._foreach_copy_`` into a stacked ``(n, ..., d)`` buffer kept from the last snapshot of the same
         groups; :meth:`finish_update` subtracts them as they are, with no stacking of its own."""
-        groups = self._groups()
-        for group in groups:
-            group.snapshot([_rows(tensor) for tensor in group.tensors])
-        self._snapshotted = groups
+        layout = self._layout()
+        for group in layout.groups:
+            group.snapshot(self._rows_of(layout, group))
+        self._snapshotted = layout.groups
 
     @torch.no_grad()
     def finish_update(self, reproject: bool, measure: bool = True) -> torch.Tensor | None:
@@ -249,10 +261,11 @@ class GradientProjector:
         if self._snapshotted is None:
             raise RuntimeError("finish_update() needs snapshot() right before the optimizer step")
         snapshotted, self._snapshotted = self._snapshotted, None
-        groups = self._groups()
+        layout = self._layout()
+        groups = layout.groups
         if groups is not snapshotted:
             raise RuntimeError("the bases or the parameters' layout changed between snapshot() and finish_update()")
-        measured = [group.finish_update([_rows(t) for t in group.tensors], reproject, measure) for group in groups]
+        measured = [group.finish_update(self._rows_of(layout, group), reproject, measure) for group in groups]
         pairs = [tensor for pair in measured if pair is not None for tensor in pair]  # (an FSDP2 rank may hold none)
         if not measure:
             return None
@@ -274,8 +287,8 @@ class _Group:
     (in the compute dtype) and of its parameters, held while the group stays (a task, as bases grow after it).
     """
 
-    def __init__(self, tensors: list[ProtectedTensor], bases: torch.Tensor) -> None:
-        self.tensors, self.bases = tensors, bases
+    def __init__(self, positions: list[int], bases: torch.Tensor) -> None:
+        self.positions, self.bases = positions, bases  # the members' positions in the projector's tensor order
         self.before: torch.Tensor | None = None
         self._before_rows: list[torch.Tensor] = []
         self._workspace: torch.Tensor | None = None
@@ -333,7 +346,7 @@ class _Group:
 
 @dataclass(frozen=True)
 class _Layout:
-    """What :meth:`GradientProjector._groups` were built for: the bases and parameters (held, compared by
+    """What :meth:`GradientProjector._layout` was built for: the bases and parameters (held, compared by
     identity), each parameter's ``(shape, dtype, device)``, and the groups."""
 
     bases: list[torch.Tensor]
@@ -359,11 +372,6 @@ def _outside(covariance: torch.Tensor, span: torch.Tensor) -> torch.Tensor:
     c = covariance.to(torch.float64)
     c = c - u @ (u.T @ c)
     return c - (c @ u) @ u.T
-
-
-def _rows(tensor: ProtectedTensor) -> torch.Tensor:
-    """The local rows of ``tensor``'s parameter, ``(..., d)``."""
-    return tensor.rows(_local(tensor.parameter))
 
 
 def _local(tensor: torch.Tensor) -> torch.Tensor:

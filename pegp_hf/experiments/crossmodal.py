@@ -359,8 +359,12 @@ def reference_sets(reference: str, base: Dataset, classifier: CLIPForClassNameCl
         return None
     if reference == "base":
         return [base]
-    captions = classifier.tokenize(base["caption"])
-    return [base, Dataset.from_dict({key: value.tolist() for key, value in captions.items()})]
+    return [base, text_rows(classifier, base["caption"])]
+
+
+def text_rows(classifier: CLIPForClassNameClassification, texts: Sequence[str]) -> Dataset:
+    """``texts`` as rows of the text tower's inputs (``input_ids`` / ``attention_mask``, padded to the longest)."""
+    return Dataset.from_dict({key: value.tolist() for key, value in classifier.tokenize(texts).items()})
 
 
 def corda_runner(classifier: CLIPForClassNameClassification, base: Dataset, samples: int, seed: int):
