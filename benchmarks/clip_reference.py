@@ -46,6 +46,10 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                            {"pegp": "pegp + reference of images and captions (eps 0.99, 512 each)"}),
     "no_training": (["--methods", "sequential", "--learning_rate", "0"],
                     {"sequential": "no training (the aligned model, learning rate 0)"}),
+    "prototypes": (["--methods", "pegp", "sequential", "--prototype_replay", "1"],
+                   {"pegp": "pegp + old-class prototypes", "sequential": "sequential + old-class prototypes"}),
+    "prototypes_reference": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "1"],
+                             {"pegp": "pegp + reference (eps 0.99, 512 images) + old-class prototypes"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
               {"pegp": "pegp, CorDA KPM init", "sequential": "sequential, CorDA KPM init"}),
 }  # fmt: skip

@@ -63,7 +63,7 @@ class ClassificationObjective(ContinualObjective):
 
     model_takes_labels = False  # the loss is the objective's; a class-name classifier takes no labels at all
     name = "classification"
-    must_match = ("objective", "head")
+    must_match = ("objective", "head", "replay")
 
     def __init__(self) -> None:
         self.args: PEGPTrainingArguments | None = None
@@ -109,10 +109,15 @@ class ClassificationObjective(ContinualObjective):
 
     def config(self) -> dict[str, Any]:
         config = {"objective": self.name, "head": self.args.head, "loss_classes": self.args.loss_classes,
-                  "drift_compensation": self.args.drift_compensation}  # fmt: skip
+                  "drift_compensation": self.args.drift_compensation, "replay": self.replay()}  # fmt: skip
         if self.args.head == "ranpac":
             config.update(ranpac_dim=self.args.ranpac_dim, ranpac_ridge=self.args.ranpac_ridge)
         return config
+
+    def replay(self) -> dict[str, Any] | None:
+        """What a subclass replays of old classes while later tasks train, and its settings (``None``: nothing; a
+        resume must find the same, since the stored statistics were taken for it)."""
+        return None
 
     # ---- training -----------------------------------------------------------------------------------------------
 

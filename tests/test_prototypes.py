@@ -1,0 +1,195 @@
+"""Replay of old-class image prototypes on a continual CLIP (pegp_hf.multimodal.prototypes)."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import (
+    AtTaskStart,
+    plain_vit,
+    synthetic_images,
+    tiny_clip,
+    tiny_clip_tokenizer,
+    training_args,
+    with_captions,
+)
+from safetensors.torch import load_file
+
+from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf.continual.classification import ClassificationObjective
+from pegp_hf.continual.tasks import domain_incremental_tasks
+from pegp_hf.experiments import crossmodal
+from pegp_hf.multimodal.clip import CLIPForClassNameClassification, RevealSeenClasses
+from pegp_hf.multimodal.prototypes import PROTOTYPES_NAME, PrototypeReplayObjective
+from pegp_hf.tuners import get_pet_model
+from pegp_hf.utils import CheckpointError
+
+NAMES = ["circle", "square", "cross", "bar"]
+TEMPLATES = ["a photo of a {} .", "an image of the {} ."]
+
+
+def _model(seed: int = 0):
+    classifier = CLIPForClassNameClassification(tiny_clip(seed), tiny_clip_tokenizer(), NAMES, TEMPLATES)
+    return get_pet_model(classifier, "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+
+
+def _tasks():
+    train = with_captions(synthetic_images(num_labels=4), NAMES)
+    test = with_captions(synthetic_images(num_labels=4, per_class=8, seed=1), NAMES, 1)
+    return class_incremental_tasks(train, test, 2, seed=0)
+
+
+def _trainer(output_dir, objective=None, tasks=None, **overrides) -> ContinualPEGPTrainer:
+    args = training_args(output_dir, loss_classes="seen", **overrides)
+    return ContinualPEGPTrainer(model=_model(), args=args, tasks=tasks or _tasks(), objective=objective,
+                                callbacks=[RevealSeenClasses()])  # fmt: skip
+
+
+@torch.no_grad()
+def _image_embeds(model, pixels: torch.Tensor) -> torch.Tensor:
+    model.eval()
+    return model(pixel_values=pixels, class_logits=False)["image_embeds"].double()
+
+
+@torch.no_grad()
+def _old_cross_entropy(model, means: torch.Tensor, labels: list[int]) -> float:
+    """Cross-entropy of the old classes' mean image embeddings against every seen class name."""
+    model.eval()
+    classifier = next(m for m in model.modules() if isinstance(m, CLIPForClassNameClassification))
+    logits = classifier.clip.logit_scale.exp() * means.float() @ classifier.class_embeddings().T
+    return float(F.cross_entropy(logits, torch.tensor(labels)))
+
+
+def test_the_class_means_are_the_image_embeddings_of_the_task_that_ended(tmp_path):
+    trainer = _trainer(tmp_path, PrototypeReplayObjective())
+    first = trainer.tasks[0]
+    rows = first.train.with_format("torch")[:]
+    seen = AtTaskStart(1, lambda model: _image_embeds(model, rows["pixel_values"]))
+    trainer.add_callback(seen)
+    trainer.train()
+    prototypes = trainer.objective.prototypes
+    for c in first.classes:  # the feature pass saw all 48 rows of task 1 (feature_samples=64)
+        expected = seen.result[rows["label"] == c].mean(0)
+        torch.testing.assert_close(prototypes.means[c], expected, rtol=1e-5, atol=1e-6)
+        assert prototypes.counts[c] == int((rows["label"] == c).sum())
+    stored = load_file(tmp_path / "task-1" / PROTOTYPES_NAME)
+    torch.testing.assert_close(stored["means"][list(first.classes)], prototypes.means[list(first.classes)])
+    assert (stored["counts"][list(trainer.tasks[1].classes)] == 0).all()  # task 2's classes were not seen yet
+
+
+PLAIN = ClassificationObjective.compute_loss  # the loss without the replayed term
+
+
+def _outputs(generator: torch.Generator, batch: int = 6) -> dict[str, torch.Tensor]:
+    class_embeds = F.normalize(torch.randn(4, 16, generator=generator), dim=-1).requires_grad_(True)
+    return {"logits": torch.randn(batch, 4, generator=generator), "class_embeds": class_embeds,
+            "logit_scale": torch.tensor(10.0)}  # fmt: skip
+
+
+def _ready(objective: PrototypeReplayObjective, tmp_path, weight_noise=(2.0, 0.0)) -> torch.Tensor:
+    """Set up ``objective`` on a tiny CLIP as if task 2 of 2 were starting, class means of task 1 given."""
+    tasks = _tasks()
+    objective.setup(_model(), training_args(tmp_path, loss_classes="seen"))
+    means = F.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=-1)
+    old = list(tasks[0].classes)
+    objective.prototypes.update(0.9 * means, torch.tensor(old))
+    objective.model.train()
+    args = training_args(tmp_path, loss_classes="seen")
+    objective.on_task_begin(args, None, None, tasks=tasks, task_index=1)
+    return 0.9 * means, old
+
+
+def test_the_replayed_loss_is_the_cross_entropy_of_the_old_means_and_accumulates_to_a_mean(tmp_path):
+    objective = PrototypeReplayObjective(weight=2.0, noise=0.0)
+    means, old = _ready(objective, tmp_path)
+    outputs = _outputs(torch.Generator().manual_seed(0))
+    labels = torch.tensor([old[0], old[1], 2, 3, 2, 3])
+    total = objective.compute_loss(outputs, labels)
+    plain = PLAIN(objective, outputs, labels)
+    # the batch's 6 replayed embeddings are the two old means in turn, scored against every seen class name
+    logits = 10.0 * F.normalize(means.float(), dim=-1) @ outputs["class_embeds"].T
+    expected = F.cross_entropy(logits.repeat(3, 1), torch.tensor(old).repeat(3))
+    torch.testing.assert_close(total - plain, 2.0 * expected)
+    total.backward()
+    assert outputs["class_embeds"].grad.abs().sum() > 0  # the text side learns from the replayed images
+
+    # two parts of an accumulated step (num_items_in_batch = 6) add up to the same replayed term
+    parts = [({**outputs, "logits": outputs["logits"][rows]}, labels[rows]) for rows in (slice(0, 4), slice(4, 6))]
+    replayed = [objective.compute_loss(out, part, 6) - PLAIN(objective, out, part, 6) for out, part in parts]
+    torch.testing.assert_close(sum(replayed), 2.0 * expected)
+
+
+def test_the_replayed_embeddings_spread_around_each_mean_by_its_class_spread(tmp_path):
+    objective = PrototypeReplayObjective(noise=1.0)
+    means, old = _ready(objective, tmp_path)
+    torch.manual_seed(0)
+    class_embeds = torch.eye(4, 16)
+    logits, labels = objective.replay_logits(class_embeds, torch.tensor(1.0), 4000)
+    assert labels.tolist() == old * 2000
+    # logits against e_0..e_3 are the first coordinates of the replayed unit vectors
+    for k, c in enumerate(old):
+        sample = logits[labels == c]
+        # unit vectors around mu_c with sigma_c^2 = (1 - |mu_c|^2) / D: |mu_c + sigma_c z| is about 1, so their mean
+        # is mu_c itself (as for the real embeddings the mean was taken of) and each coordinate spreads by sigma_c
+        assert (sample.mean(0) - means[k, :4].float()).abs().max() < 0.01
+        assert sample.std(0).mean() == pytest.approx((0.19 / 16) ** 0.5, rel=0.1)
+
+
+def test_replay_pushes_the_new_class_names_away_from_the_old_images(tmp_path):
+    results = {}
+    for name, objective in (("plain", None), ("replay", PrototypeReplayObjective(weight=1.0))):
+        trainer = _trainer(tmp_path / name, objective, method="sequential", learning_rate=0.1)
+        first = trainer.tasks[0]
+        rows = first.train.with_format("torch")[:]
+        seen = AtTaskStart(1, lambda model, pixels=rows["pixel_values"]: _image_embeds(model, pixels))
+        trainer.add_callback(seen)
+        trainer.train()
+        old = list(first.classes)
+        means = torch.stack([seen.result[rows["label"] == c].mean(0) for c in old])
+        results[name] = _old_cross_entropy(trainer.model, means, old)
+    assert results["replay"] < 0.8 * results["plain"], results
+
+
+def test_a_resume_continues_with_the_stored_means_and_refuses_what_does_not_fit(tmp_path):
+    full = _trainer(tmp_path / "full", PrototypeReplayObjective())
+    full.train()
+    shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "resumed" / "task-1")
+    resumed = _trainer(tmp_path / "resumed", PrototypeReplayObjective())
+    resumed.train(resume_from_checkpoint=True)
+    torch.testing.assert_close(resumed.objective.prototypes.means, full.objective.prototypes.means)
+    assert resumed.continual_results()["class_incremental"] == full.continual_results()["class_incremental"]
+
+    other = _trainer(tmp_path / "resumed", PrototypeReplayObjective(weight=0.5))
+    with pytest.raises(CheckpointError, match="replay"):
+        other.train(resume_from_checkpoint=str(tmp_path / "full" / "task-1"))
+    plain = _trainer(tmp_path / "plain", None)
+    with pytest.raises(CheckpointError, match="replay"):
+        plain.train(resume_from_checkpoint=str(tmp_path / "full" / "task-1"))
+    (tmp_path / "broken").mkdir()
+    shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "broken" / "task-1")
+    (tmp_path / "broken" / "task-1" / PROTOTYPES_NAME).write_bytes(b"not safetensors")
+    broken = _trainer(tmp_path / "broken", PrototypeReplayObjective())
+    with pytest.raises(CheckpointError, match=PROTOTYPES_NAME):
+        broken.train(resume_from_checkpoint=True)
+    assert (tmp_path / "broken" / "task-1" / PROTOTYPES_NAME).read_bytes() == b"not safetensors"
+
+
+def test_bad_settings_models_and_sequences_are_refused(tmp_path):
+    for options, message in (({"weight": 0}, "weight must be > 0"), ({"noise": -1}, "noise must be >= 0"),
+                             ({"samples": 0}, "samples must be at least 1")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            PrototypeReplayObjective(**options)
+    with pytest.raises(TypeError, match="CLIPForClassNameClassification"):
+        PrototypeReplayObjective().setup(plain_vit(), training_args(tmp_path))
+    with pytest.raises(ValueError, match="masked_linear"):
+        PrototypeReplayObjective().setup(_model(), training_args(tmp_path, head="prototype", head_module="clip"))
+    train, test = (with_captions(synthetic_images(num_labels=4, per_class=n), NAMES) for n in (24, 8))
+    train, test = (split.add_column("domain", [k % 2 for k in range(len(split))]) for split in (train, test))
+    domains = domain_incremental_tasks(train, test, "domain")
+    trainer = _trainer(tmp_path / "domains", PrototypeReplayObjective(), tasks=domains)
+    with pytest.raises(ValueError, match="share classes"):
+        trainer.train()
+    assert not (tmp_path / "domains" / "task-1").exists()
+    with pytest.raises(ValueError, match="--prototype_replay"):
+        crossmodal.run(*crossmodal.parse_args(["--prototype_replay", "-1", "--output_dir", str(tmp_path / "r")]))
