@@ -136,6 +136,27 @@ def test_the_replayed_embeddings_spread_around_each_mean_by_its_class_spread(tmp
         assert sample.std(0).mean() == pytest.approx((0.19 / 16) ** 0.5, rel=0.1)
 
 
+def test_with_covariance_spread_the_replayed_embeddings_keep_each_class_shape(tmp_path):
+    objective = PrototypeReplayObjective(spread="covariance")
+    tasks = _tasks()
+    objective.setup(_model(), training_args(tmp_path, loss_classes="seen"))
+    generator = torch.Generator().manual_seed(0)
+    centre = F.normalize(torch.ones(16), dim=0)
+    widths = torch.tensor([0.2] + [0.02] * 15)  # one wide direction (e_0), the rest narrow
+    features = F.normalize(centre + widths * torch.randn(4000, 16, generator=generator), dim=-1)
+    old = list(tasks[0].classes)
+    objective.prototypes.update(features, torch.tensor(old).repeat(2000))
+    objective.on_task_begin(training_args(tmp_path, loss_classes="seen"), None, None, tasks=tasks, task_index=1)
+    torch.manual_seed(0)
+    logits, labels = objective.replay_logits(torch.eye(2, 16), torch.tensor(1.0), 8000)
+    for c in old:  # logits against e_0, e_1: the replayed embeddings' first two coordinates
+        stored = objective.prototypes.covariances[c]
+        replayed = logits[labels == c].var(0)
+        assert replayed[0] == pytest.approx(float(stored[0, 0]), rel=0.1)
+        assert replayed[1] == pytest.approx(float(stored[1, 1]), rel=0.1)
+        assert replayed[0] > 20 * replayed[1]  # the isotropic spread would give both the same variance
+
+
 def test_replay_pushes_the_new_class_names_away_from_the_old_images(tmp_path):
     results = {}
     for name, objective in (("plain", None), ("replay", PrototypeReplayObjective(weight=1.0))):

