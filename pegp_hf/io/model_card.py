@@ -60,6 +60,8 @@ FILES = {
     "pegp_subspaces.safetensors": "the subspace bases that protect the finished tasks",
     "pegp_head.safetensors": "the head's statistics: class means (and covariances) of the prototype / aligned head, "
     "or the RanPAC head's projection and Gram matrix",
+    "pegp_prototypes.safetensors": "the old classes' image prototypes a continued sequence replays (class means of "
+    "image embeddings, and covariances with spread='covariance')",
     "pegp_state.json": "the state of the sequence: tasks, settings, every matrix and figure",
 }
 LOADERS = {

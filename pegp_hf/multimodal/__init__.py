@@ -1,5 +1,6 @@
 """CLIP-style dual encoders: the class-name classifier and its task-level class reveal
-(:mod:`~pegp_hf.multimodal.clip`), cross-modal measures (:mod:`~pegp_hf.multimodal.crossmodal`), the alignment stage
+(:mod:`~pegp_hf.multimodal.clip`), replay of old-class image prototypes (:mod:`~pegp_hf.multimodal.prototypes`),
+cross-modal measures (:mod:`~pegp_hf.multimodal.crossmodal`), the alignment stage
 (:mod:`~pegp_hf.multimodal.alignment`) and template captions (:mod:`~pegp_hf.multimodal.captions`)."""
 
 from pegp_hf.multimodal.alignment import align_projections, label_aware_contrastive_loss
@@ -13,6 +14,7 @@ from pegp_hf.multimodal.clip import (
     get_clip_pet_model,
 )
 from pegp_hf.multimodal.crossmodal import CrossModalEvaluator, ZeroShotSet
+from pegp_hf.multimodal.prototypes import PrototypeReplayObjective
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -21,6 +23,7 @@ __all__ = [
     "CLIPClassNameOutput",
     "CLIPForClassNameClassification",
     "CrossModalEvaluator",
+    "PrototypeReplayObjective",
     "RevealSeenClasses",
     "ZeroShotSet",
     "add_template_captions",
