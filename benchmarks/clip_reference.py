@@ -1,6 +1,7 @@
 """Zero-shot retention on the CLIP recipe's embedded default: ``sequential``, ``pegp``, ``pegp`` with a reference
 set ("task 0": the base split's images, ``--reference base``, or its images and captions, ``--reference
-base_with_captions``), and both methods on a LoRA initialised by PEFT's CorDA
+base_with_captions``), with replay of old-class image prototypes (``--prototype_replay``), joint training of every
+class at once, and both methods on a LoRA initialised by PEFT's CorDA
 in knowledge-preserved mode (``--lora_init corda_kpm``, the initialisation-only anchor), over several class orders
 (docs/clip.md).
 
@@ -15,6 +16,10 @@ orders)::
         --output_dir outputs/clip_reference_captions   # the base captions too: a reference for the text tower
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings no_training \
         --output_dir outputs/clip_no_training        # the aligned model as it is: what no learning scores
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes prototypes_reference joint \
+        --output_dir outputs/clip_prototypes         # replay of old-class image prototypes, and joint training
+    python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
+        prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
                                                     # LoRA from PEFT's CorDA (knowledge-preserved mode) instead
     python benchmarks/clip_reference.py --smoke      # 2 tasks, 2 steps each, first seed only
@@ -46,10 +51,20 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                            {"pegp": "pegp + reference of images and captions (eps 0.99, 512 each)"}),
     "no_training": (["--methods", "sequential", "--learning_rate", "0"],
                     {"sequential": "no training (the aligned model, learning rate 0)"}),
-    "prototypes": (["--methods", "pegp", "sequential", "--prototype_replay", "1"],
-                   {"pegp": "pegp + old-class prototypes", "sequential": "sequential + old-class prototypes"}),
-    "prototypes_reference": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "1"],
-                             {"pegp": "pegp + reference (eps 0.99, 512 images) + old-class prototypes"}),
+    "prototypes": (["--methods", "pegp", "sequential", "--prototype_replay", "10"],
+                   {"pegp": "pegp + prototypes (weight 10)", "sequential": "sequential + prototypes (weight 10)"}),
+    "prototypes_reference": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "10"],
+                             {"pegp": "pegp + reference + prototypes (weight 10)"}),
+    "prototypes_w1": (["--methods", "pegp", "--prototype_replay", "1"], {"pegp": "pegp + prototypes (weight 1)"}),
+    "prototypes_covariance": (["--methods", "pegp", "--prototype_replay", "10", "--prototype_spread", "covariance"],
+                              {"pegp": "pegp + prototypes (weight 10, covariance spread)"}),
+    "prototypes_reference_w3": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "3"],
+                                {"pegp": "pegp + reference + prototypes (weight 3)"}),
+    "prototypes_reference_means": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "10",
+                                    "--prototype_noise", "0"],
+                                   {"pegp": "pegp + reference + prototype means only (weight 10, noise 0)"}),
+    "joint": (["--methods", "sequential", "--num_tasks", "1"],
+              {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
               {"pegp": "pegp, CorDA KPM init", "sequential": "sequential, CorDA KPM init"}),
 }  # fmt: skip
