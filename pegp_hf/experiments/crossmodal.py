@@ -47,7 +47,7 @@ from pegp_hf.multimodal.clip import (
     get_clip_pet_model,
 )
 from pegp_hf.multimodal.crossmodal import CrossModalEvaluator, ZeroShotSet
-from pegp_hf.multimodal.prototypes import PrototypeReplayObjective
+from pegp_hf.multimodal.prototypes import SPREADS, PrototypeReplayObjective
 from pegp_hf.offline.datasets import load_embedded
 from pegp_hf.offline.transforms import IMAGENET_MEAN, IMAGENET_STD, grey_to_rgb
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves, plot_task_metrics
@@ -163,7 +163,11 @@ class CrossModalArguments:
         },
     )
     prototype_noise: float = field(
-        default=1.0, metadata={"help": "Spread of the replayed embeddings, in units of each class's own (0: means)."}
+        default=1.0,
+        metadata={
+            "help": "Width of the replayed embeddings' draws around each class mean, in units of the class's own "
+            "spread (0: the means only)."
+        },
     )
     prototype_spread: str = field(
         default="isotropic",
@@ -314,9 +318,10 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
     if script.reference not in REFERENCES:
         raise ValueError(f"--reference is one of {', '.join(REFERENCES)}, not {script.reference!r}")
-    if script.prototype_replay < 0 or script.prototype_noise < 0:
-        raise ValueError(f"--prototype_replay and --prototype_noise must be >= 0, got {script.prototype_replay} and "
-                         f"{script.prototype_noise}")  # fmt: skip
+    if script.prototype_replay < 0 or script.prototype_noise < 0 or script.prototype_spread not in SPREADS:
+        raise ValueError(f"--prototype_replay and --prototype_noise must be >= 0 and --prototype_spread one of "
+                         f"{SPREADS}, got {script.prototype_replay}, {script.prototype_noise} and "
+                         f"{script.prototype_spread!r}")  # fmt: skip
     if script.lora_init not in ("default", "corda_kpm") or (script.lora_init != "default" and script.pet != "lora"):
         raise ValueError(f"--lora_init is 'default' or 'corda_kpm' (with --pet lora), not {script.lora_init!r} with "
                          f"--pet {script.pet}")  # fmt: skip

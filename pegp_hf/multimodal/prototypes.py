@@ -25,9 +25,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
@@ -47,6 +49,19 @@ PROTOTYPES_NAME = "pegp_prototypes.safetensors"
 SPREADS = ("isotropic", "covariance")
 
 
+@dataclass
+class _Replay:
+    """What a task with old classes replays: their ``labels`` ``(K,)``, ``means`` ``(K, D)`` and ``scales`` (``(K, 1)``
+    per-class sigma, or ``(K, D, D)`` Cholesky factors) on the training device, the ``seen`` classes' mask
+    ``(num_labels,)`` the replayed embeddings compete in, and the CPU ``generator`` of the draws."""
+
+    labels: torch.Tensor
+    means: torch.Tensor
+    scales: torch.Tensor
+    seen: torch.Tensor
+    generator: torch.Generator
+
+
 class PrototypeReplayObjective(ClassificationObjective):
     """The classification objective of a :class:`~pegp_hf.multimodal.clip.CLIPForClassNameClassification` plus the
     replay of old-class image prototypes of the module docstring.
@@ -55,8 +70,8 @@ class PrototypeReplayObjective(ClassificationObjective):
         weight: the replayed embeddings' cross-entropy is added with this factor (> 0).
         noise: the spread of the replayed embeddings around each mean, in units of the class's own ``sigma_c``
             (0: the means themselves).
-        samples: embeddings replayed per training batch (default: as many as the batch has images), spread evenly
-            over the old classes.
+        samples: embeddings replayed per training batch (default: as many as the batch has rows), shared evenly by
+            the old classes.
     """
 
     def __init__(
@@ -75,7 +90,7 @@ class PrototypeReplayObjective(ClassificationObjective):
         super().__init__()
         self.weight, self.noise, self.samples, self.spread = float(weight), float(noise), samples, spread
         self.prototypes: ClassStatistics | None = None
-        self._replayed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # labels, means, sigmas
+        self._replayed: _Replay | None = None  # while a task with old classes trains
         self._embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
@@ -87,6 +102,9 @@ class PrototypeReplayObjective(ClassificationObjective):
         if args.head != "masked_linear":
             raise ValueError(f"{type(self).__name__} trains the class-name classifier, whose own logits score it: "
                              f"use head='masked_linear', not {args.head!r}")  # fmt: skip
+        if args.n_gpu > 1:
+            raise ValueError(f"{type(self).__name__} needs one device per process: launch with accelerate / torchrun "
+                             f"(DDP) instead of one process over {args.n_gpu} GPUs (nn.DataParallel)")  # fmt: skip
         super().setup(model, args)
         dim = getattr(classifier.clip.config, "projection_dim", None)
         if not isinstance(dim, int):
@@ -108,8 +126,9 @@ class PrototypeReplayObjective(ClassificationObjective):
     # ---- training -----------------------------------------------------------------------------------------------
 
     def on_task_begin(self, args, state, control, tasks: TaskSequence, task_index: int, **kwargs) -> None:
-        """Mask the classes as the classification objective does, and put the old classes' means and spreads on the
-        training device (they do not change while the task trains)."""
+        """Mask the classes as the classification objective does; put the old classes' means and spreads on the
+        training device (they do not change while the task trains) with the seen classes' mask the replayed
+        embeddings compete in, and seed the replay's own generator from ``(seed, task, process)``."""
         super().on_task_begin(args, state, control, tasks=tasks, task_index=task_index, **kwargs)
         current = set(tasks[task_index].classes)
         old = [c for c in tasks.seen_classes(task_index) if c not in current and self.prototypes.counts[c] > 0]
@@ -118,39 +137,50 @@ class PrototypeReplayObjective(ClassificationObjective):
             return
         labels = torch.tensor(old, dtype=torch.long)
         means = self.prototypes.means[labels]
-        if self.spread == "covariance":  # (K, D, D) Cholesky factors of the class covariances
+        if self.spread == "covariance":  # (K, D, D): Cholesky factors of the class covariances
             eye = torch.eye(self.prototypes.dim, dtype=torch.float64)
             scales = torch.linalg.cholesky(self.prototypes.covariances[labels].double() + 1e-6 * eye)
         else:  # (K, 1): sigma_c
             scales = ((1.0 - means.square().sum(1, keepdim=True)).clamp_min(0.0) / self.prototypes.dim).sqrt()
-        self._replayed = tuple(t.to(args.device) for t in (labels, means.float(), scales.float()))
+        labels, means, scales = (t.to(args.device) for t in (labels, means.float(), scales.float()))
+        seed = np.random.SeedSequence([args.seed, task_index, args.process_index]).generate_state(1)[0]
+        self._replayed = _Replay(labels, means, scales, self._class_mask(tasks.seen_classes(task_index)),
+                                 torch.Generator().manual_seed(int(seed)))  # fmt: skip
 
     def replay_logits(
         self, class_embeds: torch.Tensor, logit_scale: torch.Tensor, count: int
-    ) -> tuple[torch.Tensor, ...]:
-        """``count`` replayed embeddings (the old classes in turn) scored against ``class_embeds`` ``(C, D)``:
-        ``(logits (count, C), labels (count,))``."""
-        labels, means, scales = self._replayed
-        rows = torch.arange(count, device=means.device) % len(labels)
-        noise = torch.randn(count, means.shape[1], device=means.device, dtype=means.dtype)
-        offsets = torch.einsum("nij,nj->ni", scales[rows], noise) if scales.ndim == 3 else scales[rows] * noise
-        embeds = F.normalize(means[rows] + self.noise * offsets, dim=-1)
-        return logit_scale * embeds.to(class_embeds.dtype) @ class_embeds.T, labels[rows]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``count`` replayed embeddings scored against ``class_embeds`` ``(C, D)``: ``(logits (count, C), labels
+        (count,))``. Each old class gets ``count // K`` or one more (the extra ones from a random class on), so
+        over the steps every class is replayed as often, also when ``count < K``."""
+        replay = self._replayed
+        classes, dim = replay.means.shape
+        rounds = -(-count // classes)
+        # drawn on the CPU: the same draws on every device
+        noise = torch.randn(rounds, classes, dim, generator=replay.generator).to(replay.means)
+        if replay.scales.ndim == 3:
+            offsets = torch.einsum("kij,rkj->rki", replay.scales, noise)
+        else:
+            offsets = replay.scales * noise
+        embeds = F.normalize(replay.means + self.noise * offsets, dim=-1).flatten(0, 1)  # row r * K + k: class k
+        start = int(torch.randint(classes, (), generator=replay.generator))
+        rows = (start + torch.arange(count)) % len(embeds)
+        logits = logit_scale * embeds[rows.to(embeds.device)].to(class_embeds.dtype) @ class_embeds.T
+        return logits, replay.labels[(rows % classes).to(embeds.device)]
 
     def compute_loss(
         self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        """The classification loss plus ``weight`` times the replayed embeddings' mean cross-entropy over the
-        competing classes, scaled by this batch's share of the accumulated items (so accumulation keeps it a mean)."""
+        """The classification loss plus ``weight`` times the mean cross-entropy of ``samples`` replayed embeddings
+        (default: the batch's row count) over every seen class, scaled by this batch's share of the accumulated items
+        (so accumulation over batches and processes keeps it a mean). Outside training: the classification loss."""
         loss = super().compute_loss(outputs, labels, num_items_in_batch)
         if self._replayed is None or not self.model.training:
             return loss
-        items = (labels != -100).sum()
         logits, replayed = self.replay_logits(outputs["class_embeds"], outputs["logit_scale"],
-                                              self.samples or max(int(items), 1))  # fmt: skip
-        if self.train_classes is not None:
-            logits = logits.masked_fill(~self.train_classes, torch.finfo(logits.dtype).min)
-        share = items / num_items_in_batch if num_items_in_batch is not None else 1.0
+                                              self.samples or len(labels))  # fmt: skip
+        logits = logits.masked_fill(~self._replayed.seen, torch.finfo(logits.dtype).min)
+        share = (labels != -100).sum() / num_items_in_batch if num_items_in_batch is not None else 1.0
         return loss + self.weight * share * F.cross_entropy(logits.float(), replayed)
 
     # ---- the feature pass after each task -------------------------------------------------------------------------
@@ -167,9 +197,8 @@ class PrototypeReplayObjective(ClassificationObjective):
 
     def after_feature_pass(self, trainer: ContinualPEGPTrainer, index: int) -> None:
         """Merge every process's image embeddings into the class means."""
-        embeds = [e for e, _ in self._embeds] or [torch.zeros(0, self.prototypes.dim)]  # a process with no batch
-        labels = [y for _, y in self._embeds] or [torch.zeros(0, dtype=torch.long)]
-        parts = gather_object([(torch.cat(embeds), torch.cat(labels))])
+        embeds, labels = torch.cat([e for e, _ in self._embeds]), torch.cat([y for _, y in self._embeds])
+        parts = gather_object([(embeds, labels)])  # feature_sample_loader gives every process a batch
         self.prototypes.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
         self._embeds = []
 
