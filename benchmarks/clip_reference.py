@@ -86,6 +86,7 @@ def figures(results: dict[str, Any]) -> dict[str, float | None]:
         "til_acc": results["task_incremental"]["average"],
         "til_forgetting": results["task_incremental"]["forgetting"],
         "hallucination": last.get("hallucination_rate"),
+        "image_to_text": results["image_to_text"]["average"],  # not in the table: joint runs' caption matching
         "reference_share": results["initial_metrics"].get("reference_protected_share/lora_A"),
     }
 

@@ -207,7 +207,9 @@ CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
                          ("### Reference size and threshold", "clip_reference_sweep"),
                          ("### Against CorDA", "clip_corda"),
                          ("### A reference of images and captions", "clip_reference_captions"),
-                         ("### The aligned model without training", "clip_no_training")]  # fmt: skip
+                         ("### The aligned model without training", "clip_no_training"),
+                         ("### Replaying old-class image prototypes", "clip_prototypes"),
+                         ("### Prototype replay: weight, spread and noise", "clip_prototypes_sweep")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)
