@@ -3,8 +3,8 @@
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR PHASE [fsdp2]
 
 PHASE is ``full``, ``crash`` (every rank fails as task 2 starts), ``crash-rank1`` (rank 1 alone fails; torchrun
-stops rank 0) or ``resume``. The backend is ``ddp`` (default), ``fsdp2`` (``fully_shard``), or ``zero1`` / ``zero2``
-(DeepSpeed on its CPU accelerator).
+stops rank 0), ``resume``, or ``replay`` (a tiny CLIP with prototype replay, DDP). The backend is ``ddp``
+(default), ``fsdp2`` (``fully_shard``), or ``zero1`` / ``zero2`` (DeepSpeed on its CPU accelerator).
 """
 
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import AtTaskStart, distributed_case, matrices
+from helpers import AtTaskStart, distributed_case, distributed_clip_case, matrices
 
 from pegp_hf import ContinualPEGPTrainer
 
@@ -44,7 +44,25 @@ def deepspeed_config(stage: int) -> dict:
     return {"zero_optimization": {"stage": stage}, **auto}
 
 
+def replay(output_dir: str) -> None:
+    """The tiny CLIP with prototype replay under DDP: per rank, the class means, the trained weights and matrices."""
+    model, tasks, args, objective, callbacks = distributed_clip_case(output_dir, per_device_batch=8)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks, objective=objective, callbacks=callbacks)
+    trainer.train()
+    torch.save(
+        {
+            "world_size": trainer.accelerator.num_processes,
+            "means": objective.prototypes.means, "counts": objective.prototypes.counts,
+            "params": {n: full(p) for n, p in model.named_parameters() if p.requires_grad},
+            "accuracy": {k: torch.tensor(v) for k, v in matrices(trainer).items()},
+        },
+        Path(output_dir) / f"replay-rank{trainer.accelerator.process_index}.pt",
+    )  # fmt: skip
+
+
 def main(output_dir: str, phase: str, backend: str = "ddp") -> None:
+    if phase == "replay":
+        return replay(output_dir)
     zero = {"zero1": 1, "zero2": 2}.get(backend)
     extra = {"deepspeed": deepspeed_config(zero)} if zero else {}
     model, tasks, args = distributed_case(output_dir, per_device_batch=8, **extra)

@@ -114,6 +114,29 @@ def distributed_case(output_dir, per_device_batch: int, **overrides):
     return tiny_vit(hidden=64, rank=4), tasks, args
 
 
+def distributed_clip_case(output_dir, per_device_batch: int):
+    """A tiny CLIP class-name classifier with LoRA on both towers, its 2-task sequence and arguments (global batch
+    16), trained with :class:`~pegp_hf.multimodal.PrototypeReplayObjective` replaying the old class means exactly
+    (noise 0): the 2-process replay test and its single-process reference share it. ``(model, tasks, args,
+    objective, callbacks)``."""
+    from pegp_hf import class_incremental_tasks
+    from pegp_hf.multimodal import CLIPForClassNameClassification, PrototypeReplayObjective, RevealSeenClasses
+    from pegp_hf.tuners import get_pet_model
+
+    tasks = class_incremental_tasks(
+        synthetic_images(num_labels=4, per_class=16), synthetic_images(num_labels=4, per_class=8, seed=1), 2, seed=0
+    )
+    names, templates = ["circle", "square", "cross", "bar"], ["a photo of a {} .", "an image of the {} ."]
+    classifier = CLIPForClassNameClassification(tiny_clip(), tiny_clip_tokenizer(), names, templates)
+    model = get_pet_model(classifier, "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    args = training_args(
+        output_dir, per_device_train_batch_size=per_device_batch, per_device_eval_batch_size=16,
+        gradient_accumulation_steps=16 // (per_device_batch * _world_size()), loss_classes="seen",
+        threshold=0.99, feature_samples=24, dataloader_pin_memory=False,
+    )  # fmt: skip
+    return model, tasks, args, PrototypeReplayObjective(weight=1.0, noise=0.0), [RevealSeenClasses()]
+
+
 def _world_size() -> int:
     import os
 

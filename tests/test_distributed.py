@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import distributed_case, matrices
+from helpers import distributed_case, distributed_clip_case, matrices
 from safetensors.torch import load_file
 
 from pegp_hf import ContinualPEGPTrainer
@@ -175,3 +175,25 @@ def test_recipe_under_accelerate_launch_with_the_shipped_ddp_config(tmp_path):
     summary = json.loads((tmp_path / "results.json").read_text())
     assert summary["pegp"]["num_processes"] == summary["sequential"]["num_processes"] == 2
     assert (tmp_path / "pegp" / "task-2" / "pegp_subspaces.safetensors").is_file()
+
+
+def test_prototype_replay_under_ddp_gathers_the_class_means_and_trains_as_one_process(tmp_path):
+    """Each rank's feature pass sees its share of the samples; the class means are merged over both, and with the
+    means replayed exactly (noise 0, each old class in the same share on every rank) the two processes train the
+    same weights as one process over the same global batch: the replayed loss is scaled like the task's."""
+    done = torchrun(tmp_path / "ddp", "replay")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"replay-rank{r}.pt") for r in (0, 1)]
+    model, tasks, args, objective, callbacks = distributed_clip_case(tmp_path / "one", per_device_batch=16)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks, objective=objective, callbacks=callbacks)
+    trainer.train()
+    assert objective.prototypes.counts.sum() == 2 * 24  # both tasks' feature passes, 24 samples each
+    for rank in ranks:
+        assert rank["world_size"] == 2
+        torch.testing.assert_close(rank["counts"], objective.prototypes.counts)
+        torch.testing.assert_close(rank["means"], objective.prototypes.means, atol=1e-5, rtol=1e-4)
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                torch.testing.assert_close(rank["params"][name], parameter.detach(), atol=2e-5, rtol=1e-4, msg=name)
+        for name, matrix in matrices(trainer).items():
+            torch.testing.assert_close(rank["accuracy"][name], torch.tensor(matrix), rtol=0, atol=0, equal_nan=True)
