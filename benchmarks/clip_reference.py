@@ -18,6 +18,8 @@ orders)::
         --output_dir outputs/clip_no_training        # the aligned model as it is: what no learning scores
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes prototypes_reference joint \
         --output_dir outputs/clip_prototypes         # replay of old-class image prototypes, and joint training
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes_stored prototypes_stored_reference \
+        --output_dir outputs/clip_prototypes_stored  # the old images' own embeddings replayed
     python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
         prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
@@ -63,6 +65,11 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "prototypes_reference_means": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "10",
                                     "--prototype_noise", "0"],
                                    {"pegp": "pegp + reference + prototype means only (weight 10, noise 0)"}),
+    "prototypes_stored": (["--methods", "pegp", "--prototype_replay", "10", "--prototype_spread", "stored"],
+                          {"pegp": "pegp + stored embeddings (weight 10)"}),
+    "prototypes_stored_reference": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "10",
+                                     "--prototype_spread", "stored"],
+                                    {"pegp": "pegp + reference + stored embeddings (weight 10)"}),
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],

@@ -14,14 +14,14 @@ from helpers import (
     training_args,
     with_captions,
 )
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
 from pegp_hf.continual.classification import ClassificationObjective
 from pegp_hf.continual.tasks import domain_incremental_tasks
 from pegp_hf.experiments import crossmodal
 from pegp_hf.multimodal.clip import CLIPForClassNameClassification, RevealSeenClasses
-from pegp_hf.multimodal.prototypes import PROTOTYPES_NAME, PrototypeReplayObjective
+from pegp_hf.multimodal.prototypes import MEMORY_NAME, PROTOTYPES_NAME, PrototypeReplayObjective
 from pegp_hf.tuners import get_pet_model
 from pegp_hf.utils import CheckpointError
 
@@ -253,3 +253,37 @@ def test_the_clip_recipe_replays_prototypes_only_when_asked(tmp_path, monkeypatc
     objective = given[1]["objective_init"]()
     assert isinstance(objective, PrototypeReplayObjective)
     assert objective.replay() == {"prototypes": {"weight": 2.0, "noise": 0.5, "samples": None, "spread": "covariance"}}
+
+
+def test_stored_spread_keeps_and_replays_the_old_images_own_embeddings(tmp_path):
+    trainer = _trainer(tmp_path / "full", PrototypeReplayObjective(spread="stored"))
+    first = trainer.tasks[0]
+    rows = first.train.with_format("torch")[:]
+    seen = AtTaskStart(1, lambda model: _image_embeds(model, rows["pixel_values"]))
+    trainer.add_callback(seen)
+    trainer.train()
+    embeds, labels = trainer.objective.memory
+    assert len(embeds) == 2 * 48  # both tasks' feature passes, every training row (feature_samples=64)
+    task1 = torch.isin(labels, torch.tensor(first.classes))
+    kept = sorted(map(tuple, embeds[task1].double().round(decimals=5).tolist()))
+    assert kept == sorted(map(tuple, seen.result.round(decimals=5).tolist()))  # task 1's rows, as task 1 left them
+
+    # while task 2 trains, the replayed embeddings are task 1's stored rows, labelled with their classes
+    objective = trainer.objective
+    objective.on_task_begin(trainer.args, None, None, tasks=trainer.tasks, task_index=1)
+    logits, replayed = objective.replay_logits(torch.eye(16), torch.tensor(1.0), 200)
+    for row, label in zip(logits, replayed, strict=True):
+        match = (embeds[task1] - row).abs().amax(1) < 1e-6
+        assert match.any() and labels[task1][match][0] == label
+
+    shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "resumed" / "task-1")
+    resumed = _trainer(tmp_path / "resumed", PrototypeReplayObjective(spread="stored"))
+    resumed.train(resume_from_checkpoint=True)
+    torch.testing.assert_close(resumed.objective.memory[0], embeds)
+    (tmp_path / "cut").mkdir()
+    shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "cut" / "task-1")
+    memory = load_file(tmp_path / "cut" / "task-1" / MEMORY_NAME)
+    save_file({"embeddings": memory["embeddings"][:5], "labels": memory["labels"][:5]},
+              tmp_path / "cut" / "task-1" / MEMORY_NAME)  # fmt: skip
+    with pytest.raises(CheckpointError, match="stored embeddings"):
+        _trainer(tmp_path / "cut", PrototypeReplayObjective(spread="stored")).train(resume_from_checkpoint=True)

@@ -171,7 +171,10 @@ class CrossModalArguments:
     )
     prototype_spread: str = field(
         default="isotropic",
-        metadata={"help": "isotropic (one variance per class) or covariance (each class's D x D covariance)."},
+        metadata={
+            "help": "isotropic (one variance per class), covariance (each class's D x D covariance) or stored "
+            "(no draws: the feature pass's embeddings themselves are kept and replayed)."
+        },
     )
     corda_samples: int = field(default=256, metadata={"help": "Base rows that CorDA's covariances are taken on."})
     resume_from: str | None = field(

@@ -62,6 +62,8 @@ FILES = {
     "or the RanPAC head's projection and Gram matrix",
     "pegp_prototypes.safetensors": "the old classes' image prototypes a continued sequence replays (class means of "
     "image embeddings, and covariances with spread='covariance')",
+    "pegp_prototype_memory.safetensors": "the old classes' stored image embeddings that prototype replay with "
+    "spread='stored' replays",
     "pegp_state.json": "the state of the sequence: tasks, settings, every matrix and figure",
 }
 LOADERS = {

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
+from safetensors.torch import save_file
 from torch import nn
 
 from pegp_hf.continual.classification import ClassificationObjective
@@ -40,19 +41,22 @@ from pegp_hf.continual.heads import ClassStatistics
 from pegp_hf.continual.objectives import BatchObserver
 from pegp_hf.continual.tasks import TaskSequence
 from pegp_hf.multimodal.clip import CLIPForClassNameClassification
+from pegp_hf.utils import CheckpointError, read_safetensors
 
 if TYPE_CHECKING:
     from pegp_hf.config import PEGPTrainingArguments
     from pegp_hf.trainer import ContinualPEGPTrainer
 
 PROTOTYPES_NAME = "pegp_prototypes.safetensors"
-SPREADS = ("isotropic", "covariance")
+MEMORY_NAME = "pegp_prototype_memory.safetensors"
+SPREADS = ("isotropic", "covariance", "stored")
 
 
 @dataclass
 class _Replay:
     """What a task with old classes replays: their ``labels`` ``(K,)``, ``means`` ``(K, D)`` and ``scales`` (``(K, 1)``
-    per-class sigma, or ``(K, D, D)`` Cholesky factors) on the training device, the ``seen`` classes' mask
+    per-class sigma, ``(K, D, D)`` Cholesky factors, or with ``spread="stored"`` the old classes' stored embeddings
+    ``(M, D)``, ``labels`` then ``(M,)`` and ``means`` unused) on the training device, the ``seen`` classes' mask
     ``(num_labels,)`` the replayed embeddings compete in, and the CPU ``generator`` of the draws."""
 
     labels: torch.Tensor
@@ -70,6 +74,10 @@ class PrototypeReplayObjective(ClassificationObjective):
         weight: the replayed embeddings' cross-entropy is added with this factor (> 0).
         noise: the spread of the replayed embeddings around each mean, in units of the class's own ``sigma_c``
             (0: the means themselves).
+        spread: ``"isotropic"`` (``sigma_c``), ``"covariance"`` (each class's ``D x D`` covariance, kept too), or
+            ``"stored"``: no draws, the feature pass's embeddings themselves are kept (``feature_samples`` per
+            task, ``MEMORY_NAME``) and replayed, uniformly over them. Under ``pegp`` these are the old images'
+            embeddings as they stay, so this replays what replaying the images could change (the text side).
         samples: embeddings replayed per training batch (default: as many as the batch has rows), shared evenly by
             the old classes.
     """
@@ -90,6 +98,7 @@ class PrototypeReplayObjective(ClassificationObjective):
         super().__init__()
         self.weight, self.noise, self.samples, self.spread = float(weight), float(noise), samples, spread
         self.prototypes: ClassStatistics | None = None
+        self.memory: tuple[torch.Tensor, torch.Tensor] | None = None  # spread="stored": embeddings (M, D), labels
         self._replayed: _Replay | None = None  # while a task with old classes trains
         self._embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -112,6 +121,8 @@ class PrototypeReplayObjective(ClassificationObjective):
                 f"{type(classifier.clip).__name__}'s config has no projection_dim (the joint space's width)"
             )
         self.prototypes = ClassStatistics.empty(self.num_labels, dim, with_covariances=self.spread == "covariance")
+        if self.spread == "stored":
+            self.memory = (torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
 
     def validate(self, tasks: TaskSequence) -> None:
         super().validate(tasks)
@@ -137,7 +148,10 @@ class PrototypeReplayObjective(ClassificationObjective):
             return
         labels = torch.tensor(old, dtype=torch.long)
         means = self.prototypes.means[labels]
-        if self.spread == "covariance":  # (K, D, D): Cholesky factors of the class covariances
+        if self.spread == "stored":  # (M, D): the old classes' stored embeddings, with their labels
+            kept = torch.isin(self.memory[1], labels)
+            scales, labels = self.memory[0][kept], self.memory[1][kept]
+        elif self.spread == "covariance":  # (K, D, D): Cholesky factors of the class covariances
             eye = torch.eye(self.prototypes.dim, dtype=torch.float64)
             scales = torch.linalg.cholesky(self.prototypes.covariances[labels].double() + 1e-6 * eye)
         else:  # (K, 1): sigma_c
@@ -154,6 +168,9 @@ class PrototypeReplayObjective(ClassificationObjective):
         (count,))``. Each old class gets ``count // K`` or one more (the extra ones from a random class on), so
         over the steps every class is replayed as often, also when ``count < K``."""
         replay = self._replayed
+        if self.spread == "stored":
+            rows = torch.randint(len(replay.labels), (count,), generator=replay.generator).to(replay.labels.device)
+            return logit_scale * replay.scales[rows].to(class_embeds.dtype) @ class_embeds.T, replay.labels[rows]
         classes, dim = replay.means.shape
         rounds = -(-count // classes)
         # drawn on the CPU: the same draws on every device
@@ -199,16 +216,37 @@ class PrototypeReplayObjective(ClassificationObjective):
         """Merge every process's image embeddings into the class means."""
         embeds, labels = torch.cat([e for e, _ in self._embeds]), torch.cat([y for _, y in self._embeds])
         parts = gather_object([(embeds, labels)])  # feature_sample_loader gives every process a batch
-        self.prototypes.update(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
+        embeds, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        self.prototypes.update(embeds, labels)
+        if self.memory is not None:
+            self.memory = (torch.cat([self.memory[0], embeds]), torch.cat([self.memory[1], labels]))
         self._embeds = []
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
 
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         self.prototypes.save(Path(directory) / PROTOTYPES_NAME, "prototype_replay")
+        if self.memory is not None:
+            save_file({"embeddings": self.memory[0].contiguous(), "labels": self.memory[1].contiguous()},
+                      str(Path(directory) / MEMORY_NAME), metadata={"format": "pt"})  # fmt: skip
 
-    def read_checkpoint(self, directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-        return self.prototypes.read_like(Path(directory) / PROTOTYPES_NAME)
+    def read_checkpoint(self, directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], tuple | None]:
+        """The stored class statistics and (``spread="stored"``) embeddings, checked against this model's class count
+        and width and against each other; nothing is changed. ``CheckpointError`` if they do not fit."""
+        statistics = self.prototypes.read_like(Path(directory) / PROTOTYPES_NAME)
+        if self.memory is None:
+            return statistics, None
+        path = Path(directory) / MEMORY_NAME
+        stored = read_safetensors(path)
+        embeds, labels = stored.get("embeddings"), stored.get("labels")
+        if (embeds is None or labels is None or embeds.ndim != 2 or embeds.shape[1] != self.prototypes.dim
+                or labels.shape != (len(embeds),) or len(embeds) != int(statistics["counts"].sum())):  # fmt: skip
+            raise CheckpointError(f"{path} does not hold the {int(statistics['counts'].sum())} stored embeddings of "
+                                  f"width {self.prototypes.dim} that {PROTOTYPES_NAME} counts")  # fmt: skip
+        return statistics, (embeds, labels)
 
-    def load_checkpoint(self, stored: dict[str, torch.Tensor]) -> None:
-        self.prototypes.load_state_dict(stored)
+    def load_checkpoint(self, stored: tuple[dict[str, torch.Tensor], tuple | None]) -> None:
+        statistics, memory = stored
+        self.prototypes.load_state_dict(statistics)
+        if memory is not None:
+            self.memory = memory
