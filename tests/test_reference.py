@@ -92,8 +92,10 @@ def drift(before: torch.Tensor, after: torch.Tensor) -> float:
 
 def test_reference_outputs_stay_where_the_pretrained_model_put_them(runs):
     _, before, after, _ = runs["reference"]
-    assert drift(before["reference"], after["reference"]) < 1e-5
-    assert drift(before["held_out"], after["held_out"]) < 1e-5  # the same features, other sequences
+    # float32 noise: 1.1e-5 of the largest logit after 12 AdamW epochs (torch 2.13, transformers 5.25); without the
+    # reference the same logits move by more than 1e-2
+    assert drift(before["reference"], after["reference"]) < 5e-5
+    assert drift(before["held_out"], after["held_out"]) < 5e-5  # the same features, other sequences
     _, before, after, _ = runs["plain"]
     assert drift(before["reference"], after["reference"]) > 1e-2  # without a reference they move
 
