@@ -209,6 +209,7 @@ CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
                          ("### A reference of images and captions", "clip_reference_captions"),
                          ("### The aligned model without training", "clip_no_training"),
                          ("### Replaying old-class image prototypes", "clip_prototypes"),
+                         ("### Replaying the old images' own embeddings", "clip_prototypes_stored"),
                          ("### Prototype replay: weight, spread and noise", "clip_prototypes_sweep")]  # fmt: skip
 
 
