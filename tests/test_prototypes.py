@@ -262,7 +262,7 @@ def test_stored_spread_keeps_and_replays_the_old_images_own_embeddings(tmp_path)
     seen = AtTaskStart(1, lambda model: _image_embeds(model, rows["pixel_values"]))
     trainer.add_callback(seen)
     trainer.train()
-    embeds, labels = trainer.objective.memory
+    embeds, labels = trainer.objective.memory.features, trainer.objective.memory.labels
     assert len(embeds) == 2 * 48  # both tasks' feature passes, every training row (feature_samples=64)
     task1 = torch.isin(labels, torch.tensor(first.classes))
     kept = sorted(map(tuple, embeds[task1].double().round(decimals=5).tolist()))
@@ -279,11 +279,11 @@ def test_stored_spread_keeps_and_replays_the_old_images_own_embeddings(tmp_path)
     shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "resumed" / "task-1")
     resumed = _trainer(tmp_path / "resumed", PrototypeReplayObjective(spread="stored"))
     resumed.train(resume_from_checkpoint=True)
-    torch.testing.assert_close(resumed.objective.memory[0], embeds)
+    torch.testing.assert_close(resumed.objective.memory.features, embeds)
     (tmp_path / "cut").mkdir()
     shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "cut" / "task-1")
     memory = load_file(tmp_path / "cut" / "task-1" / MEMORY_NAME)
-    save_file({"embeddings": memory["embeddings"][:5], "labels": memory["labels"][:5]},
+    save_file({"features": memory["features"][:5], "labels": memory["labels"][:5]},
               tmp_path / "cut" / "task-1" / MEMORY_NAME)  # fmt: skip
-    with pytest.raises(CheckpointError, match="stored embeddings"):
+    with pytest.raises(CheckpointError, match="48 stored features"):
         _trainer(tmp_path / "cut", PrototypeReplayObjective(spread="stored")).train(resume_from_checkpoint=True)

@@ -14,7 +14,8 @@ Four heads use that differently:
   :mod:`pegp_hf.continual.ranpac`).
 
 Statistics live in a :class:`HeadStatistics` (:class:`ClassStatistics` here: one row per label id, count 0 for unseen
-classes), written to ``pegp_head.safetensors`` with every checkpoint. With ``drift_compensation``, the stored means of
+classes), written to ``pegp_head.safetensors`` with every checkpoint. :class:`FeatureMemory` keeps the feature
+vectors themselves, for replay (:mod:`pegp_hf.multimodal.prototypes`). With ``drift_compensation``, the stored means of
 old classes follow the drift of the current task's features (:func:`compensate_drift`).
 """
 
@@ -134,6 +135,55 @@ class ClassStatistics(HeadStatistics):
         if self.covariances is not None:
             state["covariances"] = self.covariances
         return state
+
+
+@dataclass
+class FeatureMemory(HeadStatistics):
+    """The feature vectors themselves, kept for replay: ``features`` ``(M, dim)`` float32 and their ``labels``
+    ``(M,)`` among ``num_labels`` classes; each :meth:`update` appends a task's feature pass."""
+
+    features: torch.Tensor
+    labels: torch.Tensor
+    num_labels: int
+
+    @classmethod
+    def empty(cls, num_labels: int, dim: int) -> FeatureMemory:
+        return cls(torch.zeros(0, dim), torch.zeros(0, dtype=torch.long), num_labels)
+
+    @property
+    def dim(self) -> int:
+        return self.features.shape[1]
+
+    @property
+    def seen(self) -> torch.Tensor:
+        return torch.bincount(self.labels, minlength=self.num_labels) > 0
+
+    def update(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        self.features = torch.cat([self.features, features.detach().to("cpu", torch.float32)])
+        self.labels = torch.cat([self.labels, labels.detach().cpu().long()])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"features": self.features, "labels": self.labels}
+
+    def read_like(self, path: str | os.PathLike, rows: int | None = None) -> dict[str, torch.Tensor]:
+        """The tensors written by :meth:`save`: ``rows`` (any number if ``None``) features of this width, with
+        labels among this class count; nothing is changed here.
+
+        Raises:
+            CheckpointError: an unreadable file, or features of another width, count or labels.
+        """
+        stored = read_safetensors(path)
+        features, labels = stored.get("features"), stored.get("labels")
+        fits = (
+            features is not None and labels is not None and features.ndim == 2 and features.shape[1] == self.dim
+            and labels.shape == (len(features),) and (rows is None or len(features) == rows)
+            and bool(((labels >= 0) & (labels < self.num_labels)).all())
+        )  # fmt: skip
+        if not fits:
+            count = "" if rows is None else f"{rows} "
+            raise CheckpointError(f"{path} does not hold the {count}stored features of width {self.dim} (labels below "
+                                  f"{self.num_labels}) this run needs")  # fmt: skip
+        return stored
 
 
 def prototype_logits(features: torch.Tensor, statistics: ClassStatistics) -> torch.Tensor:

@@ -37,15 +37,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate.utils import gather_object
-from safetensors.torch import save_file
 from torch import nn
 
 from pegp_hf.continual.classification import ClassificationObjective
-from pegp_hf.continual.heads import ClassStatistics
+from pegp_hf.continual.heads import ClassStatistics, FeatureMemory
 from pegp_hf.continual.objectives import BatchObserver
 from pegp_hf.continual.tasks import TaskSequence
 from pegp_hf.multimodal.clip import CLIPForClassNameClassification
-from pegp_hf.utils import CheckpointError, read_safetensors
 
 if TYPE_CHECKING:
     from pegp_hf.config import PEGPTrainingArguments
@@ -102,7 +100,7 @@ class PrototypeReplayObjective(ClassificationObjective):
         super().__init__()
         self.weight, self.noise, self.samples, self.spread = float(weight), float(noise), samples, spread
         self.prototypes: ClassStatistics | None = None
-        self.memory: tuple[torch.Tensor, torch.Tensor] | None = None  # spread="stored": embeddings (M, D), labels
+        self.memory: FeatureMemory | None = None  # spread="stored": the embeddings themselves
         self._replayed: _Replay | None = None  # while a task with old classes trains
         self._embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
@@ -126,7 +124,7 @@ class PrototypeReplayObjective(ClassificationObjective):
             )
         self.prototypes = ClassStatistics.empty(self.num_labels, dim, with_covariances=self.spread == "covariance")
         if self.spread == "stored":
-            self.memory = (torch.zeros(0, dim), torch.zeros(0, dtype=torch.long))
+            self.memory = FeatureMemory.empty(self.num_labels, dim)
 
     def validate(self, tasks: TaskSequence) -> None:
         super().validate(tasks)
@@ -153,8 +151,8 @@ class PrototypeReplayObjective(ClassificationObjective):
         labels = torch.tensor(old, dtype=torch.long)
         means = self.prototypes.means[labels]
         if self.spread == "stored":  # (M, D): the old classes' stored embeddings, with their labels
-            kept = torch.isin(self.memory[1], labels)
-            scales, labels = self.memory[0][kept], self.memory[1][kept]
+            kept = torch.isin(self.memory.labels, labels)
+            scales, labels = self.memory.features[kept], self.memory.labels[kept]
         elif self.spread == "covariance":  # (K, D, D): Cholesky factors of the class covariances
             eye = torch.eye(self.prototypes.dim, dtype=torch.float64)
             scales = torch.linalg.cholesky(self.prototypes.covariances[labels].double() + 1e-6 * eye)
@@ -223,7 +221,7 @@ class PrototypeReplayObjective(ClassificationObjective):
         embeds, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
         self.prototypes.update(embeds, labels)
         if self.memory is not None:
-            self.memory = (torch.cat([self.memory[0], embeds]), torch.cat([self.memory[1], labels]))
+            self.memory.update(embeds, labels)
         self._embeds = []
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
@@ -231,26 +229,17 @@ class PrototypeReplayObjective(ClassificationObjective):
     def save_checkpoint(self, directory: str | os.PathLike) -> None:
         self.prototypes.save(Path(directory) / PROTOTYPES_NAME, "prototype_replay")
         if self.memory is not None:
-            save_file({"embeddings": self.memory[0].contiguous(), "labels": self.memory[1].contiguous()},
-                      str(Path(directory) / MEMORY_NAME), metadata={"format": "pt"})  # fmt: skip
+            self.memory.save(Path(directory) / MEMORY_NAME, "prototype_replay")
 
-    def read_checkpoint(self, directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], tuple | None]:
-        """The stored class statistics and (``spread="stored"``) embeddings, checked against this model's class count
-        and width and against each other; nothing is changed. ``CheckpointError`` if they do not fit."""
+    def read_checkpoint(self, directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ...]:
+        """The stored class statistics and (``spread="stored"``) embeddings, as many as the statistics count, checked
+        against this model's class count and width; nothing is changed. ``CheckpointError`` if they do not fit."""
         statistics = self.prototypes.read_like(Path(directory) / PROTOTYPES_NAME)
         if self.memory is None:
-            return statistics, None
-        path = Path(directory) / MEMORY_NAME
-        stored = read_safetensors(path)
-        embeds, labels = stored.get("embeddings"), stored.get("labels")
-        if (embeds is None or labels is None or embeds.ndim != 2 or embeds.shape[1] != self.prototypes.dim
-                or labels.shape != (len(embeds),) or len(embeds) != int(statistics["counts"].sum())):  # fmt: skip
-            raise CheckpointError(f"{path} does not hold the {int(statistics['counts'].sum())} stored embeddings of "
-                                  f"width {self.prototypes.dim} that {PROTOTYPES_NAME} counts")  # fmt: skip
-        return statistics, (embeds, labels)
+            return (statistics,)
+        return statistics, self.memory.read_like(Path(directory) / MEMORY_NAME, int(statistics["counts"].sum()))
 
-    def load_checkpoint(self, stored: tuple[dict[str, torch.Tensor], tuple | None]) -> None:
-        statistics, memory = stored
-        self.prototypes.load_state_dict(statistics)
-        if memory is not None:
-            self.memory = memory
+    def load_checkpoint(self, stored: tuple[dict[str, torch.Tensor], ...]) -> None:
+        self.prototypes.load_state_dict(stored[0])
+        if self.memory is not None:
+            self.memory.load_state_dict(stored[1])
