@@ -120,15 +120,13 @@ def distributed_clip_case(output_dir, per_device_batch: int):
     (noise 0): the 2-process replay test and its single-process reference share it. ``(model, tasks, args,
     objective, callbacks)``."""
     from pegp_hf import class_incremental_tasks
-    from pegp_hf.multimodal import CLIPForClassNameClassification, PrototypeReplayObjective, RevealSeenClasses
+    from pegp_hf.multimodal import PrototypeReplayObjective, RevealSeenClasses
     from pegp_hf.tuners import get_pet_model
 
     tasks = class_incremental_tasks(
         synthetic_images(num_labels=4, per_class=16), synthetic_images(num_labels=4, per_class=8, seed=1), 2, seed=0
     )
-    names, templates = ["circle", "square", "cross", "bar"], ["a photo of a {} .", "an image of the {} ."]
-    classifier = CLIPForClassNameClassification(tiny_clip(), tiny_clip_tokenizer(), names, templates)
-    model = get_pet_model(classifier, "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    model = get_pet_model(tiny_clip_classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
     args = training_args(
         output_dir, per_device_train_batch_size=per_device_batch, per_device_eval_batch_size=16,
         gradient_accumulation_steps=16 // (per_device_batch * _world_size()), loss_classes="seen",
@@ -178,13 +176,34 @@ def tiny_clip(seed: int = 0, image_size: int = IMAGE, channels: int = 1):
     return CLIPModel(config).eval()
 
 
+CLIP_NAMES = ["circle", "square", "cross", "bar"]
+CLIP_TEMPLATES = ["a photo of a {} .", "an image of the {} ."]
+
+
 def with_captions(split: Dataset, names: list[str], seed: int = 0) -> Dataset:
-    """``split`` plus a ``caption`` column: each row's class name in one of two templates."""
-    templates = ["a photo of a {} .", "an image of the {} ."]
+    """``split`` plus a ``caption`` column: each row's class name in one of the two :data:`CLIP_TEMPLATES`."""
     rng = np.random.default_rng(seed)
     labels = np.asarray(split.with_format(None)["label"])
-    captions = [templates[k].format(names[y]) for k, y in zip(rng.integers(2, size=len(labels)), labels, strict=True)]
+    captions = [CLIP_TEMPLATES[k].format(names[y])
+                for k, y in zip(rng.integers(2, size=len(labels)), labels, strict=True)]  # fmt: skip
     return split.with_format(None).add_column("caption", captions).with_format("torch")
+
+
+def tiny_clip_classifier(seed: int = 0, **clip_options):
+    """:func:`tiny_clip` as a class-name classifier of the 4 :data:`CLIP_NAMES` in the :data:`CLIP_TEMPLATES`."""
+    from pegp_hf.multimodal import CLIPForClassNameClassification
+
+    return CLIPForClassNameClassification(tiny_clip(seed, **clip_options), tiny_clip_tokenizer(), CLIP_NAMES,
+                                          CLIP_TEMPLATES)  # fmt: skip
+
+
+def clip_tasks(seed: int = 0):
+    """Two class-split tasks of captioned synthetic images (4 classes, 24 training and 8 test images each)."""
+    from pegp_hf import class_incremental_tasks
+
+    train = with_captions(synthetic_images(num_labels=4), CLIP_NAMES, seed)
+    test = with_captions(synthetic_images(num_labels=4, per_class=8, seed=1), CLIP_NAMES, seed + 1)
+    return class_incremental_tasks(train, test, 2, seed=0)
 
 
 def matrices(trainer) -> dict[str, np.ndarray]:

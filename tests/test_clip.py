@@ -9,14 +9,25 @@ import pytest
 import torch
 import torch.nn.functional as F
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value
-from helpers import AtTaskStart, synthetic_images, tiny_clip, tiny_clip_tokenizer, training_args, with_captions
+from helpers import (
+    CLIP_NAMES,
+    CLIP_TEMPLATES,
+    AtTaskStart,
+    clip_tasks,
+    synthetic_images,
+    tiny_clip,
+    tiny_clip_classifier,
+    tiny_clip_tokenizer,
+    training_args,
+    with_captions,
+)
 from huggingface_hub import HfApi, RepoUrl
 from PIL import Image as PILImage
 from safetensors.torch import load_file
 from transformers import CLIPImageProcessor
 
 import pegp_hf.io.hub
-from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf import ContinualPEGPTrainer
 from pegp_hf.experiments import crossmodal
 from pegp_hf.experiments.runner import run_methods
 from pegp_hf.multimodal.alignment import align_projections
@@ -32,16 +43,9 @@ from pegp_hf.tuners import get_pet_model
 from pegp_hf.utils import CheckpointError
 from recipes import clip_bitm
 
-NAMES = ["circle", "square", "cross", "bar"]
-TEMPLATES = ["a photo of a {} .", "an image of the {} ."]
-
-
-def classifier(seed: int = 0, **clip_options) -> CLIPForClassNameClassification:
-    return CLIPForClassNameClassification(tiny_clip(seed, **clip_options), tiny_clip_tokenizer(), NAMES, TEMPLATES)
-
 
 def test_logits_are_scaled_cosines_to_the_prompt_ensembles_of_known_classes_only():
-    model = classifier()
+    model = tiny_clip_classifier()
     model.reveal_classes([0, 2])
     encoded = []
     model.clip.text_model.register_forward_hook(
@@ -50,10 +54,10 @@ def test_logits_are_scaled_cosines_to_the_prompt_ensembles_of_known_classes_only
     pixels = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = model(pixel_values=pixels).logits
-        assert encoded == [2 * len(TEMPLATES)]  # the unknown classes' prompts never reach the text tower
+        assert encoded == [2 * len(CLIP_TEMPLATES)]  # the unknown classes' prompts never reach the text tower
         images = F.normalize(model.clip.get_image_features(pixel_values=pixels).pooler_output, dim=-1)
         for c in (0, 2):
-            prompts = model.tokenize([template.format(NAMES[c]) for template in TEMPLATES])
+            prompts = model.tokenize([template.format(CLIP_NAMES[c]) for template in CLIP_TEMPLATES])
             text = F.normalize(model.clip.get_text_features(**prompts).pooler_output, dim=-1).mean(dim=0)
             expected = model.clip.logit_scale.exp() * images @ F.normalize(text, dim=0)
             torch.testing.assert_close(logits[:, c], expected, rtol=1e-5, atol=1e-5)
@@ -64,15 +68,15 @@ def test_logits_are_scaled_cosines_to_the_prompt_ensembles_of_known_classes_only
 def test_bad_class_names_templates_and_models_are_named():
     clip, tokenizer = tiny_clip(), tiny_clip_tokenizer()
     with pytest.raises(ValueError, match="duplicates"):
-        CLIPForClassNameClassification(clip, tokenizer, ["circle", "circle"], TEMPLATES)
+        CLIPForClassNameClassification(clip, tokenizer, ["circle", "circle"], CLIP_TEMPLATES)
     with pytest.raises(ValueError, match="empty"):
-        CLIPForClassNameClassification(clip, tokenizer, [], TEMPLATES)
+        CLIPForClassNameClassification(clip, tokenizer, [], CLIP_TEMPLATES)
     with pytest.raises(ValueError, match="exactly one"):
-        CLIPForClassNameClassification(clip, tokenizer, NAMES, ["a photo"])
+        CLIPForClassNameClassification(clip, tokenizer, CLIP_NAMES, ["a photo"])
     with pytest.raises(TypeError, match="get_image_features"):
-        CLIPForClassNameClassification(clip.text_model, tokenizer, NAMES, TEMPLATES)
+        CLIPForClassNameClassification(clip.text_model, tokenizer, CLIP_NAMES, CLIP_TEMPLATES)
     with pytest.raises(RuntimeError, match="reveal_classes"):
-        classifier()(pixel_values=torch.zeros(1, 1, 8, 8))
+        tiny_clip_classifier()(pixel_values=torch.zeros(1, 1, 8, 8))
 
 
 def test_matching_measures_on_hand_made_embeddings():
@@ -88,16 +92,10 @@ def test_matching_measures_on_hand_made_embeddings():
     assert false_match_rate(images, labels, captions, caption_labels, 0.5) == pytest.approx(100 * 2 / 8)
 
 
-def _tasks(seed: int = 0):
-    train = with_captions(synthetic_images(num_labels=4), NAMES, seed)
-    test = with_captions(synthetic_images(num_labels=4, per_class=8, seed=1), NAMES, seed + 1)
-    return class_incremental_tasks(train, test, 2, seed=0)
-
-
 def _run(tmp_path, method: str):
-    tasks = _tasks()
-    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
-    zero_shot = ZeroShotSet(synthetic_images(num_labels=4, per_class=4, seed=3), NAMES, "held out")
+    tasks = clip_tasks()
+    model = get_pet_model(tiny_clip_classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    zero_shot = ZeroShotSet(synthetic_images(num_labels=4, per_class=4, seed=3), CLIP_NAMES, "held out")
     trainer = ContinualPEGPTrainer(
         model=model, args=training_args(tmp_path / method, method=method, threshold=0.999), tasks=tasks,
         evaluators=[CrossModalEvaluator("caption", zero_shot)], callbacks=[RevealSeenClasses()],
@@ -143,8 +141,8 @@ def test_pegp_keeps_old_image_and_class_text_outputs_where_sequential_moves_them
 
 
 def test_alignment_trains_only_the_projections_and_lowers_the_contrastive_loss():
-    model = classifier()
-    base = with_captions(synthetic_images(num_labels=4), NAMES)
+    model = tiny_clip_classifier()
+    base = with_captions(synthetic_images(num_labels=4), CLIP_NAMES)
     towers = {n: p.clone() for n, p in model.named_parameters() if "projection" not in n}
     projections = {n: p.clone() for n, p in model.named_parameters() if "projection" in n}
     model.requires_grad_(False)
@@ -186,8 +184,8 @@ def _image_dataset(path: Path) -> Path:
                 pixels[4 * label : 4 * label + 4] = 255  # a bright band whose row says the class
                 rows["image"].append(PILImage.fromarray(pixels))
                 rows["label"].append(label)
-                rows["caption"].append(f"a photo of a {NAMES[label]} .")
-        features = Features({"image": Image(), "label": ClassLabel(names=NAMES), "caption": Value("string")})
+                rows["caption"].append(f"a photo of a {CLIP_NAMES[label]} .")
+        features = Features({"image": Image(), "label": ClassLabel(names=CLIP_NAMES), "caption": Value("string")})
         return Dataset.from_dict(rows, features=features)
 
     DatasetDict(train=split(20), test=split(6)).save_to_disk(path)
@@ -219,7 +217,7 @@ def test_recipe_pushes_every_task_and_a_crashed_sequence_resumes_from_the_hub(tm
     remote, commits = fake_hub
     common = [
         "--model_name_or_path", str(_clip_folder(tmp_path / "clip")), "--dataset_name",
-        str(_image_dataset(tmp_path / "data")), "--caption_column", "caption", "--templates", *TEMPLATES,
+        str(_image_dataset(tmp_path / "data")), "--caption_column", "caption", "--templates", *CLIP_TEMPLATES,
         "--num_tasks", "2", "--base_per_class", "4", "--alignment_epochs", "5", "--zero_shot", str(tmp_path / "data"),
         "--methods", "pegp", "--pet_layers", "all", "--lora_target_modules", "q_proj", "v_proj",
         "--num_train_epochs", "2", "--per_device_train_batch_size", "16", "--learning_rate", "0.05",
@@ -301,10 +299,10 @@ def test_a_reference_of_images_keeps_the_pretrained_image_embeddings_through_the
     images do not reach, is left to the tasks, with a warning."""
     images = synthetic_images(num_labels=4, per_class=6, seed=7).remove_columns("label")
     pixels = images[:]["pixel_values"]
-    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    model = get_pet_model(tiny_clip_classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
     before = _image_embeds(model, pixels)
     args = training_args(tmp_path, threshold=0.999, reference_threshold=1.0)
-    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=_tasks(), callbacks=[RevealSeenClasses()],
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=clip_tasks(), callbacks=[RevealSeenClasses()],
                                    reference_dataset=images if reference else None)  # fmt: skip
     with caplog.at_level("WARNING", logger="pegp_hf.trainer"):
         trainer.train()
@@ -326,7 +324,7 @@ def _text_embeds(model, texts: Dataset) -> torch.Tensor:
 
 
 def _tokenized(texts: list[str]) -> Dataset:
-    return crossmodal.text_rows(classifier(), texts)
+    return crossmodal.text_rows(tiny_clip_classifier(), texts)
 
 
 def test_images_and_captions_as_two_reference_sets_keep_both_towers_where_they_were(tmp_path, caplog):
@@ -336,14 +334,14 @@ def test_images_and_captions_as_two_reference_sets_keep_both_towers_where_they_w
     with the images alone as reference), while the prompts of the classes the captions do not name still move: the
     text tower learns outside the reference."""
     images = synthetic_images(num_labels=4, per_class=6, seed=7).remove_columns("label")
-    captions = _tokenized([template.format(name) for name in NAMES[:2] for template in TEMPLATES])
-    others = _tokenized([template.format(name) for name in NAMES[2:] for template in TEMPLATES])
+    captions = _tokenized([template.format(name) for name in CLIP_NAMES[:2] for template in CLIP_TEMPLATES])
+    others = _tokenized([template.format(name) for name in CLIP_NAMES[2:] for template in CLIP_TEMPLATES])
     pixels = images[:]["pixel_values"]
-    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    model = get_pet_model(tiny_clip_classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
     before = {"images": _image_embeds(model, pixels), "captions": _text_embeds(model, captions),
               "others": _text_embeds(model, others)}  # fmt: skip
     args = training_args(tmp_path, threshold=0.999, reference_threshold=1.0)
-    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=_tasks(), callbacks=[RevealSeenClasses()],
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=clip_tasks(), callbacks=[RevealSeenClasses()],
                                    reference_dataset=[images, captions])  # fmt: skip
     with caplog.at_level("WARNING", logger="pegp_hf.trainer"):
         trainer.train()
@@ -362,28 +360,28 @@ def test_each_reference_set_is_checked_on_its_own_before_the_model_changes(tmp_p
     """Every set of a list must reach a protected tensor, and the no-change check runs on each set's first batch: a
     non-zero LoRA B on the text tower alone is seen by the captions, not by the images. An empty list is refused."""
     images = synthetic_images(num_labels=4, per_class=2, seed=7).remove_columns("label")
-    captions = _tokenized([template.format(name) for name in NAMES[:2] for template in TEMPLATES])
-    vision_only = get_clip_pet_model(classifier(), "lora", "vision", width=4, layers="all",
+    captions = _tokenized([template.format(name) for name in CLIP_NAMES[:2] for template in CLIP_TEMPLATES])
+    vision_only = get_clip_pet_model(tiny_clip_classifier(), "lora", "vision", width=4, layers="all",
                                      target_modules=["q_proj", "v_proj"])  # fmt: skip
-    trainer = ContinualPEGPTrainer(model=vision_only, args=training_args(tmp_path / "a"), tasks=_tasks(),
+    trainer = ContinualPEGPTrainer(model=vision_only, args=training_args(tmp_path / "a"), tasks=clip_tasks(),
                                    callbacks=[RevealSeenClasses()], reference_dataset=[images, captions])  # fmt: skip
     with pytest.raises(ValueError, match=r"reference_dataset\[1\] reached none of the tensors it would protect"):
         trainer.train()
     assert not trainer.projector.reference_dims
-    model = get_pet_model(classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
+    model = get_pet_model(tiny_clip_classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
     with torch.no_grad():
         for name, parameter in model.named_parameters():
             if "text_model" in name and "lora_B" in name:
                 parameter.normal_(0, 0.1, generator=torch.Generator().manual_seed(0))
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path / "b"), tasks=_tasks(),
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path / "b"), tasks=clip_tasks(),
                                    callbacks=[RevealSeenClasses()], reference_dataset=[images, captions])  # fmt: skip
     with pytest.raises(ValueError, match="the adapter's output is not zero at the start"):
         trainer.train()
     assert all(torch.equal(before[n], p) for n, p in model.named_parameters() if p.requires_grad)
     assert not trainer.projector.reference_dims and not list(tmp_path.glob("*/task-*"))
     with pytest.raises(ValueError, match="reference_dataset is an empty list: pass None"):
-        ContinualPEGPTrainer(model=model, args=training_args(tmp_path / "c"), tasks=_tasks(), reference_dataset=[])
+        ContinualPEGPTrainer(model=model, args=training_args(tmp_path / "c"), tasks=clip_tasks(), reference_dataset=[])
 
 
 def test_an_unknown_reference_is_refused_before_anything_loads(tmp_path):
@@ -396,9 +394,11 @@ def test_an_unknown_reference_is_refused_before_anything_loads(tmp_path):
 def test_a_reference_that_reaches_no_protected_tensor_is_refused_with_the_model_unchanged(tmp_path):
     """Images reach the vision tower only; with LoRA on the text tower alone they would protect nothing."""
     images = synthetic_images(num_labels=4, per_class=2, seed=7).remove_columns("label")
-    model = get_clip_pet_model(classifier(), "lora", "text", width=4, layers="all", target_modules=["q_proj", "v_proj"])
+    model = get_clip_pet_model(
+        tiny_clip_classifier(), "lora", "text", width=4, layers="all", target_modules=["q_proj", "v_proj"]
+    )
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path), tasks=_tasks(),
+    trainer = ContinualPEGPTrainer(model=model, args=training_args(tmp_path), tasks=clip_tasks(),
                                    callbacks=[RevealSeenClasses()], reference_dataset=images)  # fmt: skip
     with pytest.raises(ValueError, match="the reference set reached none of the tensors it would protect"):
         trainer.train()
@@ -412,7 +412,7 @@ def test_corda_kpm_starts_from_the_pretrained_outputs_and_spares_the_base_data(t
     the default LoRA's, whose B is zero), while its LoRA branches are non-zero."""
     common = [
         "--model_name_or_path", str(_clip_folder(tmp_path / "clip")), "--dataset_name",
-        str(_image_dataset(tmp_path / "data")), "--caption_column", "caption", "--templates", *TEMPLATES,
+        str(_image_dataset(tmp_path / "data")), "--caption_column", "caption", "--templates", *CLIP_TEMPLATES,
         "--num_tasks", "2", "--base_per_class", "4", "--alignment_epochs", "5", "--zero_shot", str(tmp_path / "data"),
         "--methods", "sequential", "--pet_layers", "all", "--lora_target_modules", "q_proj", "v_proj",
         "--max_steps", "1", "--per_device_train_batch_size", "16", "--feature_samples", "16", "--corda_samples", "8",

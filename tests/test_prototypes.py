@@ -6,17 +6,18 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import (
+    CLIP_NAMES,
     AtTaskStart,
+    clip_tasks,
     plain_vit,
     synthetic_images,
-    tiny_clip,
-    tiny_clip_tokenizer,
+    tiny_clip_classifier,
     training_args,
     with_captions,
 )
 from safetensors.torch import load_file, save_file
 
-from pegp_hf import ContinualPEGPTrainer, class_incremental_tasks
+from pegp_hf import ContinualPEGPTrainer
 from pegp_hf.continual.classification import ClassificationObjective
 from pegp_hf.continual.tasks import domain_incremental_tasks
 from pegp_hf.experiments import crossmodal
@@ -25,24 +26,14 @@ from pegp_hf.multimodal.prototypes import MEMORY_NAME, PROTOTYPES_NAME, Prototyp
 from pegp_hf.tuners import get_pet_model
 from pegp_hf.utils import CheckpointError
 
-NAMES = ["circle", "square", "cross", "bar"]
-TEMPLATES = ["a photo of a {} .", "an image of the {} ."]
-
 
 def _model(seed: int = 0):
-    classifier = CLIPForClassNameClassification(tiny_clip(seed), tiny_clip_tokenizer(), NAMES, TEMPLATES)
-    return get_pet_model(classifier, "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
-
-
-def _tasks():
-    train = with_captions(synthetic_images(num_labels=4), NAMES)
-    test = with_captions(synthetic_images(num_labels=4, per_class=8, seed=1), NAMES, 1)
-    return class_incremental_tasks(train, test, 2, seed=0)
+    return get_pet_model(tiny_clip_classifier(seed), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj"))
 
 
 def _trainer(output_dir, objective=None, tasks=None, **overrides) -> ContinualPEGPTrainer:
     args = training_args(output_dir, loss_classes="seen", **overrides)
-    return ContinualPEGPTrainer(model=_model(), args=args, tasks=tasks or _tasks(), objective=objective,
+    return ContinualPEGPTrainer(model=_model(), args=args, tasks=tasks or clip_tasks(), objective=objective,
                                 callbacks=[RevealSeenClasses()])  # fmt: skip
 
 
@@ -90,7 +81,7 @@ def _outputs(generator: torch.Generator, batch: int = 6) -> dict[str, torch.Tens
 def _ready(objective, tmp_path, old_classes: int = 2, loss_classes: str = "seen") -> tuple[torch.Tensor, list[int]]:
     """Set up ``objective`` on a tiny CLIP as if task 2 of 2 were starting, with the class means of the first
     ``old_classes`` classes of task 1 given: ``(their means (K, 16), their labels)``."""
-    tasks = _tasks()
+    tasks = clip_tasks()
     args = training_args(tmp_path, loss_classes=loss_classes)
     objective.setup(_model(), args)
     means = F.normalize(torch.randn(2, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64), dim=-1)
@@ -111,7 +102,7 @@ def test_the_replayed_loss_is_the_cross_entropy_of_the_old_means_over_every_seen
     objective = PrototypeReplayObjective(weight=2.0, noise=0.0)
     means, old = _ready(objective, tmp_path, loss_classes=loss_classes)
     outputs = _outputs(torch.Generator().manual_seed(0))
-    labels = torch.tensor(list(_tasks()[1].classes) * 3)  # task 2's images
+    labels = torch.tensor(list(clip_tasks()[1].classes) * 3)  # task 2's images
     total = objective.compute_loss(outputs, labels)
     # the batch's 6 replayed embeddings are the two old means, 3 each, scored against every seen class name (also
     # when only the task's classes compete for its images: an old class must win for its own prototype)
@@ -128,7 +119,7 @@ def test_accumulated_batches_add_the_replayed_term_by_their_share_of_the_items(t
     objective = PrototypeReplayObjective(weight=2.0, noise=0.0)
     means, old = _ready(objective, tmp_path, old_classes=1)  # one old class: every replayed row is its mean
     outputs = _outputs(torch.Generator().manual_seed(0))
-    labels = torch.tensor(list(_tasks()[1].classes) * 3)
+    labels = torch.tensor(list(clip_tasks()[1].classes) * 3)
     logits = 10.0 * F.normalize(means.float(), dim=-1) @ outputs["class_embeds"].T
     mean = F.cross_entropy(logits, torch.tensor(old))
     parts = [({**outputs, "logits": outputs["logits"][rows]}, labels[rows]) for rows in (slice(0, 4), slice(4, 6))]
@@ -162,7 +153,7 @@ def test_the_replayed_embeddings_spread_around_each_mean_by_its_class_spread(tmp
 
 def test_with_covariance_spread_the_replayed_embeddings_keep_each_class_shape(tmp_path):
     objective = PrototypeReplayObjective(spread="covariance")
-    tasks = _tasks()
+    tasks = clip_tasks()
     objective.setup(_model(), training_args(tmp_path, loss_classes="seen"))
     generator = torch.Generator().manual_seed(0)
     centre = F.normalize(torch.ones(16), dim=0)
@@ -229,7 +220,7 @@ def test_bad_settings_models_and_sequences_are_refused(tmp_path):
         PrototypeReplayObjective().setup(plain_vit(), training_args(tmp_path))
     with pytest.raises(ValueError, match="masked_linear"):
         PrototypeReplayObjective().setup(_model(), training_args(tmp_path, head="prototype", head_module="clip"))
-    train, test = (with_captions(synthetic_images(num_labels=4, per_class=n), NAMES) for n in (24, 8))
+    train, test = (with_captions(synthetic_images(num_labels=4, per_class=n), CLIP_NAMES) for n in (24, 8))
     train, test = (split.add_column("domain", [k % 2 for k in range(len(split))]) for split in (train, test))
     domains = domain_incremental_tasks(train, test, "domain")
     trainer = _trainer(tmp_path / "domains", PrototypeReplayObjective(), tasks=domains)

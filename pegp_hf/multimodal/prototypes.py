@@ -168,7 +168,8 @@ class PrototypeReplayObjective(ClassificationObjective):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` replayed embeddings scored against ``class_embeds`` ``(C, D)``: ``(logits (count, C), labels
         (count,))``. Each old class gets ``count // K`` or one more (the extra ones from a random class on), so
-        over the steps every class is replayed as often, also when ``count < K``."""
+        over the steps every class is replayed as often, also when ``count < K``. With ``spread="stored"``:
+        ``count`` stored embeddings drawn uniformly."""
         replay = self._replayed
         if self.spread == "stored":
             rows = torch.randint(len(replay.labels), (count,), generator=replay.generator).to(replay.labels.device)
@@ -183,9 +184,9 @@ class PrototypeReplayObjective(ClassificationObjective):
             offsets = replay.scales * noise
         embeds = F.normalize(replay.means + self.noise * offsets, dim=-1).flatten(0, 1)  # row r * K + k: class k
         start = int(torch.randint(classes, (), generator=replay.generator))
-        rows = (start + torch.arange(count)) % len(embeds)
-        logits = logit_scale * embeds[rows.to(embeds.device)].to(class_embeds.dtype) @ class_embeds.T
-        return logits, replay.labels[(rows % classes).to(embeds.device)]
+        rows = (start + torch.arange(count, device=embeds.device)) % len(embeds)
+        logits = logit_scale * embeds[rows].to(class_embeds.dtype) @ class_embeds.T
+        return logits, replay.labels[rows % classes]
 
     def compute_loss(
         self, outputs: Any, labels: torch.Tensor, num_items_in_batch: torch.Tensor | int | None = None
