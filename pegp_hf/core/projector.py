@@ -322,7 +322,9 @@ class _Group:
             torch._foreach_copy_(rows, self._workspace_rows)
         if not measure or not rows[0].numel():
             return None
-        delta = self._load(rows).sub_(self.before)  # of the parameters as they now are (after any rounding)
+        # delta W of the parameters as they now are: the workspace already holds them unless the copy rounded
+        exact = reproject and rows[0].dtype == self._workspace.dtype
+        delta = (self._workspace if exact else self._load(rows)).sub_(self.before)
         return torch.bmm(self._flat, self.bases, out=self._coefficients), delta
 
     def _load(self, rows: list[torch.Tensor]) -> torch.Tensor:
