@@ -24,7 +24,6 @@ Everything but the projection, the optimizer-step bracket and this loop is a col
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import math
@@ -32,7 +31,7 @@ import re
 import shutil
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -448,9 +447,9 @@ class ContinualPEGPTrainer(Trainer):
         probes: list[tuple[dict[str, Any], torch.Tensor]] = []
         with self.objective.training_view(), self._capturing(tensors) as capture:
             for index, dataset in enumerate(self.reference_datasets):  # one sum per tensor over every set
-                with _forward_reached(tensors) as reached:
-                    self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
-                if not reached:
+                before = capture.passes.total()
+                self._capture(capture, dataset, samples, functools.partial(_keep_first, probes, index))
+                if capture.passes.total() == before:
                     which = _reference_name(index, len(self.reference_datasets), "the reference set")
                     raise ValueError(
                         f"{which} reached none of the tensors it would protect: its rows must be model inputs that "
@@ -598,24 +597,6 @@ def _main_output(outputs: Any) -> torch.Tensor:
     if logits is None and isinstance(outputs, ModelOutput):
         logits = torch.cat([value.flatten() for value in outputs.to_tuple() if isinstance(value, torch.Tensor)])
     return (logits if logits is not None else outputs[0]).detach().float().clone()
-
-
-@contextlib.contextmanager
-def _forward_reached(tensors: Sequence[ProtectedTensor]) -> Iterator[set[str]]:
-    """The names of ``tensors`` whose hooked module ran a forward pass inside the block."""
-    reached: set[str] = set()
-    handles = [
-        tensor.module.register_forward_hook(functools.partial(_mark, reached, tensor.name)) for tensor in tensors
-    ]
-    try:
-        yield reached
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def _mark(reached: set[str], name: str, *hook_args: Any) -> None:
-    reached.add(name)
 
 
 def _keep_first(probes: list[tuple[dict[str, Any], torch.Tensor]], index: int, inputs: dict, outputs: Any) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Iterable
 
 import torch
@@ -55,6 +55,7 @@ class FeatureCovariances:
             raise ValueError(f"max_tokens_per_sequence must be at least 1, got {max_tokens_per_sequence}")
         self.tensors = list(tensors)
         self.max_tokens_per_sequence, self.on_cpu = max_tokens_per_sequence, on_cpu
+        self.passes: Counter[str] = Counter()  # forward passes that reached each tensor's module while open
         self._sums: dict[str, torch.Tensor] = {}
         self._shares: dict[str, str] = {}  # tensor name -> the name whose sum it shares (itself when it owns one)
         self._recent: deque[tuple[torch.Tensor, str]] = deque(maxlen=4)  # kept alive, to compare inputs by identity
@@ -109,6 +110,7 @@ class FeatureCovariances:
 
     def _hook_for(self, tensor: ProtectedTensor):
         def hook(module, args, output) -> None:
+            self.passes[tensor.name] += 1
             features = tensor.features(args, output)
             if features.shape[-1] != tensor.feature_dim:
                 raise RuntimeError(
