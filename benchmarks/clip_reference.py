@@ -20,6 +20,8 @@ orders)::
         --output_dir outputs/clip_prototypes         # replay of old-class image prototypes, and joint training
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes_stored prototypes_stored_reference \
         --output_dir outputs/clip_prototypes_stored  # the old images' own embeddings replayed
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes_text_free prototypes_stored_text_free \
+        --output_dir outputs/clip_text_free          # the text tower left unprotected, kept by replay alone
     python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
         prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
@@ -70,6 +72,11 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "prototypes_stored_reference": (["--methods", "pegp", "--reference", "base", "--prototype_replay", "10",
                                      "--prototype_spread", "stored"],
                                     {"pegp": "pegp + reference + stored embeddings (weight 10)"}),
+    "prototypes_text_free": (["--methods", "pegp", "--protect", "vision_model", "--prototype_replay", "10"],
+                             {"pegp": "pegp on the image tower only + prototypes (weight 10)"}),
+    "prototypes_stored_text_free": (["--methods", "pegp", "--protect", "vision_model", "--prototype_replay", "10",
+                                     "--prototype_spread", "stored"],
+                                    {"pegp": "pegp on the image tower only + stored embeddings (weight 10)"}),
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
