@@ -323,3 +323,33 @@ def test_snapshot_keeps_each_dtype_exact_and_empty_shards_measure_nothing():
     moved = layers[1].weight.detach() - before
     assert float((moved @ projector.bases["w1"]).abs().max()) < 1e-6 and float(moved.abs().max()) > 1e-2
     assert overlap < 1e-2 and largest > 1e-2  # (the bfloat16 tensor's own rounding sets the first)
+
+
+@pytest.mark.parametrize(
+    ("dtype", "reproject"), [(torch.float32, True), (torch.bfloat16, True), (torch.float32, False)]
+)
+def test_finish_update_measures_the_parameters_as_they_are_after_the_step(dtype, reproject):
+    """``[max |delta W U|, max |delta W|]`` is taken on the parameters as the step left them: after re-projection
+    (the workspace already holds them in float32; bfloat16 parameters round on the copy back) or without it (the
+    workspace still holds an earlier step's rows)."""
+    from torch import nn
+
+    from pegp_hf.core.protected import ProtectedTensor, module_input
+
+    torch.manual_seed(0)
+    layers = [nn.Linear(6, 4, bias=False).to(dtype) for _ in range(2)]
+    tensors = [ProtectedTensor(f"w{i}", "w", layer, "weight", layer, module_input) for i, layer in enumerate(layers)]
+    projector = GradientProjector(tensors)
+    projector.load_bases({t.name: torch.linalg.qr(torch.randn(6, 6))[0][:, :3] for t in tensors})
+    for scale in (1.0, 0.1):  # the second step finds the first one's rows in the workspace
+        projector.snapshot()
+        before = [t.parameter.detach().float().clone() for t in tensors]
+        with torch.no_grad():
+            for tensor in tensors:
+                tensor.parameter.add_(scale * torch.randn_like(tensor.parameter))
+        overlap, largest = projector.finish_update(reproject=reproject).tolist()
+        deltas = [t.parameter.detach().float() - old for t, old in zip(tensors, before, strict=True)]
+        assert largest == max(float(delta.abs().max()) for delta in deltas)
+        pairs = zip(tensors, deltas, strict=True)
+        expected = max(float((delta @ projector.bases[t.name]).abs().max()) for t, delta in pairs)
+        assert overlap == pytest.approx(expected, rel=1e-5, abs=1e-7)
