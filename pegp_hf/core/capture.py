@@ -55,7 +55,8 @@ class FeatureCovariances:
             raise ValueError(f"max_tokens_per_sequence must be at least 1, got {max_tokens_per_sequence}")
         self.tensors = list(tensors)
         self.max_tokens_per_sequence, self.on_cpu = max_tokens_per_sequence, on_cpu
-        self.passes: Counter[str] = Counter()  # forward passes that reached each tensor's module while open
+        # calls of each tensor's module while open (twice for a module run twice in one forward), kept across reopens
+        self.passes: Counter[str] = Counter()
         self._sums: dict[str, torch.Tensor] = {}
         self._shares: dict[str, str] = {}  # tensor name -> the name whose sum it shares (itself when it owns one)
         self._recent: deque[tuple[torch.Tensor, str]] = deque(maxlen=4)  # kept alive, to compare inputs by identity
