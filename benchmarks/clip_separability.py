@@ -8,12 +8,14 @@ class (what a class-name embedding is: the score is the cosine) could put the ol
 the last) on their own class, among all ten. The vectors minimise the cross-entropy of ``scale * cos(x, w_c)``
 (L-BFGS from the class means), the loss CLIP trains with:
 
-- ``trained``: fitted on the training images of every class, the best of ``SCALES``: what a text side trained on
-  all the data at a sharp scale reaches, with the images' embeddings as the run left them.
-- ``model_scale``: the same at the model's own logit scale (``exp(logit_scale)``, CLIP's 1 / 0.07 here): what the
-  cross-entropy the runs train with aims at.
-- ``fitted``: fitted on every test image and scored on the old ones it was fitted on, the best of ``SCALES``: an
-  optimistic figure (the vectors are fitted to the very images scored).
+- ``trained``: fitted on the training images of every class, at the scale of ``SCALES`` (``scale``) that does
+  best on the old classes of a quarter of the training images held out for it: what a text side trained on all
+  the data reaches, with the images' embeddings as the run left them.
+- ``model_scale``: the same at the model's own logit scale (``exp(logit_scale)``, frozen in these runs: 1 / 0.07,
+  ``VisionTextDualEncoderConfig``'s initial value, for the offline dual encoder): what the cross-entropy the runs
+  train with aims at.
+- ``fitted``: fitted on every test image (all classes) and scored on the old ones, at the best of ``SCALES`` on
+  those very images: optimistic by construction.
 - ``nearest_mean``: the vectors are the training images' class means (what replay of class means pulls towards).
 
 Each figure is the percent of old test images put on another class, as the hallucination rate counts them (the run's
@@ -26,7 +28,8 @@ or class order is refused, not measured. Writes ``<output_dir>/results.json`` an
         outputs/clip_text_free --output_dir outputs/clip_separability
 
 ``--runs`` are output folders of ``benchmarks/clip_reference.py`` (``<runs>/<setting>/order<k>/<method>/task-<t>``);
-every run there is measured, with the label ``clip_reference.SETTINGS`` gives it. The model and data are rebuilt
+every run there is measured, with the label ``clip_reference.SETTINGS`` gives it (a CorDA run, whose base weights
+the initialisation rewrote, is refused by the loader). The model and data are rebuilt
 with the recipe's defaults, ``--smoke`` adds those of ``clip_reference.py --smoke``, and flags after ``--`` go to
 the recipe's parser as they went to the runs'. Run it as a module (it imports ``benchmarks.clip_reference``).
 """
@@ -37,6 +40,7 @@ import argparse
 import copy
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +70,7 @@ def embed_tasks(
     (``train`` or ``test``)."""
     classifier.eval()
     with torch.no_grad():
-        embeds = [classifier.encode_image(_pixels(getattr(task, split))) for task in tasks]
+        embeds = [torch.cat([classifier.encode_image(x) for x in _pixels(getattr(task, split))]) for task in tasks]
     labels = [torch.as_tensor(getattr(task, split)["label"]) for task in tasks]
     return torch.cat(embeds), torch.cat(labels), torch.cat([torch.full_like(y, k) for k, y in enumerate(labels)])
 
@@ -94,13 +98,28 @@ def wrong(vectors: torch.Tensor, embeds: torch.Tensor, labels: torch.Tensor) -> 
     return 100 * ((embeds @ vectors.T).argmax(1) != labels).double().mean().item()
 
 
+def choose_scale(embeds: torch.Tensor, labels: torch.Tensor, scored: torch.Tensor) -> float:
+    """The scale of ``SCALES`` whose class vectors, fitted on three quarters of the training rows ``(N, D)`` of each
+    class, put the fewest of the other quarter's ``scored`` ``(N,)`` rows on another class (the first on a tie):
+    chosen on training images only."""
+    quarter = torch.zeros(len(labels), dtype=torch.bool)
+    generator = torch.Generator().manual_seed(0)
+    for label in labels.unique():
+        rows = torch.nonzero(labels == label).squeeze(1)
+        quarter[rows[torch.randperm(len(rows), generator=generator)[::4]]] = True
+    check = quarter & scored
+    errors = [wrong(fit_class_vectors(embeds[~quarter], labels[~quarter], scale), embeds[check], labels[check])
+              for scale in SCALES]  # fmt: skip
+    return SCALES[errors.index(min(errors))]
+
+
 def class_vector_bounds(
     train: tuple[torch.Tensor, torch.Tensor], test: tuple[torch.Tensor, torch.Tensor], old: torch.Tensor,
     logit_scale: float,
 ) -> dict[str, float]:  # fmt: skip
-    """``trained``, ``model_scale``, ``fitted`` and ``nearest_mean`` (module docstring) in percent of the ``old``
-    ``(N,)`` rows of ``test``, from the normalised embeddings ``(N, D)`` and labels ``(N,)`` of every class's
-    training and test images."""
+    """``trained`` (with its ``scale``), ``model_scale``, ``fitted`` and ``nearest_mean`` (module docstring) in
+    percent of the ``old`` ``(N,)`` rows of ``test``, from the normalised embeddings ``(N, D)`` and labels ``(N,)``
+    of every class's training and test images."""
     (train_x, train_y), (test_x, test_y) = train, test
     if not old.any() or old.all():
         raise ValueError("the scored (old) rows must be some, not none or all, of the test images")
@@ -108,8 +127,10 @@ def class_vector_bounds(
         raise ValueError("every class from 0 to the largest label needs training images")
     scored = test_x[old], test_y[old]
     means = torch.stack([train_x[train_y == c].mean(0) for c in range(int(train_y.max()) + 1)])
+    scale = choose_scale(train_x, train_y, torch.isin(train_y, test_y[old].unique()))
     return {
-        "trained": min(wrong(fit_class_vectors(train_x, train_y, scale), *scored) for scale in SCALES),
+        "trained": wrong(fit_class_vectors(train_x, train_y, scale), *scored),
+        "scale": scale,
         "model_scale": wrong(fit_class_vectors(train_x, train_y, logit_scale), *scored),
         "fitted": min(wrong(fit_class_vectors(test_x, test_y, scale), *scored) for scale in SCALES),
         "nearest_mean": wrong(means, *scored),
@@ -130,7 +151,7 @@ def check_the_run(results: dict[str, Any], loaded: ContinualModel, tasks: TaskSe
                          "with its default data")  # fmt: skip
     last = [row[-1] for row in results["class_incremental"]["matrix"]]
     for index, group in enumerate(groups):
-        predicted = torch.cat([loaded.predict({"pixel_values": _pixels(task.test)}) for task in group])
+        predicted = torch.cat([loaded.predict({"pixel_values": x}) for task in group for x in _pixels(task.test)])
         truth = torch.tensor([label for task in group for label in task.test["label"]])
         accuracy = 100 * (predicted == truth).float().mean().item()
         if abs(accuracy - last[index]) > 0.01:
@@ -139,9 +160,12 @@ def check_the_run(results: dict[str, Any], loaded: ContinualModel, tasks: TaskSe
                              "it here")  # fmt: skip
 
 
-def _pixels(split: Any) -> torch.Tensor:
-    """The ``(N, 3, H, W)`` pixel values of every row of ``split`` (a data set with its image transform)."""
-    return torch.as_tensor(np.stack([np.asarray(p) for p in split[:]["pixel_values"]]), dtype=torch.float32)
+def _pixels(split: Any, batch_size: int = 256) -> Iterator[torch.Tensor]:
+    """The ``(B, 3, H, W)`` pixel values of ``split``'s rows (a data set with its image transform), batch by
+    batch."""
+    for start in range(0, len(split), batch_size):
+        rows = split[start : start + batch_size]["pixel_values"]
+        yield torch.as_tensor(np.stack([np.asarray(p) for p in rows]), dtype=torch.float32)
 
 
 def finished_runs(roots: list[Path]) -> list[tuple[str, int, str, Path]]:
@@ -153,6 +177,11 @@ def finished_runs(roots: list[Path]) -> list[tuple[str, int, str, Path]]:
             setting, order = folder.parent.parent.name, int(folder.parent.name.removeprefix("order"))
             if setting not in SETTINGS:
                 raise ValueError(f"{folder}: {setting!r} is not a setting of benchmarks/clip_reference.py")
+            if folder.name not in SETTINGS[setting][1]:
+                raise ValueError(f"{folder}: setting {setting!r} of benchmarks/clip_reference.py has no method "
+                                 f"{folder.name!r}")  # fmt: skip
+            if any(run[:3] == (setting, order, folder.name) for run in found):
+                raise ValueError(f"{folder}: run {setting}/order{order}/{folder.name} is in two of --runs")
             found.append((setting, order, folder.name, folder))
     if not found:
         raise ValueError(f"no finished run (<runs>/<setting>/order<k>/<method>/results.json) under {roots}")
@@ -174,6 +203,9 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  *(SMOKE if options.smoke else []), *passthrough]  # fmt: skip
         script, args = crossmodal.parse_args(flags)
         prepared = crossmodal.prepare(script, args.seed)
+        if len(prepared.tasks) < 2:
+            raise ValueError("the old images are those of every rebuilt task but the last: the rebuilt sequence needs "
+                             "at least 2 tasks (leave --num_tasks 1 out of the flags)")  # fmt: skip
         models: list[tuple[dict[str, Any], CLIPForClassNameClassification]] = []
         for setting, _, method, folder in (run for run in found if run[1] == order):  # every run checked first
             results = json.loads((folder / "results.json").read_text())
@@ -181,7 +213,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             check_the_run(results, loaded, prepared.tasks, folder)
             row = {"label": SETTINGS[setting][1][method], "setting": setting, "method": method, "seed": order,
                    "hallucination": results["task_metrics"][-1].get("hallucination_rate")}  # fmt: skip
-            models.append((row, loaded.model.get_base_model()))
+            model = loaded.model.get_base_model() if hasattr(loaded.model, "get_base_model") else loaded.model
+            models.append((row, model))
         aligned = {"label": ALIGNED, "setting": None, "method": None, "seed": order, "hallucination": None}
         for row, classifier in [(aligned, prepared.classifier), *models]:
             train = embed_tasks(classifier, prepared.tasks, "train")[:2]

@@ -233,7 +233,7 @@ def test_class_vector_bounds_count_the_old_images_no_class_vector_separates():
 
     centres = torch.eye(3)[labels]
     apart = clip_separability.class_vector_bounds((rows(centres), labels), (rows(centres), labels), old, 14.3)
-    assert apart == {"trained": 0.0, "model_scale": 0.0, "fitted": 0.0, "nearest_mean": 0.0}
+    assert apart == {"trained": 0.0, "scale": 10.0, "model_scale": 0.0, "fitted": 0.0, "nearest_mean": 0.0}
     centres[labels == 1] = torch.eye(3)[2]  # class 1 now looks like class 2
     test = rows(centres), labels
     together = clip_separability.class_vector_bounds((rows(centres), labels), test, old, 14.3)
@@ -244,6 +244,34 @@ def test_class_vector_bounds_count_the_old_images_no_class_vector_separates():
     assert clip_separability.wrong(vectors, test[0][labels == 0], labels[labels == 0]) == 0.0
     with pytest.raises(ValueError, match="some, not none or all"):
         clip_separability.class_vector_bounds(test, test, torch.ones(300, dtype=torch.bool), 14.3)
+
+
+def test_a_joint_run_is_checked_on_every_task_at_once(tmp_path):
+    """A run with one task of every class (``joint``) records one accuracy: the check compares it with the loaded
+    model's on all the rebuilt tasks' test images together, and refuses another figure or other classes."""
+    from datasets import Dataset
+
+    from pegp_hf.continual.tasks import ContinualTask, TaskSequence
+
+    def split(labels):  # each image is its label everywhere, so the stub below reads it back
+        return Dataset.from_dict({"pixel_values": [np.full((3, 2, 2), y, np.float32) for y in labels], "label": labels})
+
+    tasks = TaskSequence(tuple(ContinualTask(f"task_{k}", split([2 * k, 2 * k + 1]), split([2 * k, 2 * k + 1, 2 * k]),
+                                             (2 * k, 2 * k + 1)) for k in range(2)), "class_incremental")  # fmt: skip
+
+    class Loaded:  # right on every image of class 0, wrong on the others: 2 of 6 test images
+        def predict(self, batch):
+            labels = batch["pixel_values"][:, 0, 0, 0].long()
+            return torch.where(labels == 0, labels, labels + 1)
+
+    joint = {"task_classes": [[3, 1, 0, 2]], "class_incremental": {"matrix": [[100 / 3]]}}
+    clip_separability.check_the_run(joint, Loaded(), tasks, tmp_path)
+    with pytest.raises(ValueError, match=r"the checkpoint gives 33\.33% on task 1 where the run recorded 50\.00%"):
+        clip_separability.check_the_run({**joint, "class_incremental": {"matrix": [[50.0]]}}, Loaded(), tasks, tmp_path)
+    with pytest.raises(ValueError, match="are not the tasks rebuilt here"):
+        clip_separability.check_the_run({**joint, "task_classes": [[0, 1, 2]]}, Loaded(), tasks, tmp_path)
+    per_task = {"task_classes": [[0, 1], [2, 3]], "class_incremental": {"matrix": [[200 / 3, 200 / 3], [None, 0.0]]}}
+    clip_separability.check_the_run(per_task, Loaded(), tasks, tmp_path)
 
 
 def test_clip_separability_benchmark_smoke(clip_smoke, tmp_path):
