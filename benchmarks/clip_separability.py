@@ -75,11 +75,15 @@ def embed_tasks(
     return torch.cat(embeds), torch.cat(labels), torch.cat([torch.full_like(y, k) for k, y in enumerate(labels)])
 
 
+def class_means(embeds: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``(C, D)``: the mean of each class's rows of ``embeds`` ``(N, D)``, ``C = labels.max() + 1``."""
+    return torch.stack([embeds[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
+
+
 def fit_class_vectors(embeds: torch.Tensor, labels: torch.Tensor, scale: float, steps: int = 300) -> torch.Tensor:
     """Unit class vectors ``(C, D)`` (``C = labels.max() + 1``) minimising the cross-entropy of
     ``scale * embeds @ W^T`` over the normalised ``embeds`` ``(N, D)``; L-BFGS from the class means."""
-    means = torch.stack([embeds[labels == c].mean(0) for c in range(int(labels.max()) + 1)])
-    weights = means.double().requires_grad_(True)
+    weights = class_means(embeds, labels).double().requires_grad_(True)
     optimizer = torch.optim.LBFGS([weights], max_iter=steps, line_search_fn="strong_wolfe")
     x = embeds.double()
 
@@ -126,14 +130,13 @@ def class_vector_bounds(
     if set(train_y.tolist()) != set(range(int(train_y.max()) + 1)):
         raise ValueError("every class from 0 to the largest label needs training images")
     scored = test_x[old], test_y[old]
-    means = torch.stack([train_x[train_y == c].mean(0) for c in range(int(train_y.max()) + 1)])
     scale = choose_scale(train_x, train_y, torch.isin(train_y, test_y[old].unique()))
     return {
         "trained": wrong(fit_class_vectors(train_x, train_y, scale), *scored),
         "scale": scale,
         "model_scale": wrong(fit_class_vectors(train_x, train_y, logit_scale), *scored),
         "fitted": min(wrong(fit_class_vectors(test_x, test_y, scale), *scored) for scale in SCALES),
-        "nearest_mean": wrong(means, *scored),
+        "nearest_mean": wrong(class_means(train_x, train_y), *scored),
     }
 
 
