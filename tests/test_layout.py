@@ -33,7 +33,7 @@ ALLOWED = {
         "utils",
     },
     "plots": {"plots", "continual"},
-    "multimodal": {"multimodal", "continual", "tuners"},
+    "multimodal": {"multimodal", "continual", "tuners", "utils"},
     "language": {"language", "continual", "tuners"},
     "offline": {"offline", "language"},
     "experiments": {

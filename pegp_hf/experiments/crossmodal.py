@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from pegp_hf.multimodal.clip import (
 )
 from pegp_hf.multimodal.crossmodal import CrossModalEvaluator, ZeroShotSet
 from pegp_hf.multimodal.prototypes import SPREADS, PrototypeReplayObjective
+from pegp_hf.multimodal.refit import TextProjectionRefit
 from pegp_hf.offline.datasets import load_embedded
 from pegp_hf.offline.transforms import IMAGENET_MEAN, IMAGENET_STD, grey_to_rgb
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves, plot_task_metrics
@@ -176,6 +176,21 @@ class CrossModalArguments:
             "(no draws: the feature pass's embeddings themselves are kept and replayed)."
         },
     )
+    refit_scale: float = field(
+        default=0.0,
+        metadata={
+            "help": "With --prototype_spread stored: after each task, re-fit the text projection on the stored image "
+            "embeddings of every seen class, at this scale of the cosine (pegp_hf.multimodal.refit); 0: no re-fit."
+        },
+    )
+    refit_reference: str = field(
+        default="base",
+        metadata={
+            "help": "What the re-fit keeps: 'base' (the pre-trained model's predictions over every class name on "
+            "the base split's images, taken before task 1) or 'none' (the stored embeddings alone)."
+        },
+    )
+    refit_reference_weight: float = field(default=10.0, metadata={"help": "Weight of the re-fit's reference term."})
     corda_samples: int = field(default=256, metadata={"help": "Base rows that CorDA's covariances are taken on."})
     resume_from: str | None = field(
         default=None,
@@ -354,6 +369,15 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     classifier (see :func:`~pegp_hf.experiments.runner.run_methods`)."""
     if script.reference not in REFERENCES:
         raise ValueError(f"--reference is one of {', '.join(REFERENCES)}, not {script.reference!r}")
+    if script.refit_scale < 0 or (
+        script.refit_scale > 0 and (script.prototype_replay <= 0 or script.prototype_spread != "stored")
+    ):
+        raise ValueError(
+            f"--refit_scale must be >= 0, and > 0 only with --prototype_replay > 0 and "
+            f"--prototype_spread stored (the embeddings it re-fits on), got {script.refit_scale}"
+        )
+    if script.refit_reference not in ("none", "base"):
+        raise ValueError(f"--refit_reference is 'none' or 'base', not {script.refit_reference!r}")
     if script.prototype_replay < 0 or script.prototype_noise < 0 or script.prototype_spread not in SPREADS:
         raise ValueError(f"--prototype_replay and --prototype_noise must be >= 0 and --prototype_spread one of "
                          f"{SPREADS}, got {script.prototype_replay}, {script.prototype_noise} and "
@@ -395,8 +419,15 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     }  # fmt: skip
     objective_init = None  # the classification objective, or it with replay of old-class prototypes
     if script.prototype_replay > 0:
-        objective_init = functools.partial(PrototypeReplayObjective, script.prototype_replay, script.prototype_noise,
-                                           spread=script.prototype_spread)  # fmt: skip
+
+        def objective_init() -> PrototypeReplayObjective:  # one re-fit per method: it keeps its reference's p_0
+            refit = None
+            if script.refit_scale > 0:
+                refit = TextProjectionRefit(script.refit_scale, base if script.refit_reference == "base" else None,
+                                            script.refit_reference_weight)  # fmt: skip
+            return PrototypeReplayObjective(script.prototype_replay, script.prototype_noise,
+                                            spread=script.prototype_spread, refit=refit)  # fmt: skip
+
     return run_methods(prepared.tasks, model_init, args, script.methods, describe, resume,
                        evaluators_init=lambda: [CrossModalEvaluator("caption", zero_shot)],
                        callbacks=[RevealSeenClasses()], objective_init=objective_init,

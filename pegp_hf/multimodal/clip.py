@@ -117,12 +117,16 @@ class CLIPForClassNameClassification(nn.Module):
     def class_embeddings(self) -> torch.Tensor:
         """``(C, D)``: the prompt-ensembled, normalised text embedding of each known class; zero rows elsewhere."""
         index = self.known.nonzero().squeeze(1)
-        inputs = {key.removeprefix("class_"): buffer[index].flatten(0, 1) for key, buffer in self._prompt_buffers()}
-        embeds = ensemble_prompts(self.encode_text(**inputs).view(len(index), len(self.templates), -1))
+        embeds = ensemble_prompts(
+            self.encode_text(**self.prompt_inputs(index)).view(len(index), len(self.templates), -1)
+        )
         return embeds.new_zeros(len(self.class_names), embeds.shape[1]).index_copy(0, index, embeds)
 
-    def _prompt_buffers(self) -> list[tuple[str, torch.Tensor]]:
-        return [(name, buffer) for name, buffer in self.named_buffers(recurse=False) if name != "known"]
+    def prompt_inputs(self, classes: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tokenised prompts of ``classes`` (label ids ``(C,)``), class by class and template by template:
+        ``(C * K, L)`` per key, row ``c * K + k`` the ``k``-th template of ``classes[c]``."""
+        buffers = [(name, buffer) for name, buffer in self.named_buffers(recurse=False) if name != "known"]
+        return {name.removeprefix("class_"): buffer[classes].flatten(0, 1) for name, buffer in buffers}
 
     def encode_image(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> ``(B, D)`` normalised image embeddings."""

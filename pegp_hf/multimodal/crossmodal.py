@@ -69,6 +69,23 @@ def false_match_rate(
     return float(100.0 * (accepted & mismatched).sum() / mismatched.sum().clamp_min(1))
 
 
+@torch.no_grad()
+def image_embeddings(trainer: ContinualPEGPTrainer, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(N, D)`` image embeddings and ``(N,)`` labels of ``dataset`` (rows with ``pixel_values`` and ``label``) by
+    ``trainer.model`` in eval mode, float32 on the CPU, gathered over processes in the rows' order: every process
+    gets all of them."""
+    trainer.model.eval()
+    embeds, labels = [], []
+    for inputs in trainer.get_eval_dataloader(dataset):
+        pixels = inputs["pixel_values"].to(trainer.args.device)
+        with trainer.autocast_smart_context_manager():
+            batch = trainer.model(pixel_values=pixels, class_logits=False)["image_embeds"]
+        batch, batch_labels = trainer.accelerator.gather_for_metrics((batch, inputs["labels"].to(pixels.device)))
+        embeds.append(batch.float().cpu())
+        labels.append(batch_labels.cpu())
+    return torch.cat(embeds), torch.cat(labels)
+
+
 @dataclass
 class ZeroShotSet:
     """A held-out image set never trained on: ``dataset`` rows give ``pixel_values`` and ``label`` (an index into
@@ -104,20 +121,6 @@ class CrossModalEvaluator(ContinualEvaluator):
     # ---- embeddings ----------------------------------------------------------------------------------------------
 
     @torch.no_grad()
-    def _images(self, trainer: ContinualPEGPTrainer, dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(N, D)`` image embeddings and ``(N,)`` labels of ``dataset``, on CPU, gathered over processes."""
-        trainer.model.eval()
-        embeds, labels = [], []
-        for inputs in trainer.get_eval_dataloader(dataset):
-            pixels = inputs["pixel_values"].to(trainer.args.device)
-            with trainer.autocast_smart_context_manager():
-                batch = trainer.model(pixel_values=pixels, class_logits=False)["image_embeds"]
-            batch, batch_labels = trainer.accelerator.gather_for_metrics((batch, inputs["labels"].to(pixels.device)))
-            embeds.append(batch.float().cpu())
-            labels.append(batch_labels.cpu())
-        return torch.cat(embeds), torch.cat(labels)
-
-    @torch.no_grad()
     def _texts(self, trainer: ContinualPEGPTrainer, texts: Sequence[str]) -> torch.Tensor:
         """``(M, D)`` text embeddings on CPU; every process encodes all of them (they are few)."""
         trainer.model.eval()
@@ -145,7 +148,7 @@ class CrossModalEvaluator(ContinualEvaluator):
         classes = ensemble_prompts(
             self._texts(trainer, prompts).view(len(self.zero_shot.class_names), len(templates), -1)
         )
-        images, labels = self._images(trainer, self.zero_shot.dataset)
+        images, labels = image_embeddings(trainer, self.zero_shot.dataset)
         return {"zero_shot_acc": image_to_text_accuracy(images, labels, classes, torch.arange(len(classes)))}
 
     def before_sequence(self, trainer: ContinualPEGPTrainer) -> dict[str, float]:
@@ -153,7 +156,7 @@ class CrossModalEvaluator(ContinualEvaluator):
 
     def after_task(self, trainer: ContinualPEGPTrainer, index: int) -> Evaluation:
         seen = trainer.tasks[: index + 1]
-        embeds = [self._images(trainer, task.test) for task in seen]
+        embeds = [image_embeddings(trainer, task.test) for task in seen]
         captions = [self._captions(task.test) for task in seen]
         caption_label: dict[str, int] = {}
         for task_captions, (_, labels) in zip(captions, embeds, strict=True):

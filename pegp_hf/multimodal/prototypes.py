@@ -20,16 +20,19 @@ where they were) and pushes new class names away from old images. Under ``pegp``
 image tower's old features are protected; under ``sequential`` they go stale as the tower drifts. With
 ``spread="stored"`` the feature pass's embeddings themselves are kept and replayed instead of draws.
 
-Measured on the CLIP recipe's default (docs/clip.md): it lowers hallucination by a few points, and replaying the
-exact embeddings does no better. The old embeddings would allow far less: unit class vectors trained on every
-class's images reach less than half the rate (``benchmarks/clip_separability.py``; about 39% when fitted at the
-model's logit scale of 14.3), and the class-name embeddings this replay trains through the text tower stay far
-from those vectors.
+With ``refit`` (``spread="stored"`` only), the text projection is also re-fitted on the stored embeddings of
+every seen class after each task (:mod:`~pegp_hf.multimodal.refit`): what the few replay steps of a task cannot do.
+
+Measured on the CLIP recipe's default (docs/clip.md): the replay alone lowers hallucination by a few points, and
+replaying the exact embeddings does no better. The old embeddings would allow far less: unit class vectors trained on
+every class's images reach less than half the rate (``benchmarks/clip_separability.py``), and the class-name
+embeddings the replay trains through the text tower stay far from those vectors; the re-fit moves them there.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -47,13 +50,17 @@ from pegp_hf.continual.heads import ClassStatistics, FeatureMemory
 from pegp_hf.continual.objectives import BatchObserver
 from pegp_hf.continual.tasks import TaskSequence
 from pegp_hf.multimodal.clip import CLIPForClassNameClassification
+from pegp_hf.multimodal.refit import TextProjectionRefit
 
 if TYPE_CHECKING:
     from pegp_hf.config import PEGPTrainingArguments
     from pegp_hf.trainer import ContinualPEGPTrainer
 
+logger = logging.getLogger(__name__)
+
 PROTOTYPES_NAME = "pegp_prototypes.safetensors"
 MEMORY_NAME = "pegp_prototype_memory.safetensors"
+REFIT_NAME = "pegp_refit_reference.safetensors"
 SPREADS = ("isotropic", "covariance", "stored")
 
 
@@ -85,10 +92,18 @@ class PrototypeReplayObjective(ClassificationObjective):
             embeddings as they stay, so this replays what replaying the images could change (the text side).
         samples: embeddings replayed per training batch (default: as many as the batch has rows), shared evenly by
             the old classes.
+        refit: with ``spread="stored"``: after each task's feature pass, re-fit the text projection on the
+            stored embeddings of every seen class (:class:`~pegp_hf.multimodal.refit.TextProjectionRefit`);
+            ``None``: no re-fit. One process or DDP (the weight is written whole on every process).
     """
 
     def __init__(
-        self, weight: float = 1.0, noise: float = 1.0, samples: int | None = None, spread: str = "isotropic"
+        self,
+        weight: float = 1.0,
+        noise: float = 1.0,
+        samples: int | None = None,
+        spread: str = "isotropic",
+        refit: TextProjectionRefit | None = None,
     ) -> None:
         if not weight > 0:
             raise ValueError(
@@ -100,11 +115,16 @@ class PrototypeReplayObjective(ClassificationObjective):
             raise ValueError(f"spread is one of {SPREADS}, not {spread!r}")
         if samples is not None and samples < 1:
             raise ValueError(f"samples must be at least 1 (or None: the batch size), got {samples}")
+        if refit is not None and spread != "stored":
+            raise ValueError(f"the text projection's re-fit needs the stored embeddings: spread='stored', not "
+                             f"{spread!r}")  # fmt: skip
         super().__init__()
         self.weight, self.noise, self.samples, self.spread = float(weight), float(noise), samples, spread
+        self.refit = refit
         self.prototypes: ClassStatistics | None = None
         self.memory: FeatureMemory | None = None  # spread="stored": the embeddings themselves
         self._replayed: _Replay | None = None  # while a task with old classes trains
+        self._classifier: CLIPForClassNameClassification | None = None
         self._embeds: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def setup(self, model: nn.Module, args: PEGPTrainingArguments) -> None:
@@ -119,7 +139,10 @@ class PrototypeReplayObjective(ClassificationObjective):
         if args.n_gpu > 1:
             raise ValueError(f"{type(self).__name__} needs one device per process: launch with accelerate / torchrun "
                              f"(DDP) instead of one process over {args.n_gpu} GPUs (nn.DataParallel)")  # fmt: skip
+        if self.refit is not None:
+            self.refit.check(classifier, args)
         super().setup(model, args)
+        self._classifier = classifier
         dim = getattr(classifier.clip.config, "projection_dim", None)
         if not isinstance(dim, int):
             raise TypeError(
@@ -136,8 +159,9 @@ class PrototypeReplayObjective(ClassificationObjective):
                              "(domain-incremental), so no class is old: train without it")  # fmt: skip
 
     def replay(self) -> dict[str, Any]:
+        refit = {} if self.refit is None else {"refit": self.refit.config()}
         return {"prototypes": {"weight": self.weight, "noise": self.noise, "samples": self.samples,
-                               "spread": self.spread}}  # fmt: skip
+                               "spread": self.spread, **refit}}  # fmt: skip
 
     # ---- training -----------------------------------------------------------------------------------------------
 
@@ -208,6 +232,13 @@ class PrototypeReplayObjective(ClassificationObjective):
 
     # ---- the feature pass after each task -------------------------------------------------------------------------
 
+    def before_task(self, trainer: ContinualPEGPTrainer, index: int) -> None:
+        """Before the first task, with a re-fit that keeps a reference set: take the pre-trained model's
+        probabilities on it."""
+        super().before_task(trainer, index)
+        if self.refit is not None and index == 0:
+            self.refit.remember_teacher(trainer, self._classifier)
+
     @contextlib.contextmanager
     def observing(self) -> Iterator[BatchObserver]:
         """Collect the image embeddings and labels of the feature pass."""
@@ -219,7 +250,8 @@ class PrototypeReplayObjective(ClassificationObjective):
         yield observe
 
     def after_feature_pass(self, trainer: ContinualPEGPTrainer, index: int) -> None:
-        """Merge every process's image embeddings into the class means."""
+        """Merge every process's image embeddings into the class means (and the stored embeddings); with
+        ``refit_scale``, re-fit the text projection on every stored embedding (the same on every process)."""
         embeds, labels = torch.cat([e for e, _ in self._embeds]), torch.cat([y for _, y in self._embeds])
         parts = gather_object([(embeds, labels)])  # feature_sample_loader gives every process a batch
         embeds, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -227,6 +259,10 @@ class PrototypeReplayObjective(ClassificationObjective):
         if self.memory is not None:
             self.memory.update(embeds, labels)
         self._embeds = []
+        if self.refit is not None:
+            figures = self.refit(trainer, self._classifier, self.memory)
+            logger.info("task %d: re-fitted the text projection on %d stored embeddings: %s", index + 1,
+                        len(self.memory.labels), figures)  # fmt: skip
 
     # ---- checkpoints ----------------------------------------------------------------------------------------------
 
@@ -234,16 +270,26 @@ class PrototypeReplayObjective(ClassificationObjective):
         self.prototypes.save(Path(directory) / PROTOTYPES_NAME, "prototype_replay")
         if self.memory is not None:
             self.memory.save(Path(directory) / MEMORY_NAME, "prototype_replay")
+        if self.refit is not None:
+            self.refit.save(Path(directory) / REFIT_NAME)
 
-    def read_checkpoint(self, directory: str | os.PathLike) -> tuple[dict[str, torch.Tensor], ...]:
-        """The stored class statistics and (``spread="stored"``) embeddings, as many as the statistics count, checked
-        against this model's class count and width; nothing is changed. ``CheckpointError`` if they do not fit."""
+    def read_checkpoint(self, directory: str | os.PathLike) -> tuple[Any, Any, Any]:
+        """The stored class statistics, (``spread="stored"``) embeddings, as many as the statistics count, and (a
+        re-fit with a reference set) the reference probabilities, checked against this model's class count and
+        width (``None`` for what this objective does not keep); nothing is changed. ``CheckpointError`` if they do
+        not fit."""
         statistics = self.prototypes.read_like(Path(directory) / PROTOTYPES_NAME)
-        if self.memory is None:
-            return (statistics,)
-        return statistics, self.memory.read_like(Path(directory) / MEMORY_NAME, int(statistics["counts"].sum()))
-
-    def load_checkpoint(self, stored: tuple[dict[str, torch.Tensor], ...]) -> None:
-        self.prototypes.load_state_dict(stored[0])
+        memory = teacher = None
         if self.memory is not None:
-            self.memory.load_state_dict(stored[1])
+            memory = self.memory.read_like(Path(directory) / MEMORY_NAME, int(statistics["counts"].sum()))
+        if self.refit is not None:
+            teacher = self.refit.read_like(Path(directory) / REFIT_NAME, self._classifier)
+        return statistics, memory, teacher
+
+    def load_checkpoint(self, stored: tuple[Any, Any, Any]) -> None:
+        statistics, memory, teacher = stored
+        self.prototypes.load_state_dict(statistics)
+        if self.memory is not None:
+            self.memory.load_state_dict(memory)
+        if self.refit is not None:
+            self.refit.teacher = teacher

@@ -1,0 +1,165 @@
+"""Re-fitting the text projection of a continual CLIP on stored image embeddings (pegp_hf.multimodal.refit)."""
+
+import shutil
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import clip_tasks, tiny_clip_classifier, training_args
+from safetensors.torch import load_file
+
+from pegp_hf import ContinualPEGPTrainer
+from pegp_hf.multimodal.clip import RevealSeenClasses, ensemble_prompts, get_clip_pet_model
+from pegp_hf.multimodal.prototypes import REFIT_NAME, PrototypeReplayObjective
+from pegp_hf.multimodal.refit import TextProjectionRefit, refit_text_projection
+from pegp_hf.utils import CheckpointError
+
+
+def _classifier():
+    classifier = tiny_clip_classifier(0)
+    classifier.reveal_classes([0, 1, 2, 3])
+    return classifier
+
+
+def _stored(per_class: int = 12, spread: float = 0.3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit embeddings ``(4 * per_class, 16)`` around four random directions, and their labels."""
+    generator = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(4, 16, generator=generator), dim=-1)
+    labels = torch.arange(4).repeat_interleave(per_class)
+    return F.normalize(centres[labels] + spread * torch.randn(len(labels), 16, generator=generator), dim=-1), labels
+
+
+@torch.no_grad()
+def _measured(classifier, embeds, labels, scale):
+    """The model's own prompt embeddings ``(C, K, D)`` scored as the refit's loss says, and the share of
+    ``embeds`` whose most similar prompt is of another class."""
+    classifier.eval()
+    prompts = classifier.encode_text(**classifier.prompt_inputs(torch.arange(4))).view(4, 2, -1).double()
+    logits = scale * torch.einsum("nd,ckd->nck", embeds.double(), prompts)
+    own = torch.logsumexp(logits[torch.arange(len(labels)), labels], 1)
+    loss = (torch.logsumexp(logits.flatten(1), 1) - own).mean()
+    loss = loss + F.cross_entropy(scale * embeds.double() @ ensemble_prompts(prompts).T, labels)
+    wrong = (logits.flatten(1).argmax(1) // 2 != labels).double().mean()
+    return float(loss), float(wrong)
+
+
+def test_the_refit_puts_the_stored_embeddings_on_their_own_prompts_and_changes_only_the_projection():
+    classifier = _classifier()
+    embeds, labels = _stored()
+    before = {name: t.detach().clone() for name, t in [*classifier.named_parameters(), *classifier.named_buffers()]}
+    loss_before, wrong_before = _measured(classifier, embeds, labels, 10.0)
+    figures = refit_text_projection(classifier, embeds, labels, scale=10.0)
+    loss_after, wrong_after = _measured(classifier, embeds, labels, 10.0)
+    # the loss it reports is the loss of the model as it now computes its prompts (the hooked features are right)
+    assert figures["refit_loss_before"] == pytest.approx(loss_before, rel=1e-5)
+    assert figures["refit_loss_after"] == pytest.approx(loss_after, rel=1e-5)
+    assert loss_after < 0.5 * loss_before and wrong_before > 0.3 and wrong_after == 0.0, (figures, wrong_before)
+    changed = [name for name, t in [*classifier.named_parameters(), *classifier.named_buffers()]
+               if not torch.equal(t, before[name])]  # fmt: skip
+    assert changed == ["clip.text_projection.weight"]
+    new, old = classifier.clip.text_projection.weight.detach(), before[changed[0]]
+    assert figures["refit_weight_change"] == pytest.approx(float((new - old).norm() / old.norm()), rel=1e-5)
+
+    again = _classifier()
+    refit_text_projection(again, embeds, labels, scale=10.0)
+    assert torch.equal(again.clip.text_projection.weight, new)  # every process writes the same bits
+
+
+def test_bad_stored_embeddings_are_refused_before_the_projection_changes():
+    classifier = _classifier()
+    embeds, labels = _stored()
+    weight = classifier.clip.text_projection.weight.clone()
+    nan = embeds.clone()
+    nan[3, 2] = float("nan")
+    for bad, message in (((nan, labels, 10.0), "NaN"), ((embeds[:0], labels[:0], 10.0), "N > 0"),
+                         ((embeds, labels[:-1], 10.0), "labels"), ((embeds, labels, 0.0), "scale"),
+                         ((embeds, labels + 1, 10.0), "not all known")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            refit_text_projection(classifier, *bad)
+    classifier.reveal_classes([0, 1])
+    with pytest.raises(ValueError, match="RevealSeenClasses"):
+        refit_text_projection(classifier, embeds, labels, 10.0)
+    assert torch.equal(classifier.clip.text_projection.weight, weight)
+
+
+def _reference():
+    return clip_tasks()[1].test  # any image rows: here task 2's test images
+
+
+def _trainer(output_dir, scale=10.0, reference=None, reference_weight=10.0):
+    model = get_clip_pet_model(tiny_clip_classifier(0), "lora", width=4, layers="all",
+                               target_modules=("q_proj", "v_proj"))  # fmt: skip
+    objective = PrototypeReplayObjective(spread="stored", refit=TextProjectionRefit(scale, reference, reference_weight))
+    return ContinualPEGPTrainer(model=model, args=training_args(output_dir, loss_classes="seen"), tasks=clip_tasks(),
+                                objective=objective, callbacks=[RevealSeenClasses()])  # fmt: skip
+
+
+def test_the_trainer_refits_after_each_task_saves_the_projection_and_resumes_to_the_same_weights(tmp_path):
+    full = _trainer(tmp_path / "full")
+    start = full.model.get_base_model().clip.text_projection.weight.clone()
+    full.train()
+    projection = full.model.get_base_model().clip.text_projection
+    assert not torch.equal(projection.weight, start)
+    assert torch.equal(projection.original_module.weight, start)  # PEFT's copy moved, the base weight did not
+    saved = load_file(tmp_path / "full" / "task-2" / "adapter_model.safetensors")
+    key = next(k for k in saved if "text_projection" in k)
+    assert torch.equal(saved[key], projection.weight)
+
+    shutil.copytree(tmp_path / "full" / "task-1", tmp_path / "resumed" / "task-1")
+    resumed = _trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=True)
+    torch.testing.assert_close(resumed.model.get_base_model().clip.text_projection.weight, projection.weight)
+    assert resumed.continual_results()["class_incremental"] == full.continual_results()["class_incremental"]
+    with pytest.raises(CheckpointError, match="replay"):  # a checkpoint made with another re-fit is refused
+        _trainer(tmp_path / "other", scale=30.0).train(resume_from_checkpoint=str(tmp_path / "full" / "task-1"))
+
+
+@torch.no_grad()
+def _reference_divergence(trainer) -> float:
+    """KL(p_0 || p_W) on the reference images, with the model as it is now."""
+    refit = trainer.objective.refit
+    classifier = trainer.model.get_base_model()
+    probabilities = refit.reference_probabilities(trainer, classifier)[1]
+    return float(F.kl_div(probabilities.log(), refit.teacher, reduction="batchmean"))
+
+
+def test_the_reference_term_keeps_the_pretrained_predictions_on_the_reference_images(tmp_path):
+    kept = _trainer(tmp_path / "kept", reference=_reference(), reference_weight=100.0)
+    start = kept.model.get_base_model().clip.text_projection.weight.clone()
+    kept.train()
+    teacher = kept.objective.refit.teacher
+    assert teacher.shape == (len(_reference()), 4 * 2) and torch.allclose(teacher.sum(1), teacher.new_ones(1))
+    free = _trainer(tmp_path / "free", reference=_reference(), reference_weight=1e-6)
+    free.train()
+    torch.testing.assert_close(free.objective.refit.teacher, teacher)  # p_0: the model before the first task
+    assert not torch.equal(kept.model.get_base_model().clip.text_projection.weight, start)
+    assert _reference_divergence(kept) < 0.2 * _reference_divergence(free), (
+        _reference_divergence(kept),
+        _reference_divergence(free),
+    )
+
+    shutil.copytree(tmp_path / "kept" / "task-1", tmp_path / "resumed" / "task-1")
+    resumed = _trainer(tmp_path / "resumed", reference=_reference(), reference_weight=100.0)
+    resumed.train(resume_from_checkpoint=True)
+    assert torch.equal(resumed.objective.refit.teacher, teacher)  # read back, not taken again from the trained model
+    torch.testing.assert_close(resumed.model.get_base_model().clip.text_projection.weight,
+                               kept.model.get_base_model().clip.text_projection.weight)  # fmt: skip
+    (tmp_path / "broken").mkdir()
+    shutil.copytree(tmp_path / "kept" / "task-1", tmp_path / "broken" / "task-1")
+    (tmp_path / "broken" / "task-1" / REFIT_NAME).write_bytes(b"not safetensors")
+    with pytest.raises(CheckpointError, match=REFIT_NAME):
+        _trainer(tmp_path / "broken", reference=_reference(), reference_weight=100.0).train(resume_from_checkpoint=True)
+
+
+def test_refit_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match="spread='stored'"):
+        PrototypeReplayObjective(refit=TextProjectionRefit(10.0))
+    for options in ({"scale": 0.0}, {"scale": 1.0, "reference_weight": 0.0}, {"scale": 1.0, "max_iter": 0}):
+        with pytest.raises(ValueError, match="scale > 0, reference_weight > 0 and max_iter >= 1"):
+            TextProjectionRefit(**options)
+    with pytest.raises(ValueError, match="reference set is empty"):
+        TextProjectionRefit(1.0, _reference().select([]))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(ValueError, match="not FSDP / DeepSpeed"):
+        _trainer(tmp_path)
+    assert not (tmp_path / "task-1").exists()
