@@ -1,6 +1,7 @@
 """Zero-shot retention on the CLIP recipe's embedded default: ``sequential``, ``pegp``, ``pegp`` with a reference
 set ("task 0": the base split's images, ``--reference base``, or its images and captions, ``--reference
-base_with_captions``), with replay of old-class image prototypes (``--prototype_replay``), joint training of every
+base_with_captions``), with replay of old-class image prototypes (``--prototype_replay``) and a re-fit of the text
+projection on their stored embeddings (``--refit_scale``), joint training of every
 class at once, and both methods on a LoRA initialised by PEFT's CorDA
 in knowledge-preserved mode (``--lora_init corda_kpm``, the initialisation-only anchor), over several class orders
 (docs/clip.md).
@@ -22,6 +23,8 @@ orders)::
         --output_dir outputs/clip_prototypes_stored  # the old images' own embeddings replayed
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes_text_free prototypes_stored_text_free \
         --output_dir outputs/clip_text_free          # the text tower left unprotected, kept by replay alone
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit refit_w10 stored_reference_text_free \
+        --output_dir outputs/clip_refit              # the text projection re-fitted on the stored embeddings
     python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
         prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
@@ -41,6 +44,9 @@ from typing import Any
 from pegp_hf.experiments import crossmodal
 from pegp_hf.experiments.grid import finished, labelled_table, save_grid, split_flags
 
+# the stored embeddings kept current enough to re-fit on: eps 0.999 on the image tower, every training image stored
+STORED_1024 = ["--prototype_replay", "10", "--prototype_spread", "stored", "--threshold", "0.999",
+               "--feature_samples", "1024"]  # fmt: skip
 # setting -> (the recipe's flags, the label of each method's row)
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "baseline": (["--methods", "pegp", "sequential"], {"sequential": "sequential", "pegp": "pegp"}),
@@ -77,6 +83,16 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "prototypes_stored_text_free": (["--methods", "pegp", "--protect", "vision_model", "--prototype_replay", "10",
                                      "--prototype_spread", "stored"],
                                     {"pegp": "pegp on the image tower only + stored embeddings (weight 10)"}),
+    "stored_reference_text_free": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base",
+                                    *STORED_1024],
+                                   {"pegp": "pegp on the image tower only + reference + stored embeddings (weight 10, "
+                                            "eps 0.999, 1024 per task)"}),
+    "refit": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
+               "--refit_scale", "100", "--refit_reference_weight", "5"],
+              {"pegp": "the same + text projection re-fit (scale 100, reference weight 5)"}),
+    "refit_w10": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
+                   "--refit_scale", "100", "--refit_reference_weight", "10"],
+                  {"pegp": "the same + text projection re-fit (scale 100, reference weight 10)"}),
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],
