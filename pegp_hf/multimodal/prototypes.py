@@ -251,7 +251,7 @@ class PrototypeReplayObjective(ClassificationObjective):
 
     def after_feature_pass(self, trainer: ContinualPEGPTrainer, index: int) -> None:
         """Merge every process's image embeddings into the class means (and the stored embeddings); with
-        ``refit_scale``, re-fit the text projection on every stored embedding (the same on every process)."""
+        ``refit``, re-fit the text projection on every stored embedding (the same on every process)."""
         embeds, labels = torch.cat([e for e, _ in self._embeds]), torch.cat([y for _, y in self._embeds])
         parts = gather_object([(embeds, labels)])  # feature_sample_loader gives every process a batch
         embeds, labels = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])

@@ -28,20 +28,22 @@ their zero-shot meaning.
 
 The text tower itself does not change, so its PEGP bases stay valid; the embedding of every text moves, the old
 classes' too: this is replay of stored embeddings (no image is kept), not a projected update. It is only as good as
-the stored embeddings are current: under ``pegp`` they drift as far as the threshold lets the image tower move
-(docs/clip.md measures the drift).
+the stored embeddings are current: under ``pegp`` they drift as far as the threshold lets the image tower move (the
+CLIP benchmark's re-fit settings use ``threshold=0.999``, docs/clip.md).
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
-from accelerate.utils import parse_flag_from_env
+from accelerate.utils import broadcast_object_list, parse_flag_from_env
 from datasets import Dataset
 from safetensors.torch import save_file
 from torch import nn
@@ -115,8 +117,9 @@ def distillation_loss(
 @dataclass
 class Distillation:
     """The reference term of the re-fit: the reference images' embeddings now ``embeds`` ``(R, D)``, the pre-trained
-    model's probabilities ``teacher`` ``(R, C_all * K)`` over every class's prompts, the ``logit_scale`` both are
-    taken at, and the term's ``weight``."""
+    model's probabilities ``teacher`` ``(R, C_all * K)`` over every class's prompts, the model's ``logit_scale`` now
+    (the teacher's too while it stays frozen, as under :func:`~pegp_hf.multimodal.clip.get_clip_pet_model`), and the
+    term's ``weight``."""
 
     embeds: torch.Tensor
     teacher: torch.Tensor
@@ -149,21 +152,24 @@ def refit_text_projection(
     if embeds.ndim != 2 or labels.shape != (len(embeds),) or not len(embeds):
         raise ValueError(f"the re-fit needs embeddings (N, D) with N > 0 and labels (N,), got {tuple(embeds.shape)} "
                          f"and {tuple(labels.shape)}")  # fmt: skip
+    projection = text_projection(classifier)
+    parameter = projection.weight
+    if embeds.shape[1] != parameter.shape[0]:
+        raise ValueError(f"the stored embeddings have width {embeds.shape[1]}, the joint space {parameter.shape[0]}")
     if not torch.isfinite(embeds).all():
         raise ValueError("the stored embeddings hold NaN / inf: the re-fit would write them into the text projection")
     if not scale > 0:
         raise ValueError(f"the re-fit's scale must be > 0, got {scale}")
+    labels = labels.cpu()
     classes = labels.unique()
     if classes.min() < 0 or classes.max() >= len(classifier.known) or not classifier.known[classes].all():
         raise ValueError(f"the stored embeddings' classes {classes.tolist()} are not all known to the classifier: "
                          "reveal them first (RevealSeenClasses)")  # fmt: skip
-    projection = text_projection(classifier)
-    parameter = projection.weight
     bias = getattr(projection, "bias", None)
     bias = None if bias is None else bias.detach().double().cpu()
     every_class = prompt_features(classifier, torch.arange(len(classifier.known)))
     features = every_class[classes]
-    x, targets = F.normalize(embeds.detach().double().cpu(), dim=-1), torch.searchsorted(classes, labels.cpu())
+    x, targets = F.normalize(embeds.detach().double().cpu(), dim=-1), torch.searchsorted(classes, labels)
     start = parameter.detach().double().cpu()
     weight = start.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight], max_iter=max_iter, line_search_fn="strong_wolfe")
@@ -214,15 +220,26 @@ class TextProjectionRefit:
             raise ValueError("the re-fit's reference set is empty: pass image rows, or reference=None")
         self.scale, self.reference, self.reference_weight, self.max_iter = scale, reference, reference_weight, max_iter
         self.teacher: torch.Tensor | None = None  # (R, C_all * K), taken before the first task
+        self._fingerprint: str | None = None
 
     def config(self) -> dict[str, Any]:
+        """The settings a resume must match, the reference set's rows and content (sha256 of its pixels) included."""
         rows = None if self.reference is None else len(self.reference)
-        return {"scale": self.scale, "reference_rows": rows, "reference_weight": self.reference_weight,
-                "max_iter": self.max_iter}  # fmt: skip
+        if self.reference is not None and self._fingerprint is None:
+            digest = hashlib.sha256()
+            for row in self.reference:
+                digest.update(np.ascontiguousarray(np.asarray(row["pixel_values"], dtype=np.float32)).tobytes())
+            self._fingerprint = digest.hexdigest()[:16]
+        return {"scale": self.scale, "reference_rows": rows, "reference_sha256": self._fingerprint,
+                "reference_weight": self.reference_weight, "max_iter": self.max_iter}  # fmt: skip
 
     def check(self, classifier: CLIPForClassNameClassification, args: PEGPTrainingArguments) -> None:
-        """``TypeError`` without a text projection; ``ValueError`` under FSDP / DeepSpeed, which shard or mirror it."""
-        text_projection(classifier)
+        """``TypeError`` without a text projection saved with the adapter (PEFT's ``modules_to_save`` copy, as
+        :func:`~pegp_hf.multimodal.clip.get_clip_pet_model` makes it); ``ValueError`` under FSDP / DeepSpeed, which
+        shard or mirror it."""
+        if not hasattr(text_projection(classifier), "modules_to_save"):
+            raise TypeError("the re-fit writes the text projection, so it must be saved with the adapter: make it a "
+                            "PEFT modules_to_save copy (get_clip_pet_model does)")  # fmt: skip
         flags = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
         if args.fsdp or args.deepspeed or any(parse_flag_from_env(flag) for flag in flags):
             raise ValueError("the text projection's re-fit writes the whole weight on every process: run it on one "
@@ -230,23 +247,23 @@ class TextProjectionRefit:
 
     def reference_probabilities(
         self, trainer: ContinualPEGPTrainer, classifier: CLIPForClassNameClassification
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """The reference images' embeddings now ``(R, D)``, their probabilities over every class's prompts as the
-        model gives them now ``(R, C_all * K)``, and the model's logit scale (float64, CPU)."""
+    ) -> torch.Tensor:
+        """``(R, C_all * K)``: the reference images' probabilities over every class's prompts as the model gives
+        them now, at its logit scale (float64, CPU)."""
         embeds = image_embeddings(trainer, self.reference)[0].double()
-        logit_scale = float(classifier.clip.logit_scale.exp())
         with torch.no_grad():
             prompts = prompt_features(classifier, torch.arange(len(classifier.known))).flatten(0, 1)
             projection = text_projection(classifier)
             bias = getattr(projection, "bias", None)
             prompts = prompts @ projection.weight.detach().double().cpu().T
             prompts = F.normalize(prompts + (0 if bias is None else bias.detach().double().cpu()), dim=-1)
-        return embeds, torch.softmax(logit_scale * embeds @ prompts.T, dim=1), logit_scale
+        return torch.softmax(float(classifier.clip.logit_scale.exp()) * embeds @ prompts.T, dim=1)
 
     def remember_teacher(self, trainer: ContinualPEGPTrainer, classifier: CLIPForClassNameClassification) -> None:
-        """Before the first task: take ``p_0`` on the reference images (nothing without a reference set)."""
+        """Before the first task: take ``p_0`` on the reference images (nothing without a reference set), the main
+        process's on every process."""
         if self.reference is not None:
-            self.teacher = self.reference_probabilities(trainer, classifier)[1]
+            self.teacher = broadcast_object_list([self.reference_probabilities(trainer, classifier)])[0]
 
     def __call__(
         self, trainer: ContinualPEGPTrainer, classifier: CLIPForClassNameClassification, memory: FeatureMemory
@@ -257,10 +274,15 @@ class TextProjectionRefit:
         if self.reference is not None:
             if self.teacher is None:
                 raise RuntimeError("the re-fit's reference probabilities were not taken before the first task")
-            embeds, _, logit_scale = self.reference_probabilities(trainer, classifier)
-            reference = Distillation(embeds, self.teacher, logit_scale, self.reference_weight)
-        return refit_text_projection(classifier, memory.features, memory.labels, self.scale, reference,
-                                     self.max_iter)  # fmt: skip
+            embeds = image_embeddings(trainer, self.reference)[0].double()
+            reference = Distillation(embeds, self.teacher, float(classifier.clip.logit_scale.exp()),
+                                     self.reference_weight)  # fmt: skip
+        figures = refit_text_projection(classifier, memory.features, memory.labels, self.scale, reference,
+                                        self.max_iter)  # fmt: skip
+        weight = text_projection(classifier).weight
+        with torch.no_grad():  # the main process's bits on every process (BLAS may differ across machines)
+            weight.copy_(broadcast_object_list([weight.detach().cpu()])[0].to(weight.device))
+        return figures
 
     def save(self, path: str | os.PathLike) -> None:
         if self.teacher is not None:
