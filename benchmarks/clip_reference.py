@@ -23,8 +23,8 @@ orders)::
         --output_dir outputs/clip_prototypes_stored  # the old images' own embeddings replayed
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings prototypes_text_free prototypes_stored_text_free \
         --output_dir outputs/clip_text_free          # the text tower left unprotected, kept by replay alone
-    python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit refit_w10 stored_reference_text_free \
-        --output_dir outputs/clip_refit              # the text projection re-fitted on the stored embeddings
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit refit_w3 refit_w10 \
+        stored_reference_text_free --output_dir outputs/clip_refit  # the text projection re-fitted on stored embeddings
     python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
         prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
@@ -91,6 +91,10 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                "--refit_scale", "100", "--refit_reference_weight", "5"],
               {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit (scale "
                        "100, reference weight 5)"}),
+    "refit_w3": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
+                  "--refit_scale", "100", "--refit_reference_weight", "3"],
+                 {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
+                          "(scale 100, reference weight 3)"}),
     "refit_w10": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
                    "--refit_scale", "100", "--refit_reference_weight", "10"],
                   {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
