@@ -3,7 +3,8 @@
 python -m torch.distributed.run --nproc_per_node 2 tests/distributed_worker.py OUT_DIR PHASE [fsdp2]
 
 PHASE is ``full``, ``crash`` (every rank fails as task 2 starts), ``crash-rank1`` (rank 1 alone fails; torchrun
-stops rank 0), ``resume``, or ``replay`` (a tiny CLIP with prototype replay, DDP). The backend is ``ddp``
+stops rank 0), ``resume``, ``replay`` (a tiny CLIP with prototype replay, DDP), or ``refit`` (the same with the
+stored embeddings and the text projection's re-fit, DDP). The backend is ``ddp``
 (default), ``fsdp2`` (``fully_shard``), or ``zero1`` / ``zero2`` (DeepSpeed on its CPU accelerator).
 """
 
@@ -14,7 +15,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from helpers import AtTaskStart, distributed_case, distributed_clip_case, matrices
+from helpers import AtTaskStart, distributed_case, distributed_clip_case, matrices, refit_clip_case
 
 from pegp_hf import ContinualPEGPTrainer
 
@@ -60,9 +61,24 @@ def replay(output_dir: str) -> None:
     )  # fmt: skip
 
 
+def refit(output_dir: str) -> None:
+    """The tiny CLIP with the text projection's re-fit under DDP: per rank, the re-fitted projection, the reference
+    probabilities and the stored embeddings."""
+    model, tasks, args, objective, callbacks = refit_clip_case(output_dir, per_device_batch=8)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks, objective=objective, callbacks=callbacks)
+    trainer.train()
+    torch.save(
+        {"projection": model.get_base_model().clip.text_projection.weight.detach().clone(),
+         "teacher": objective.refit.teacher, "stored": objective.memory.features},
+        Path(output_dir) / f"refit-rank{trainer.accelerator.process_index}.pt",
+    )  # fmt: skip
+
+
 def main(output_dir: str, phase: str, backend: str = "ddp") -> None:
     if phase == "replay":
         return replay(output_dir)
+    if phase == "refit":
+        return refit(output_dir)
     zero = {"zero1": 1, "zero2": 2}.get(backend)
     extra = {"deepspeed": deepspeed_config(zero)} if zero else {}
     model, tasks, args = distributed_case(output_dir, per_device_batch=8, **extra)

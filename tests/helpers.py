@@ -135,6 +135,22 @@ def distributed_clip_case(output_dir, per_device_batch: int):
     return model, tasks, args, PrototypeReplayObjective(weight=1.0, noise=0.0), [RevealSeenClasses()]
 
 
+def refit_clip_case(output_dir, per_device_batch: int):
+    """:func:`distributed_clip_case` with the projections saved with the adapter and the stored embeddings replayed,
+    the text projection re-fitted after each task against task 2's test images as the reference set."""
+    from pegp_hf.multimodal import PrototypeReplayObjective
+    from pegp_hf.multimodal.clip import get_clip_pet_model
+    from pegp_hf.multimodal.refit import TextProjectionRefit
+
+    _, tasks, args, _, callbacks = distributed_clip_case(output_dir, per_device_batch)
+    model = get_clip_pet_model(
+        tiny_clip_classifier(), "lora", width=4, layers="all", target_modules=("q_proj", "v_proj")
+    )
+    objective = PrototypeReplayObjective(weight=1.0, noise=0.0, spread="stored",
+                                         refit=TextProjectionRefit(10.0, tasks[1].test))  # fmt: skip
+    return model, tasks, args, objective, callbacks
+
+
 def _world_size() -> int:
     import os
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import distributed_case, distributed_clip_case, matrices
+from helpers import distributed_case, distributed_clip_case, matrices, refit_clip_case
 from safetensors.torch import load_file
 
 from pegp_hf import ContinualPEGPTrainer
@@ -197,3 +197,21 @@ def test_prototype_replay_under_ddp_gathers_the_class_means_and_trains_as_one_pr
                 torch.testing.assert_close(rank["params"][name], parameter.detach(), atol=2e-5, rtol=1e-4, msg=name)
         for name, matrix in matrices(trainer).items():
             torch.testing.assert_close(rank["accuracy"][name], torch.tensor(matrix), rtol=0, atol=0, equal_nan=True)
+
+
+def test_the_refit_under_ddp_writes_the_same_projection_on_every_rank(tmp_path):
+    """Both ranks hold every stored embedding (gathered), the reference probabilities a single process takes before
+    task 1, and after the re-fits the same projection bits (the main process's, broadcast: on one machine the ranks
+    compute the same bits anyway, so this checks that the re-fit and its broadcasts run under DDP, not that the
+    broadcast is needed)."""
+    done = torchrun(tmp_path / "ddp", "refit")
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = [torch.load(tmp_path / "ddp" / f"refit-rank{r}.pt") for r in (0, 1)]
+    assert torch.equal(ranks[0]["projection"], ranks[1]["projection"])
+    assert torch.equal(ranks[0]["teacher"], ranks[1]["teacher"]) and len(ranks[0]["stored"]) == 2 * 24
+    model, tasks, args, objective, callbacks = refit_clip_case(tmp_path / "one", per_device_batch=16)
+    trainer = ContinualPEGPTrainer(model=model, args=args, tasks=tasks, objective=objective, callbacks=callbacks)
+    classifier = model.get_base_model()
+    teacher = objective.refit.reference_probabilities(trainer, classifier)
+    torch.testing.assert_close(ranks[0]["teacher"], teacher, atol=1e-5, rtol=1e-4)
+    assert not torch.allclose(ranks[0]["projection"], classifier.clip.text_projection.weight)  # it was re-fitted
