@@ -26,7 +26,8 @@ every seen class after each task (:mod:`~pegp_hf.multimodal.refit`): what the fe
 Measured on the CLIP recipe's default (docs/clip.md): the replay alone lowers hallucination by a few points, and
 replaying the exact embeddings does no better. The old embeddings would allow far less: unit class vectors trained on
 every class's images reach less than half the rate (``benchmarks/clip_separability.py``), and the class-name
-embeddings the replay trains through the text tower stay far from those vectors; the re-fit moves them there.
+embeddings the replay trains through the text tower stay far from those vectors; the re-fit moves them most of
+the way (36.5% against 45.8% without it, docs/clip.md).
 """
 
 from __future__ import annotations
