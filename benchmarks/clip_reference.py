@@ -47,6 +47,17 @@ from pegp_hf.experiments.grid import finished, labelled_table, save_grid, split_
 # the stored embeddings kept current enough to re-fit on: eps 0.999 on the image tower, every training image stored
 STORED_1024 = ["--prototype_replay", "10", "--prototype_spread", "stored", "--threshold", "0.999",
                "--feature_samples", "1024"]  # fmt: skip
+
+
+def refit(reference_weight: int) -> tuple[list[str], dict[str, str]]:
+    """The setting of the text projection's re-fit at scale 100 with this reference weight, on top of
+    ``stored_reference_text_free``."""
+    flags = ["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024, "--refit_scale",
+             "100", "--refit_reference_weight", str(reference_weight)]  # fmt: skip
+    return flags, {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
+                           f"(scale 100, reference weight {reference_weight})"}  # fmt: skip
+
+
 # setting -> (the recipe's flags, the label of each method's row)
 SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
     "baseline": (["--methods", "pegp", "sequential"], {"sequential": "sequential", "pegp": "pegp"}),
@@ -87,18 +98,7 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                                     *STORED_1024],
                                    {"pegp": "pegp on the image tower only + reference + stored embeddings (weight 10, "
                                             "eps 0.999, 1024 per task)"}),
-    "refit": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
-               "--refit_scale", "100", "--refit_reference_weight", "5"],
-              {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit (scale "
-                       "100, reference weight 5)"}),
-    "refit_w3": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
-                  "--refit_scale", "100", "--refit_reference_weight", "3"],
-                 {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
-                          "(scale 100, reference weight 3)"}),
-    "refit_w10": (["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024,
-                   "--refit_scale", "100", "--refit_reference_weight", "10"],
-                  {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
-                           "(scale 100, reference weight 10)"}),
+    **{name: refit(weight) for name, weight in (("refit", 5), ("refit_w3", 3), ("refit_w10", 10))},
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],

@@ -85,6 +85,21 @@ def prompt_features(classifier: CLIPForClassNameClassification, classes: torch.T
     return captured[0].double().cpu().view(len(classes), len(classifier.templates), -1)
 
 
+def projection_weights(classifier: CLIPForClassNameClassification) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The text projection's ``weight`` ``(D, H)`` and ``bias`` ``(D,)`` (``None`` without), float64 copies on the
+    CPU."""
+    projection = text_projection(classifier)
+    bias = getattr(projection, "bias", None)
+    weight = projection.weight.detach().double().cpu()
+    return weight, None if bias is None else bias.detach().double().cpu()
+
+
+def projected(features: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Prompt ``features`` ``(..., H)`` through the projection ``weight`` ``(D, H)`` (and ``bias``), normalised:
+    ``(..., D)``."""
+    return F.normalize(features @ weight.T + (0 if bias is None else bias), dim=-1)
+
+
 def refit_loss(
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -96,7 +111,7 @@ def refit_loss(
     """``L(W)`` of the module docstring for the projection ``weight`` ``(D, H)`` (and ``bias`` ``(D,)``), prompt
     ``features`` ``(C, K, H)``, normalised ``embeds`` ``(N, D)`` and ``targets`` ``(N,)`` indexing the ``C``
     classes."""
-    prompts = F.normalize(features @ weight.T + (0 if bias is None else bias), dim=-1)  # (C, K, D)
+    prompts = projected(features, weight, bias)  # (C, K, D)
     logits = scale * torch.einsum("nd,ckd->nck", embeds, prompts)
     own = torch.logsumexp(logits[torch.arange(len(targets)), targets], dim=1)
     per_prompt = (torch.logsumexp(logits.flatten(1), dim=1) - own).mean()
@@ -109,7 +124,7 @@ def distillation_loss(
 ) -> torch.Tensor:
     """``KL(p_0 || p_W)`` (module docstring), averaged over the reference images, for the projection ``weight``
     ``(D, H)`` (and ``bias``) and the prompt ``features`` ``(C_all, K, H)`` of every class."""
-    prompts = F.normalize(features.flatten(0, 1) @ weight.T + (0 if bias is None else bias), dim=-1)
+    prompts = projected(features.flatten(0, 1), weight, bias)
     student = F.log_softmax(reference.logit_scale * reference.embeds @ prompts.T, dim=1)
     return F.kl_div(student, reference.teacher, reduction="batchmean")
 
@@ -152,8 +167,7 @@ def refit_text_projection(
     if embeds.ndim != 2 or labels.shape != (len(embeds),) or not len(embeds):
         raise ValueError(f"the re-fit needs embeddings (N, D) with N > 0 and labels (N,), got {tuple(embeds.shape)} "
                          f"and {tuple(labels.shape)}")  # fmt: skip
-    projection = text_projection(classifier)
-    parameter = projection.weight
+    parameter = text_projection(classifier).weight
     if embeds.shape[1] != parameter.shape[0]:
         raise ValueError(f"the stored embeddings have width {embeds.shape[1]}, the joint space {parameter.shape[0]}")
     if not torch.isfinite(embeds).all():
@@ -165,12 +179,10 @@ def refit_text_projection(
     if classes.min() < 0 or classes.max() >= len(classifier.known) or not classifier.known[classes].all():
         raise ValueError(f"the stored embeddings' classes {classes.tolist()} are not all known to the classifier: "
                          "reveal them first (RevealSeenClasses)")  # fmt: skip
-    bias = getattr(projection, "bias", None)
-    bias = None if bias is None else bias.detach().double().cpu()
+    start, bias = projection_weights(classifier)
     every_class = prompt_features(classifier, torch.arange(len(classifier.known)))
     features = every_class[classes]
     x, targets = F.normalize(embeds.detach().double().cpu(), dim=-1), torch.searchsorted(classes, labels)
-    start = parameter.detach().double().cpu()
     weight = start.clone().requires_grad_(True)
     optimizer = torch.optim.LBFGS([weight], max_iter=max_iter, line_search_fn="strong_wolfe")
 
@@ -251,12 +263,8 @@ class TextProjectionRefit:
         """``(R, C_all * K)``: the reference images' probabilities over every class's prompts as the model gives
         them now, at its logit scale (float64, CPU)."""
         embeds = image_embeddings(trainer, self.reference)[0].double()
-        with torch.no_grad():
-            prompts = prompt_features(classifier, torch.arange(len(classifier.known))).flatten(0, 1)
-            projection = text_projection(classifier)
-            bias = getattr(projection, "bias", None)
-            prompts = prompts @ projection.weight.detach().double().cpu().T
-            prompts = F.normalize(prompts + (0 if bias is None else bias.detach().double().cpu()), dim=-1)
+        features = prompt_features(classifier, torch.arange(len(classifier.known))).flatten(0, 1)
+        prompts = projected(features, *projection_weights(classifier))
         return torch.softmax(float(classifier.clip.logit_scale.exp()) * embeds @ prompts.T, dim=1)
 
     def remember_teacher(self, trainer: ContinualPEGPTrainer, classifier: CLIPForClassNameClassification) -> None:
