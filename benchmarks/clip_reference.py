@@ -25,6 +25,8 @@ orders)::
         --output_dir outputs/clip_text_free          # the text tower left unprotected, kept by replay alone
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit refit_w3 refit_w10 \
         stored_reference_text_free --output_dir outputs/clip_refit  # the text projection re-fitted on stored embeddings
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit_margin refit_margin_w3 \
+        --output_dir outputs/clip_refit_margin  # its reference term keeping decisions instead of probabilities
     python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
         prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings corda --output_dir outputs/clip_corda
@@ -49,13 +51,17 @@ STORED_1024 = ["--prototype_replay", "10", "--prototype_spread", "stored", "--th
                "--feature_samples", "1024"]  # fmt: skip
 
 
-def refit(reference_weight: int) -> tuple[list[str], dict[str, str]]:
+def refit(reference_weight: int, margin: float | None = None) -> tuple[list[str], dict[str, str]]:
     """The setting of the text projection's re-fit at scale 100 with this reference weight, on top of
-    ``stored_reference_text_free``."""
+    ``stored_reference_text_free``: the KL reference term, or with a ``margin`` the decision-margin term."""
     flags = ["--methods", "pegp", "--protect", "vision_model", "--reference", "base", *STORED_1024, "--refit_scale",
              "100", "--refit_reference_weight", str(reference_weight)]  # fmt: skip
-    return flags, {"pegp": "pegp on the image tower only + reference + stored embeddings + text projection re-fit "
-                           f"(scale 100, reference weight {reference_weight})"}  # fmt: skip
+    term = f"reference weight {reference_weight}"
+    if margin is not None:
+        flags += ["--refit_reference_loss", "margin", "--refit_margin", str(margin)]
+        term = f"decision margin {margin}, weight {reference_weight}"
+    return flags, {"pegp": f"pegp on the image tower only + reference + stored embeddings + text projection re-fit "
+                           f"(scale 100, {term})"}  # fmt: skip
 
 
 # setting -> (the recipe's flags, the label of each method's row)
@@ -99,6 +105,7 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                                    {"pegp": "pegp on the image tower only + reference + stored embeddings (weight 10, "
                                             "eps 0.999, 1024 per task)"}),
     **{name: refit(weight) for name, weight in (("refit", 5), ("refit_w3", 3), ("refit_w10", 10))},
+    **{name: refit(weight, 0.05) for name, weight in (("refit_margin", 2), ("refit_margin_w3", 3))},
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],

@@ -47,7 +47,7 @@ from pegp_hf.multimodal.clip import (
 )
 from pegp_hf.multimodal.crossmodal import CrossModalEvaluator, ZeroShotSet
 from pegp_hf.multimodal.prototypes import SPREADS, PrototypeReplayObjective
-from pegp_hf.multimodal.refit import TextProjectionRefit
+from pegp_hf.multimodal.refit import REFERENCE_LOSSES, TextProjectionRefit
 from pegp_hf.offline.datasets import load_embedded
 from pegp_hf.offline.transforms import IMAGENET_MEAN, IMAGENET_STD, grey_to_rgb
 from pegp_hf.plots import plot_accuracy_matrix, plot_method_curves, plot_task_metrics
@@ -191,6 +191,14 @@ class CrossModalArguments:
         },
     )
     refit_reference_weight: float = field(default=10.0, metadata={"help": "Weight of the re-fit's reference term."})
+    refit_reference_loss: str = field(
+        default="kl",
+        metadata={
+            "help": "The re-fit's reference term: 'kl' (keep the pre-trained probabilities over every prompt) or "
+            "'margin' (keep the pre-trained zero-shot decisions by --refit_margin; pegp_hf.multimodal.refit)."
+        },
+    )
+    refit_margin: float = field(default=0.05, metadata={"help": "Margin (in cosine) of --refit_reference_loss margin."})
     corda_samples: int = field(default=256, metadata={"help": "Base rows that CorDA's covariances are taken on."})
     resume_from: str | None = field(
         default=None,
@@ -379,6 +387,9 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
     if script.refit_reference not in ("none", "base") or not script.refit_reference_weight > 0:
         raise ValueError(f"--refit_reference is 'none' or 'base' and --refit_reference_weight > 0, not "
                          f"{script.refit_reference!r} and {script.refit_reference_weight}")  # fmt: skip
+    if script.refit_reference_loss not in REFERENCE_LOSSES or not script.refit_margin >= 0:
+        raise ValueError(f"--refit_reference_loss is one of {REFERENCE_LOSSES} and --refit_margin >= 0, not "
+                         f"{script.refit_reference_loss!r} and {script.refit_margin}")  # fmt: skip
     if script.prototype_replay < 0 or script.prototype_noise < 0 or script.prototype_spread not in SPREADS:
         raise ValueError(f"--prototype_replay and --prototype_noise must be >= 0 and --prototype_spread one of "
                          f"{SPREADS}, got {script.prototype_replay}, {script.prototype_noise} and "
@@ -425,7 +436,8 @@ def run(script: CrossModalArguments, args: PEGPTrainingArguments) -> dict[str, d
             refit = None
             if script.refit_scale > 0:
                 refit = TextProjectionRefit(script.refit_scale, base if script.refit_reference == "base" else None,
-                                            script.refit_reference_weight)  # fmt: skip
+                                            script.refit_reference_weight, reference_loss=script.refit_reference_loss,
+                                            margin=script.refit_margin)  # fmt: skip
             return PrototypeReplayObjective(script.prototype_replay, script.prototype_noise,
                                             spread=script.prototype_spread, refit=refit)  # fmt: skip
 
