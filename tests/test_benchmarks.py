@@ -233,8 +233,10 @@ def test_the_refit_setting_runs_through_the_recipe_and_keeps_its_reference(tmp_p
     assert [r["label"] for r in runs] == [clip_reference.SETTINGS["refit"][1]["pegp"]]
     run = tmp_path / "refit" / "order0" / "pegp"
     config = json.loads((run / "results.json").read_text())["replay"]["prototypes"]["refit"]
-    assert config.pop("reference_sha256") and config == {"scale": 100.0, "reference_rows": 600, "reference_weight": 5.0,
-                                                          "max_iter": 200}  # fmt: skip
+    assert config.pop("reference_sha256") and config == {
+        "scale": 100.0, "reference_rows": 600, "reference_weight": 5.0, "reference_loss": "kl", "margin": 0.05,
+        "max_iter": 200,
+    }  # fmt: skip
     teacher = load_file(run / "task-2" / REFIT_NAME)["teacher"]
     assert teacher.shape == (600, 10 * 5) and torch.allclose(teacher.sum(1), teacher.new_ones(1))
     first, second = (load_file(run / f"task-{t}" / "adapter_model.safetensors") for t in (1, 2))

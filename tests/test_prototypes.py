@@ -247,13 +247,21 @@ def test_the_clip_recipe_replays_prototypes_only_when_asked(tmp_path, monkeypatc
     refit = ["--prototype_replay", "2", "--prototype_spread", "stored", "--refit_scale", "50"]
     crossmodal.run(*crossmodal.parse_args([*common, *refit]))
     crossmodal.run(*crossmodal.parse_args([*common, *refit, "--refit_reference", "none"]))
-    with_base, alone = given[2]["objective_init"](), given[3]["objective_init"]()
+    crossmodal.run(
+        *crossmodal.parse_args([*common, *refit, "--refit_reference_loss", "margin", "--refit_margin", "0.1"])
+    )
+    with_base, alone, margin = (given[k]["objective_init"]() for k in (2, 3, 4))
     config = with_base.refit.config()
-    assert config.pop("reference_sha256") and config == {"scale": 50.0, "reference_rows": 600, "reference_weight": 10.0,
-                                                          "max_iter": 200}  # fmt: skip
+    assert config.pop("reference_sha256") and config == {
+        "scale": 50.0, "reference_rows": 600, "reference_weight": 10.0, "reference_loss": "kl", "margin": 0.05,
+        "max_iter": 200,
+    }  # fmt: skip
+    assert {key: margin.refit.config()[key] for key in ("reference_loss", "margin")} == {"reference_loss": "margin",
+                                                                                         "margin": 0.1}  # fmt: skip
     assert alone.refit.reference is None and with_base.refit is not given[2]["objective_init"]().refit  # one per method
     for flags in (["--refit_scale", "5", "--prototype_replay", "2"], ["--refit_scale", "-1"],
-                  [*refit, "--refit_reference", "captions"], [*refit, "--refit_reference_weight", "0"]):  # fmt: skip
+                  [*refit, "--refit_reference", "captions"], [*refit, "--refit_reference_weight", "0"],
+                  [*refit, "--refit_reference_loss", "l2"], [*refit, "--refit_margin", "-1"]):  # fmt: skip
         with pytest.raises(ValueError, match="--refit"):
             crossmodal.run(*crossmodal.parse_args([*common, *flags]))
 

@@ -6,12 +6,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import clip_tasks, tiny_clip_classifier, training_args
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from pegp_hf import ContinualPEGPTrainer
 from pegp_hf.multimodal.clip import RevealSeenClasses, ensemble_prompts, get_clip_pet_model
 from pegp_hf.multimodal.prototypes import REFIT_NAME, PrototypeReplayObjective
-from pegp_hf.multimodal.refit import TextProjectionRefit, refit_text_projection
+from pegp_hf.multimodal.refit import (
+    DecisionMargin,
+    Distillation,
+    TextProjectionRefit,
+    projected,
+    projection_weights,
+    prompt_features,
+    refit_loss,
+    refit_text_projection,
+)
 from pegp_hf.utils import CheckpointError
 
 
@@ -83,14 +92,63 @@ def test_bad_stored_embeddings_are_refused_before_the_projection_changes():
     assert torch.equal(classifier.clip.text_projection.weight, weight)
 
 
+def test_the_margin_term_counts_only_the_decisions_that_no_longer_hold_by_the_margin():
+    features = torch.eye(3, dtype=torch.float64)[:, None, :]  # 3 classes, 1 prompt each: the class directions
+    identity = torch.eye(3, dtype=torch.float64)  # so each cosine is the embedding's coordinate
+    embeds = F.normalize(torch.tensor([[1.0, 0.2, 0.0], [0.6, 0.55, 0.0], [0.0, 0.1, 1.0]], dtype=torch.float64), dim=1)
+    cosines = embeds.clone()
+    term = DecisionMargin(embeds, torch.tensor([0, 0, 2]), logit_scale=10.0, margin=0.1, weight=1.0)
+    # rows 0 and 2 hold their decision by more than 0.1; row 1 by 0.737 - 0.676 only
+    short = 10.0 * (cosines[1, 1] - cosines[1, 0] + 0.1)
+    assert short > 0 and float(term.loss(identity, None, features)) == pytest.approx(float(short**2 / 3))
+    assert float(DecisionMargin(embeds, torch.tensor([0, 0, 2]), 10.0, 0.0, 1.0).loss(identity, None, features)) == 0
+    flipped = DecisionMargin(embeds, torch.tensor([1, 0, 2]), 10.0, 0.0, 1.0)  # row 0 said class 1
+    assert float(flipped.loss(identity, None, features)) == pytest.approx(
+        float((10.0 * (cosines[0, 0] - cosines[0, 1])) ** 2 / 3)
+    )
+
+
+def _decisions(classifier, embeds):
+    """The class each of ``embeds`` ``(R, D)`` gets from the classifier's prompt-ensembled classes now."""
+    prompts = projected(prompt_features(classifier, torch.arange(4)), *projection_weights(classifier))
+    return (embeds @ ensemble_prompts(prompts).T).argmax(1)
+
+
+def test_the_margin_term_keeps_every_reference_decision_and_leaves_the_fit_freer_than_the_kl():
+    embeds, labels = _stored()
+    generator = torch.Generator().manual_seed(5)
+    reference = F.normalize(torch.randn(40, 16, generator=generator, dtype=torch.float64), dim=1)
+    classifier = _classifier()
+    decisions = _decisions(classifier, reference)
+    free = _classifier()
+    refit_text_projection(free, embeds, labels, 10.0)
+    assert (_decisions(free, reference) != decisions).sum() >= 5  # without a reference term, decisions move
+
+    scale = float(classifier.clip.logit_scale.detach().exp())
+    margin = _classifier()
+    refit_text_projection(margin, embeds, labels, 10.0, DecisionMargin(reference, decisions, scale, 0.05, 10.0))
+    assert torch.equal(_decisions(margin, reference), decisions)
+    teacher = torch.softmax(scale * reference @ projected(prompt_features(classifier, torch.arange(4)).flatten(0, 1),
+                                                          *projection_weights(classifier)).T, dim=1)  # fmt: skip
+    kl = _classifier()
+    refit_text_projection(kl, embeds, labels, 10.0, Distillation(reference, teacher, scale, 10.0))
+
+    def fit(model):  # the stored embeddings' own loss, the reference term left out
+        features = prompt_features(model, torch.arange(4))
+        return float(refit_loss(*projection_weights(model), features, embeds.double(), labels, 10.0))
+
+    assert fit(margin) < fit(kl) < fit(_classifier()), (fit(margin), fit(kl))
+
+
 def _reference():
     return clip_tasks()[1].test  # any image rows: here task 2's test images
 
 
-def _trainer(output_dir, scale=10.0, reference=None, reference_weight=10.0):
+def _trainer(output_dir, scale=10.0, reference=None, reference_weight=10.0, **refit):
     model = get_clip_pet_model(tiny_clip_classifier(0), "lora", width=4, layers="all",
                                target_modules=("q_proj", "v_proj"))  # fmt: skip
-    objective = PrototypeReplayObjective(spread="stored", refit=TextProjectionRefit(scale, reference, reference_weight))
+    refit = TextProjectionRefit(scale, reference, reference_weight, **refit)
+    objective = PrototypeReplayObjective(spread="stored", refit=refit)
     return ContinualPEGPTrainer(model=model, args=training_args(output_dir, loss_classes="seen"), tasks=clip_tasks(),
                                 objective=objective, callbacks=[RevealSeenClasses()])  # fmt: skip
 
@@ -159,12 +217,46 @@ def test_the_reference_term_keeps_the_pretrained_predictions_on_the_reference_im
         _trainer(tmp_path / "broken", reference=_reference(), reference_weight=100.0).train(resume_from_checkpoint=True)
 
 
+def test_the_trainer_keeps_the_pretrained_decisions_with_the_margin_term_and_resumes_them(tmp_path):
+    kept = _trainer(tmp_path / "kept", reference=_reference(), reference_weight=100.0, reference_loss="margin")
+    kept.train()
+    teacher = kept.objective.refit.teacher
+    untrained = _trainer(tmp_path / "untrained", reference=_reference(), reference_loss="margin")
+    pretrained = untrained.objective.refit.reference_decisions(untrained, untrained.model.get_base_model())
+    assert teacher.dtype == torch.int64 and torch.equal(teacher, pretrained)  # the decisions before the first task
+    free = _trainer(tmp_path / "free", reference=_reference(), reference_weight=1e-6, reference_loss="margin")
+    free.train()
+    lost = {name: int((t.objective.refit.reference_decisions(t, t.model.get_base_model()) != teacher).sum())
+            for name, t in (("kept", kept), ("free", free))}  # fmt: skip
+    assert lost["kept"] == 0 < lost["free"], lost  # 0 and 8 of 16 here
+
+    shutil.copytree(tmp_path / "kept" / "task-1", tmp_path / "resumed" / "task-1")
+    resumed = _trainer(tmp_path / "resumed", reference=_reference(), reference_weight=100.0, reference_loss="margin")
+    resumed.train(resume_from_checkpoint=True)
+    assert torch.equal(resumed.objective.refit.teacher, teacher)
+    torch.testing.assert_close(resumed.model.get_base_model().clip.text_projection.weight,
+                               kept.model.get_base_model().clip.text_projection.weight)  # fmt: skip
+    with pytest.raises(CheckpointError, match="replay"):  # the KL term cannot continue a margin run
+        _trainer(tmp_path / "kl", reference=_reference(), reference_weight=100.0).train(
+            resume_from_checkpoint=str(tmp_path / "kept" / "task-1")
+        )
+    shutil.copytree(tmp_path / "kept" / "task-1", tmp_path / "broken" / "task-1")
+    save_file({"teacher": torch.full_like(teacher, 9)}, tmp_path / "broken" / "task-1" / REFIT_NAME)  # 4 classes only
+    with pytest.raises(CheckpointError, match="reference decisions"):
+        _trainer(tmp_path / "broken", reference=_reference(), reference_weight=100.0, reference_loss="margin").train(
+            resume_from_checkpoint=True
+        )
+
+
 def test_refit_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="spread='stored'"):
         PrototypeReplayObjective(refit=TextProjectionRefit(10.0))
     for options in ({"scale": 0.0}, {"scale": 1.0, "reference_weight": 0.0}, {"scale": 1.0, "max_iter": 0}):
         with pytest.raises(ValueError, match="scale > 0, reference_weight > 0 and max_iter >= 1"):
             TextProjectionRefit(**options)
+    for options in ({"reference_loss": "l2"}, {"margin": -0.1}):
+        with pytest.raises(ValueError, match="reference_loss is one of"):
+            TextProjectionRefit(1.0, **options)
     with pytest.raises(ValueError, match="reference set is empty"):
         TextProjectionRefit(1.0, _reference().select([]))
     plain = TextProjectionRefit(1.0)
