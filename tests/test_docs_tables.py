@@ -214,7 +214,8 @@ CLIP_REFERENCE_TABLES = [("### Three class orders", "clip_reference"),
                          ("### Replaying the old images' own embeddings", "clip_prototypes_stored"),
                          ("### Prototype replay: weight, spread and noise", "clip_prototypes_sweep"),
                          ("### The text tower kept by replay alone", "clip_text_free"),
-                         ("### Re-fitting the text projection on the stored embeddings", "clip_refit")]  # fmt: skip
+                         ("### Re-fitting the text projection on the stored embeddings", "clip_refit"),
+                         ("### Keeping the zero-shot decisions instead of", "clip_refit_margin")]  # fmt: skip
 
 
 @pytest.mark.parametrize(("heading", "folder"), CLIP_REFERENCE_TABLES)
