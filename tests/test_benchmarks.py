@@ -234,14 +234,24 @@ def test_the_refit_setting_runs_through_the_recipe_and_keeps_its_reference(tmp_p
     run = tmp_path / "refit" / "order0" / "pegp"
     config = json.loads((run / "results.json").read_text())["replay"]["prototypes"]["refit"]
     assert config.pop("reference_sha256") and config == {
-        "scale": 100.0, "reference_rows": 600, "reference_weight": 5.0, "reference_loss": "kl", "margin": 0.05,
-        "max_iter": 200,
+        "scale": 100.0, "reference_rows": 600, "reference_weight": 5.0, "max_iter": 200,
     }  # fmt: skip
     teacher = load_file(run / "task-2" / REFIT_NAME)["teacher"]
     assert teacher.shape == (600, 10 * 5) and torch.allclose(teacher.sum(1), teacher.new_ones(1))
     first, second = (load_file(run / f"task-{t}" / "adapter_model.safetensors") for t in (1, 2))
     key = next(k for k in first if "text_projection" in k)
     assert not torch.equal(first[key], second[key])  # re-fitted again after task 2
+
+
+def test_the_margin_refit_settings_parse_to_the_margin_term():
+    for setting, weight in (("refit_margin", 2.0), ("refit_margin_w3", 3.0)):
+        script, _ = clip_reference.crossmodal.parse_args([*clip_reference.SETTINGS[setting][0], "--output_dir", "x"])
+        assert (script.refit_reference_loss, script.refit_margin, script.refit_reference_weight) == (
+            "margin",
+            0.05,
+            weight,
+        )
+        assert f"decision margin 0.05, weight {weight:g}" in clip_reference.SETTINGS[setting][1]["pegp"]
 
 
 def test_class_vector_bounds_count_the_old_images_no_class_vector_separates():

@@ -211,7 +211,7 @@ def test_a_resume_continues_with_the_stored_means_and_refuses_what_does_not_fit(
     assert (tmp_path / "broken" / "task-1" / PROTOTYPES_NAME).read_bytes() == b"not safetensors"
 
 
-def test_bad_settings_models_and_sequences_are_refused(tmp_path):
+def test_bad_settings_models_and_sequences_are_refused(tmp_path, monkeypatch):
     for options, message in (({"weight": 0}, "weight must be > 0"), ({"noise": -1}, "noise must be >= 0"),
                              ({"samples": 0}, "samples must be at least 1")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
@@ -220,6 +220,11 @@ def test_bad_settings_models_and_sequences_are_refused(tmp_path):
         PrototypeReplayObjective().setup(plain_vit(), training_args(tmp_path))
     with pytest.raises(ValueError, match="masked_linear"):
         PrototypeReplayObjective().setup(_model(), training_args(tmp_path, head="prototype", head_module="clip"))
+    args = training_args(tmp_path)
+    monkeypatch.setattr(type(args), "n_gpu", property(lambda self: 2))  # one process over 2 GPUs: nn.DataParallel
+    with pytest.raises(ValueError, match=r"nn\.DataParallel"):
+        PrototypeReplayObjective().setup(_model(), args)
+    monkeypatch.undo()
     train, test = (with_captions(synthetic_images(num_labels=4, per_class=n), CLIP_NAMES) for n in (24, 8))
     train, test = (split.add_column("domain", [k % 2 for k in range(len(split))]) for split in (train, test))
     domains = domain_incremental_tasks(train, test, "domain")
@@ -253,15 +258,15 @@ def test_the_clip_recipe_replays_prototypes_only_when_asked(tmp_path, monkeypatc
     with_base, alone, margin = (given[k]["objective_init"]() for k in (2, 3, 4))
     config = with_base.refit.config()
     assert config.pop("reference_sha256") and config == {
-        "scale": 50.0, "reference_rows": 600, "reference_weight": 10.0, "reference_loss": "kl", "margin": 0.05,
-        "max_iter": 200,
+        "scale": 50.0, "reference_rows": 600, "reference_weight": 10.0, "max_iter": 200,
     }  # fmt: skip
-    assert {key: margin.refit.config()[key] for key in ("reference_loss", "margin")} == {"reference_loss": "margin",
-                                                                                         "margin": 0.1}  # fmt: skip
+    assert margin.refit.config() == {**config, "reference_sha256": margin.refit.config()["reference_sha256"],
+                                     "reference_loss": "margin", "margin": 0.1}  # fmt: skip
     assert alone.refit.reference is None and with_base.refit is not given[2]["objective_init"]().refit  # one per method
     for flags in (["--refit_scale", "5", "--prototype_replay", "2"], ["--refit_scale", "-1"],
                   [*refit, "--refit_reference", "captions"], [*refit, "--refit_reference_weight", "0"],
-                  [*refit, "--refit_reference_loss", "l2"], [*refit, "--refit_margin", "-1"]):  # fmt: skip
+                  [*refit, "--refit_reference_loss", "l2"], [*refit, "--refit_margin", "-1"],
+                  [*refit, "--refit_reference_loss", "margin", "--refit_reference", "none"]):  # fmt: skip
         with pytest.raises(ValueError, match="--refit"):
             crossmodal.run(*crossmodal.parse_args([*common, *flags]))
 

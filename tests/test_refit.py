@@ -215,6 +215,9 @@ def test_the_reference_term_keeps_the_pretrained_predictions_on_the_reference_im
     (tmp_path / "broken" / "task-1" / REFIT_NAME).write_bytes(b"not safetensors")
     with pytest.raises(CheckpointError, match=REFIT_NAME):
         _trainer(tmp_path / "broken", reference=_reference(), reference_weight=100.0).train(resume_from_checkpoint=True)
+    save_file({"teacher": teacher.round().long()}, tmp_path / "broken" / "task-1" / REFIT_NAME)  # ids' dtype
+    with pytest.raises(CheckpointError, match="reference probabilities"):
+        _trainer(tmp_path / "broken", reference=_reference(), reference_weight=100.0).train(resume_from_checkpoint=True)
 
 
 def test_the_trainer_keeps_the_pretrained_decisions_with_the_margin_term_and_resumes_them(tmp_path):
@@ -241,11 +244,12 @@ def test_the_trainer_keeps_the_pretrained_decisions_with_the_margin_term_and_res
             resume_from_checkpoint=str(tmp_path / "kept" / "task-1")
         )
     shutil.copytree(tmp_path / "kept" / "task-1", tmp_path / "broken" / "task-1")
-    save_file({"teacher": torch.full_like(teacher, 9)}, tmp_path / "broken" / "task-1" / REFIT_NAME)  # 4 classes only
-    with pytest.raises(CheckpointError, match="reference decisions"):
-        _trainer(tmp_path / "broken", reference=_reference(), reference_weight=100.0, reference_loss="margin").train(
-            resume_from_checkpoint=True
-        )
+    for bad in (torch.full_like(teacher, 9), teacher.double(), torch.cat([teacher, teacher[:1]])):  # class 9 of 4,
+        save_file({"teacher": bad}, tmp_path / "broken" / "task-1" / REFIT_NAME)  # probabilities' dtype, a row more
+        with pytest.raises(CheckpointError, match="reference decisions"):
+            _trainer(
+                tmp_path / "broken", reference=_reference(), reference_weight=100.0, reference_loss="margin"
+            ).train(resume_from_checkpoint=True)
 
 
 def test_refit_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
@@ -257,6 +261,8 @@ def test_refit_settings_that_cannot_work_are_refused(tmp_path, monkeypatch):
     for options in ({"reference_loss": "l2"}, {"margin": -0.1}):
         with pytest.raises(ValueError, match="reference_loss is one of"):
             TextProjectionRefit(1.0, **options)
+    with pytest.raises(ValueError, match="pass a reference set"):
+        TextProjectionRefit(1.0, reference_loss="margin")
     with pytest.raises(ValueError, match="reference set is empty"):
         TextProjectionRefit(1.0, _reference().select([]))
     plain = TextProjectionRefit(1.0)

@@ -234,8 +234,8 @@ class PrototypeReplayObjective(ClassificationObjective):
     # ---- the feature pass after each task -------------------------------------------------------------------------
 
     def before_task(self, trainer: ContinualPEGPTrainer, index: int) -> None:
-        """Before the first task, with a re-fit that keeps a reference set: take the pre-trained model's
-        probabilities on it."""
+        """Before the first task, with a re-fit that keeps a reference set: take what the pre-trained model says
+        about it (the re-fit's ``teacher``)."""
         super().before_task(trainer, index)
         if self.refit is not None and index == 0:
             self.refit.remember_teacher(trainer, self._classifier)
@@ -276,7 +276,7 @@ class PrototypeReplayObjective(ClassificationObjective):
 
     def read_checkpoint(self, directory: str | os.PathLike) -> tuple[Any, Any, Any]:
         """The stored class statistics, (``spread="stored"``) embeddings, as many as the statistics count, and (a
-        re-fit with a reference set) the reference probabilities, checked against this model's class count and
+        re-fit with a reference set) its teacher, checked against this model's class count and
         width (``None`` for what this objective does not keep); nothing is changed. ``CheckpointError`` if they do
         not fit."""
         statistics = self.prototypes.read_like(Path(directory) / PROTOTYPES_NAME)
