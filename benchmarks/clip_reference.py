@@ -25,7 +25,7 @@ orders)::
         --output_dir outputs/clip_text_free          # the text tower left unprotected, kept by replay alone
     python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit refit_w3 refit_w10 \
         stored_reference_text_free --output_dir outputs/clip_refit  # the text projection re-fitted on stored embeddings
-    python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit_margin refit_margin_w3 \
+    python benchmarks/clip_reference.py --seeds 0 1 2 --settings refit_margin refit_margin_w3 refit_margin_w1 \
         --output_dir outputs/clip_refit_margin  # its reference term keeping decisions instead of probabilities
     python benchmarks/clip_reference.py --seeds 0 --settings prototypes_w1 prototypes_covariance \
         prototypes_reference_w3 prototypes_reference_means --output_dir outputs/clip_prototypes_sweep
@@ -105,7 +105,8 @@ SETTINGS: dict[str, tuple[list[str], dict[str, str]]] = {
                                    {"pegp": "pegp on the image tower only + reference + stored embeddings (weight 10, "
                                             "eps 0.999, 1024 per task)"}),
     **{name: refit(weight) for name, weight in (("refit", 5), ("refit_w3", 3), ("refit_w10", 10))},
-    **{name: refit(weight, 0.05) for name, weight in (("refit_margin", 2), ("refit_margin_w3", 3))},
+    **{name: refit(weight, 0.05) for name, weight in (("refit_margin", 2), ("refit_margin_w3", 3),
+                                                      ("refit_margin_w1", 1))},
     "joint": (["--methods", "sequential", "--num_tasks", "1"],
               {"sequential": "joint (every class in one task; no old task, so no hallucination figure)"}),
     "corda": (["--methods", "pegp", "sequential", "--lora_init", "corda_kpm"],

@@ -70,7 +70,8 @@ def embed_tasks(
     (``train`` or ``test``)."""
     classifier.eval()
     with torch.no_grad():
-        embeds = [torch.cat([classifier.encode_image(x) for x in _pixels(getattr(task, split))]) for task in tasks]
+        embeds = [torch.cat([classifier.encode_image(x) for x in pixel_batches(getattr(task, split))])
+                  for task in tasks]  # fmt: skip
     labels = [torch.as_tensor(getattr(task, split)["label"]) for task in tasks]
     return torch.cat(embeds), torch.cat(labels), torch.cat([torch.full_like(y, k) for k, y in enumerate(labels)])
 
@@ -154,7 +155,7 @@ def check_the_run(results: dict[str, Any], loaded: ContinualModel, tasks: TaskSe
                          "with its default data")  # fmt: skip
     last = [row[-1] for row in results["class_incremental"]["matrix"]]
     for index, group in enumerate(groups):
-        predicted = torch.cat([loaded.predict({"pixel_values": x}) for task in group for x in _pixels(task.test)])
+        predicted = torch.cat([loaded.predict({"pixel_values": x}) for task in group for x in pixel_batches(task.test)])
         truth = torch.tensor([label for task in group for label in task.test["label"]])
         accuracy = 100 * (predicted == truth).float().mean().item()
         if abs(accuracy - last[index]) > 0.01:
@@ -163,7 +164,7 @@ def check_the_run(results: dict[str, Any], loaded: ContinualModel, tasks: TaskSe
                              "it here")  # fmt: skip
 
 
-def _pixels(split: Any, batch_size: int = 256) -> Iterator[torch.Tensor]:
+def pixel_batches(split: Any, batch_size: int = 256) -> Iterator[torch.Tensor]:
     """The ``(B, 3, H, W)`` pixel values of ``split``'s rows (a data set with its image transform), batch by
     batch."""
     for start in range(0, len(split), batch_size):

@@ -14,6 +14,7 @@ from benchmarks import (
     ablations,
     class_incremental_heads,
     clip_reference,
+    clip_refit_choice,
     clip_separability,
     cost,
     llm_orders,
@@ -336,6 +337,38 @@ def test_clip_separability_benchmark_smoke(clip_smoke, tmp_path):
     with pytest.raises(ValueError, match="are not the tasks rebuilt here"):
         clip_separability.main(flags)
     assert not (tmp_path / "refused").exists()
+
+
+def test_the_refit_choice_takes_the_least_hallucinating_weight_that_keeps_enough_zero_shot():
+    def row(term, weight, seed, retention, hallucination):
+        return {"term": term, "weight": weight, "seed": seed, "retention": retention, "hallucination": hallucination}
+
+    rows = [row("kl", 3.0, 0, 0.85, 30.0), row("kl", 3.0, 1, 0.97, 32.0),  # mean 0.91: kept, 31.0
+            row("kl", 5.0, 0, 0.95, 28.0), row("kl", 5.0, 1, 0.83, 28.0),  # mean 0.89: too little zero-shot
+            row("kl", 10.0, 0, 0.99, 40.0), row("kl", 10.0, 1, 0.99, 38.0),
+            row("margin", 1.0, 0, 0.5, 20.0), row("margin", 1.0, 1, 0.6, 20.0)]  # fmt: skip
+    assert clip_refit_choice.choose(rows) == {"kl": 3.0, "margin": None}
+    labels = torch.tensor([0] * 8 + [1] * 4)
+    held = clip_refit_choice.split_per_class(labels, 4, seed=0)
+    assert held[:8].sum() == 2 and held[8:].sum() == 1  # one row in four of each class
+
+
+def test_clip_refit_choice_benchmark_smoke(clip_smoke, tmp_path):
+    root, _ = clip_smoke
+    with pytest.raises(ValueError, match="no finished stored_reference_text_free run"):
+        clip_refit_choice.main(["--smoke", "--runs", str(root), "--output_dir", str(tmp_path / "none")])
+    clip_reference.main(["--smoke", "--output_dir", str(tmp_path), "--settings", "stored_reference_text_free"])
+    found = clip_refit_choice.main(["--smoke", "--runs", str(tmp_path), "--output_dir", str(tmp_path / "choice")])
+    rows = found["rows"]
+    assert [(r["term"], r["weight"]) for r in rows] == [
+        (t, w) for t, ws in clip_refit_choice.WEIGHTS.items() for w in ws
+    ]
+    assert all(0 <= r[key] <= 100 for r in rows for key in ("zero_shot", "zero_shot_before", "hallucination"))
+    assert all(r["retention"] == pytest.approx(r["zero_shot"] / r["zero_shot_before"]) for r in rows)
+    assert len({r["zero_shot"] for r in rows}) > 1  # the weight changes what the re-fit keeps
+    assert found["chosen"] == clip_refit_choice.choose(rows)
+    saved = json.loads((tmp_path / "choice" / "results.json").read_text())
+    assert saved[:-1] == rows and saved[-1] == {"chosen": found["chosen"], "retention_floor": 0.9}
 
 
 def test_gpu_benchmark_smoke(tmp_path):

@@ -228,6 +228,23 @@ def templates_of(script: CrossModalArguments) -> list[str]:
     return list(DIGIT_TEMPLATES if script.dataset_name is None else DEFAULT_TEMPLATES)
 
 
+def digits_splits(script: CrossModalArguments) -> tuple[Dataset, Dataset]:
+    """sklearn digits with template captions -> ``(base rows, held-out rows)``: ``base_per_class`` per class for the
+    base split (seeded by ``class_order_seed``), the rest held out (no image transform yet)."""
+    digits = concatenate_datasets([split.with_format(None) for split in load_embedded("digits")])
+    names, templates = list(script.class_names or DIGIT_NAMES), templates_of(script)
+    digits = add_template_captions(digits, names, templates, script.class_order_seed + 2)
+    base, held_out = split_per_class(digits, script.base_per_class, "label", script.class_order_seed)
+    return base, held_out
+
+
+def zero_shot_rows(script: CrossModalArguments, held_out: int, unused: bool = False) -> np.ndarray:
+    """The sorted rows of the ``held_out`` digits that make the zero-shot set (``zero_shot_samples``, seeded), or
+    with ``unused`` the rows it leaves out."""
+    order = np.random.default_rng(script.class_order_seed).permutation(held_out)
+    return np.sort(order[script.zero_shot_samples :] if unused else order[: script.zero_shot_samples])
+
+
 def embedded_data(
     script: CrossModalArguments, mean: Sequence[float], std: Sequence[float]
 ) -> tuple[Dataset, Dataset, Dataset, list[str], ZeroShotSet | None]:
@@ -245,17 +262,15 @@ def embedded_data(
         for k, split in enumerate(load_embedded("mnist"))
     )
     mnist_base, train = split_per_class(mnist_train, script.base_per_class, "label", seed)
-    digits = concatenate_datasets([split.with_format(None) for split in load_embedded("digits")])
-    digits = add_template_captions(digits, names, templates, seed + 2)
-    digits_base, held_out = split_per_class(digits, script.base_per_class, "label", seed)
+    digits_base, held_out = digits_splits(script)
     # 28 and 8 px images in one column: nested lists (the transform resizes them)
     pixels = SequenceFeature(SequenceFeature(SequenceFeature(Value("float32"))))
     base = concatenate_datasets([split.cast_column("pixel_values", pixels) for split in (mnist_base, digits_base)])
     transform = grey_to_rgb(script.image_size, mean, std)
     zero_shot = None
     if script.zero_shot == "digits":
-        rows = np.random.default_rng(seed).permutation(len(held_out))[: script.zero_shot_samples]
-        zero_shot = ZeroShotSet(held_out.select(np.sort(rows)).with_transform(transform), names, "sklearn digits")
+        rows = zero_shot_rows(script, len(held_out))
+        zero_shot = ZeroShotSet(held_out.select(rows).with_transform(transform), names, "sklearn digits")
     elif script.zero_shot != "none":
         raise ValueError("with the embedded data, --zero_shot is 'digits' or 'none'")
     return (*(split.with_transform(transform) for split in (train, mnist_test, base)), names, zero_shot)
