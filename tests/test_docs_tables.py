@@ -17,6 +17,7 @@ from benchmarks import (
     baselines,
     class_incremental_heads,
     clip_reference,
+    clip_refit_choice,
     clip_separability,
     cost,
     llm_orders,
@@ -223,6 +224,15 @@ def test_the_clip_reference_tables_are_their_results_files(heading, folder):
     documented = table_rows(section("clip.md", heading))
     runs = json.loads((DOCS / "results" / folder / "results.json").read_text())
     assert documented == table_rows(clip_reference.table(runs))
+
+
+def test_the_refit_choice_table_is_its_results_file():
+    documented = section("clip.md", "### Choosing the weight on validation data").splitlines()
+    saved = json.loads((DOCS / "results" / "clip_refit_choice" / "results.json").read_text())
+    rows, chosen = saved[:-1], saved[-1]["chosen"]
+    assert chosen == clip_refit_choice.choose(rows)
+    rebuilt = clip_refit_choice.table(rows, chosen).splitlines()
+    assert len(rebuilt) == 9 and [line for line in documented if line.startswith("| ")] == rebuilt[:1] + rebuilt[2:]
 
 
 def test_the_class_vector_bound_table_is_its_results_file():
