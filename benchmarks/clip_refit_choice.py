@@ -19,8 +19,8 @@ The rule follows the goals the re-fit is measured against: for each term (``kl``
 ``--refit_margin 0.05``), the weight with the lowest mean validation hallucination among those whose validation
 zero-shot keeps at least ``RETENTION`` of the aligned model's, in the mean over the orders. The chosen weights'
 test figures are then those of ``clip_reference.py``'s in-training runs (``refit_w3`` / ``refit`` / ``refit_w10``,
-``refit_margin`` / ``refit_margin_w3``); the re-fit here is the last task's only, on the final checkpoint of a run
-trained without it.
+``refit_margin_w1`` / ``refit_margin`` / ``refit_margin_w3``; margin weight 5 has none); the re-fit here is the last
+task's only, on the final checkpoint of a run trained without it.
 
 Writes ``<output_dir>/results.json`` (every re-fit's figures and the choice) and ``<output_dir>/table.md``::
 
@@ -121,7 +121,12 @@ def validation_digits(script: crossmodal.CrossModalArguments, prepared: crossmod
     """The held-out digits the zero-shot set leaves unused, with its image transform."""
     if script.dataset_name is not None or prepared.zero_shot is None:
         raise ValueError("the validation zero-shot set is the embedded digits: run this on the recipe's embedded data")
+    if len(prepared.tasks) < 2:
+        raise ValueError("the old embeddings are those of every task but the last: leave --num_tasks 1 out")
     _, held_out = crossmodal.digits_splits(script)
+    if script.zero_shot_samples >= len(held_out):
+        raise ValueError(f"--zero_shot_samples {script.zero_shot_samples} leaves none of the {len(held_out)} held-out "
+                         "digits for validation")  # fmt: skip
     transform = prepared.zero_shot.dataset.format["format_kwargs"]["transform"]
     return held_out.select(crossmodal.zero_shot_rows(script, len(held_out), unused=True)).with_transform(transform)
 
@@ -157,10 +162,10 @@ def order_rows(prepared: crossmodal.Prepared, classifier: CLIPForClassNameClassi
             with torch.no_grad():
                 weight.copy_(start)
             if term == "kl":
-                term_of = Distillation(base_now, probabilities, scale, factor)
+                reference = Distillation(base_now, probabilities, scale, factor)
             else:
-                term_of = DecisionMargin(base_now, decisions, scale, MARGIN, factor)
-            refit_text_projection(classifier, stored[~held], stored_labels[~held], SCALE, term_of)
+                reference = DecisionMargin(base_now, decisions, scale, MARGIN, factor)
+            refit_text_projection(classifier, stored[~held], stored_labels[~held], SCALE, reference)
             figures = validation_figures(classifier, zero_shot, (stored[old], stored_labels[old]), seen)
             rows.append({"seed": order, "term": term, "weight": factor, "zero_shot_before": before, **figures,
                          "retention": figures["zero_shot"] / before})  # fmt: skip

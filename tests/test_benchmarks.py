@@ -245,7 +245,7 @@ def test_the_refit_setting_runs_through_the_recipe_and_keeps_its_reference(tmp_p
 
 
 def test_the_margin_refit_settings_parse_to_the_margin_term():
-    for setting, weight in (("refit_margin", 2.0), ("refit_margin_w3", 3.0)):
+    for setting, weight in (("refit_margin", 2.0), ("refit_margin_w3", 3.0), ("refit_margin_w1", 1.0)):
         script, _ = clip_reference.crossmodal.parse_args([*clip_reference.SETTINGS[setting][0], "--output_dir", "x"])
         assert (script.refit_reference_loss, script.refit_margin, script.refit_reference_weight) == (
             "margin",
@@ -353,12 +353,33 @@ def test_the_refit_choice_takes_the_least_hallucinating_weight_that_keeps_enough
     assert held[:8].sum() == 2 and held[8:].sum() == 1  # one row in four of each class
 
 
-def test_clip_refit_choice_benchmark_smoke(clip_smoke, tmp_path):
+def test_the_zero_shot_set_and_the_validation_digits_share_no_row():
+    script, _ = clip_reference.crossmodal.parse_args(["--output_dir", "x", "--zero_shot_samples", "600"])
+    used, unused = (clip_reference.crossmodal.zero_shot_rows(script, 1497, unused=flag) for flag in (False, True))
+    assert len(used) == 600 and sorted([*used, *unused]) == list(range(1497))
+
+
+def test_clip_refit_choice_benchmark_smoke(clip_smoke, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from pegp_hf.multimodal.prototypes import MEMORY_NAME
+
     root, _ = clip_smoke
     with pytest.raises(ValueError, match="no finished stored_reference_text_free run"):
         clip_refit_choice.main(["--smoke", "--runs", str(root), "--output_dir", str(tmp_path / "none")])
     clip_reference.main(["--smoke", "--output_dir", str(tmp_path), "--settings", "stored_reference_text_free"])
+    calls = []
+    fit = clip_refit_choice.refit_text_projection
+
+    def recorded(classifier, embeds, labels, *args):  # the weight each re-fit starts from, and what it fits on
+        calls.append((classifier.clip.text_projection.weight.detach().clone(), len(embeds)))
+        return fit(classifier, embeds, labels, *args)
+
+    monkeypatch.setattr(clip_refit_choice, "refit_text_projection", recorded)
     found = clip_refit_choice.main(["--smoke", "--runs", str(tmp_path), "--output_dir", str(tmp_path / "choice")])
+    stored = load_file(tmp_path / "stored_reference_text_free" / "order0" / "pegp" / "task-2" / MEMORY_NAME)["labels"]
+    held = clip_refit_choice.split_per_class(stored, 4, 0)
+    assert len(calls) == 7 and all(torch.equal(w, calls[0][0]) and n == (~held).sum() for w, n in calls)
     rows = found["rows"]
     assert [(r["term"], r["weight"]) for r in rows] == [
         (t, w) for t, ws in clip_refit_choice.WEIGHTS.items() for w in ws

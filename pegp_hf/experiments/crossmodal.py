@@ -192,7 +192,7 @@ class CrossModalArguments:
     )
     refit_reference_weight: float = field(
         default=10.0,
-        metadata={"help": "Weight of the re-fit's reference term (measured: 3 to 10 for 'kl', 2 and 3 for 'margin')."},
+        metadata={"help": "Weight of the re-fit's reference term (measured: 3 to 10 for 'kl', 1 to 3 for 'margin')."},
     )
     refit_reference_loss: str = field(
         default="kl",
