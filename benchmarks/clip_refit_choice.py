@@ -32,7 +32,6 @@ Flags after ``--`` go to the recipe's parser, as in ``benchmarks/clip_separabili
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from benchmarks.clip_reference import SMOKE
-from benchmarks.clip_separability import check_the_run, finished_runs, pixel_batches
+from benchmarks.clip_separability import check_the_run, finished_runs, pixel_batches, runs_parser
 from pegp_hf import ContinualModel
 from pegp_hf.experiments import crossmodal
 from pegp_hf.experiments.grid import save_grid, split_flags
@@ -194,11 +193,7 @@ def table(rows: list[dict[str, Any]], chosen: dict[str, float | None]) -> str:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     own, passthrough = split_flags(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", required=True, help="output folders of benchmarks/clip_reference.py")
-    parser.add_argument("--output_dir", default="outputs/clip_refit_choice")
-    parser.add_argument("--smoke", action="store_true", help="the runs of clip_reference.py --smoke")
-    options = parser.parse_args(own)
+    options = runs_parser(__doc__, "outputs/clip_refit_choice").parse_args(own)
     found = [run for run in finished_runs([Path(root) for root in options.runs]) if run[0] == SETTING]
     if not found:
         raise ValueError(f"no finished {SETTING} run under {options.runs}: run benchmarks/clip_reference.py "

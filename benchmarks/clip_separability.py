@@ -172,6 +172,16 @@ def pixel_batches(split: Any, batch_size: int = 256) -> Iterator[torch.Tensor]:
         yield torch.as_tensor(np.stack([np.asarray(p) for p in rows]), dtype=torch.float32)
 
 
+def runs_parser(description: str | None, output_dir: str) -> argparse.ArgumentParser:
+    """The flags of a benchmark that reads finished runs of ``benchmarks/clip_reference.py``: ``--runs``,
+    ``--output_dir`` (default ``output_dir``) and ``--smoke``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="+", required=True, help="output folders of benchmarks/clip_reference.py")
+    parser.add_argument("--output_dir", default=output_dir)
+    parser.add_argument("--smoke", action="store_true", help="the runs of clip_reference.py --smoke")
+    return parser
+
+
 def finished_runs(roots: list[Path]) -> list[tuple[str, int, str, Path]]:
     """``(setting, order, method, run folder)`` of every finished run under ``roots``, sorted."""
     found = []
@@ -195,11 +205,7 @@ def finished_runs(roots: list[Path]) -> list[tuple[str, int, str, Path]]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     argv = sys.argv[1:] if argv is None else argv
     own, passthrough = split_flags(argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", required=True, help="output folders of benchmarks/clip_reference.py")
-    parser.add_argument("--output_dir", default="outputs/clip_separability")
-    parser.add_argument("--smoke", action="store_true", help="the runs of clip_reference.py --smoke")
-    options = parser.parse_args(own)
+    options = runs_parser(__doc__, "outputs/clip_separability").parse_args(own)
     found = finished_runs([Path(root) for root in options.runs])
     rows = []
     for order in sorted({order for _, order, _, _ in found}):
